@@ -80,6 +80,7 @@ def tokenizer_counter(model_path: str) -> TokenCounter:
 
     tokenizer = Tokenizer.from_file(str(tok_file))
     tokenizer.no_truncation()
+    tokenizer.no_padding()  # some tokenizer.json files pad to a fixed length
     return lambda text: len(tokenizer.encode(text).ids)
 
 

@@ -116,7 +116,7 @@ def _read_one(
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError) as e:  # RuntimeError: symlink loop on older Pythons
-        return None, f"unreadable link ({type(e).__name__}: {e.strerror or e})"
+        return None, f"unreadable link ({type(e).__name__}: {getattr(e, 'strerror', None) or e})"
     if not real.is_file():
         return None, "not a regular file"
     if str(real) in seen_real:
