@@ -9,10 +9,13 @@ import dagster as dg
 from embed_assets.defs.assets import ALL_ASSETS
 from embed_assets.defs.jobs import embed_pipeline_job, gpu_aware_executor
 from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource
+from embed_assets.defs.sensors import corpus_change_sensor, retrain_schedule
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     jobs=[embed_pipeline_job],
+    sensors=[corpus_change_sensor],
+    schedules=[retrain_schedule],
     executor=gpu_aware_executor,
     resources={
         "store": ArtifactStore(),

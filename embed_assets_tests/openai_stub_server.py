@@ -10,8 +10,9 @@ It is a real HTTP server (``http.server`` in a thread, free port on 127.0.0.1) a
 - quality judge: scores for every ``[Pair k]``, ``overall`` from the replaceable ``judge_overall(question)``.
 
 Faults are scripted with :class:`Fault` (malformed JSON, garbage, schema violations, HTTP statuses with
-``Retry-After``, slow answers, broken envelopes), and ``fail_after`` turns every call after N good answers into
-a 500. Every request is recorded (:class:`CallRecord`) so tests can count calls per step and per segment text.
+``Retry-After``, slow answers, broken envelopes), and ``fail_after`` turns every request after the first N
+into a 500 (an outage). Every request is recorded (:class:`CallRecord`) so tests can count calls per step and
+per segment text.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class OpenAIStub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 
@@ -214,8 +215,17 @@ class OpenAIStub:
             if fault is not None and fault.times is not None:
                 fault.times -= 1
             failing = self.fail_after is not None and self._ok >= self.fail_after
+            if not failing:
+                self._ok += 1  # counted on receipt, so concurrent requests cannot overshoot fail_after
             record = CallRecord(
-                step, repair, list(segments.values()), 200, auth, str(body.get("model")), time.monotonic(), body=body
+                step,
+                repair,
+                list(segments.values()),
+                200,
+                auth,
+                str(body.get("model")),
+                time.monotonic(),
+                body=body,
             )
             record.fault = fault.kind if fault else ("fail_after" if failing else "")
             self.calls.append(record)
@@ -239,8 +249,6 @@ class OpenAIStub:
             self._send_raw(h, 200, b"<html>not json</html>", {})
             return
         content = self._content(step, first, segments, fault)
-        with self._lock:
-            self._ok += 1
         self._send(h, 200, self._completion(body, content))
 
     def _content(self, step: str, prompt: str, segments: dict[int, str], fault: Fault | None) -> str:
@@ -255,7 +263,9 @@ class OpenAIStub:
         if step == "qa_generation":
             found = _NUM_PAIRS.search(prompt)
             n = int(found.group(1)) if found else 3
-            return "<think>planning the questions</think>\n" + json.dumps({"pairs": self.qa_builder(segments, n)})
+            return "<think>planning the questions</think>\n" + json.dumps(
+                {"pairs": self.qa_builder(segments, n)}
+            )
         if step == "quality_judge":
             evaluations = []
             for m in _PAIR.finditer(prompt):
@@ -293,7 +303,9 @@ class OpenAIStub:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", ""),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            ],
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -301,7 +313,9 @@ class OpenAIStub:
             },
         }
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, h: BaseHTTPRequestHandler, status: int, obj: Any, headers: dict[str, str] | None = None
+    ) -> None:
         self._send_raw(h, status, json.dumps(obj).encode(), headers or {})
 
     @staticmethod

@@ -1,0 +1,611 @@
+"""The LLM synthetic-QA generator against a real, scripted OpenAI-compatible server on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embed_assets.records import Chunk, QARecord, content_hash
+from embed_assets.sdg.base import SDGResult, SDGStats
+from embed_assets.sdg.cache import SDGCache
+from embed_assets.sdg.llm import (
+    LLMConfigError,
+    LLMQAGenerator,
+    LLMSettings,
+    _retry_after,
+    render,
+    sentence_transformer_embedder,
+)
+from embed_assets.sdg.runner import ProgressMeter, run_generation
+from embed_assets.sdg.schemas import QA_SCHEMA, AnswerError, extract_json, parse_answer, validate
+from embed_assets_tests.openai_stub_server import Fault, OpenAIStub
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SECRET = "sk-live-SECRET-7f3a9c0e1d2b"
+
+DOCS = {
+    "mining.md": [
+        "Copper was mined in the northern valley for two centuries. The last mine closed in 1921. "
+        "Most miners then moved to the fishing villages on the coast.",
+        "A narrow-gauge railway reached the valley in 1887. Its trains carried ore down to the harbor. "
+        "The line was electrified after the Second World War.",
+        "Acid drainage from the old shafts still colors the river orange. A treatment plant was built in 1998. "
+        "Trout returned to the lower river a decade later.",
+    ],
+    "tidal.md": [
+        "Tidal turbines are inspected by divers every spring. Barnacles on the blades reduce the output. "
+        "Corrosion of the gearbox housing is the main failure cause.",
+        "The array feeds a substation through a single export cable. A cable fault in 2019 stopped production "
+        "for six weeks. A second cable is now planned.",
+    ],
+    "bread.md": [
+        "Sourdough relies on a starter of wild yeast and lactic bacteria. Bakers feed it with flour and water "
+        "every day. A cold overnight proof deepens the sour flavor.",
+    ],
+}
+
+
+def make_chunks(docs: dict[str, list[str]]) -> list[Chunk]:
+    return [
+        Chunk(content_hash(text), doc_id, text, 3 * i, 3 * i + 3)
+        for doc_id, texts in docs.items()
+        for i, text in enumerate(texts)
+    ]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    embed = sentence_transformer_embedder("bundled:all-MiniLM-L6-v2")
+    embed(["warm up"])
+    return embed
+
+
+@pytest.fixture
+def stub():
+    with OpenAIStub(required_key=SECRET) as server:
+        yield server
+
+
+def make_gen(
+    stub: OpenAIStub, embedder, cache: SDGCache | None, api_key: str = SECRET, **overrides
+) -> LLMQAGenerator:
+    values = dict(
+        base_url=stub.base_url,
+        model="stub-model",
+        num_pairs=3,
+        bundle_size=2,
+        max_retries=2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        timeout_s=5.0,
+    )
+    values.update(overrides)
+    return LLMQAGenerator(LLMSettings(**values), api_key=api_key, cache=cache, embedder=embedder)
+
+
+def n_bundles(docs: dict[str, list[str]], bundle_size: int) -> int:
+    return sum(-(-len(texts) // bundle_size) for texts in docs.values())
+
+
+def answered_keys(stub: OpenAIStub) -> list[tuple[str, bool, tuple[str, ...]]]:
+    return [(c.step, c.repair, tuple(c.segments)) for c in stub.calls if c.status == 200]
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def test_records_have_fields_and_positive_ids(stub, embedder, tmp_path):
+    chunks = make_chunks(DOCS)
+    by_id = {c.chunk_id: c for c in chunks}
+    gen = make_gen(stub, embedder, SDGCache(tmp_path), qa_model="stub-qa", judge_model="stub-judge")
+    result = gen.generate(chunks)
+    stats = result.stats
+
+    assert result.records, stats
+    assert stats.failed_chunk_ids == [] and stats.calls_failed == 0
+    assert stats.calls_made == stub.count() == 3 * n_bundles(DOCS, 2)
+    assert stats.prompt_tokens > 0 and stats.completion_tokens > 0
+    assert stats.chunks_generated == len(chunks) and stats.pairs_kept == len(result.records)
+    assert {c.model for c in stub.calls if c.step == "artifact_extraction"} == {"stub-model"}
+    assert {c.model for c in stub.calls if c.step == "qa_generation"} == {"stub-qa"}
+    assert {c.model for c in stub.calls if c.step == "quality_judge"} == {"stub-judge"}
+    multi_hop = 0
+    for r in result.records:
+        assert isinstance(r, QARecord) and r.query and r.answer
+        assert r.generator == "llm" and r.model == "stub-qa"
+        assert r.positive_chunk_ids and all(cid in by_id for cid in r.positive_chunk_ids)
+        assert all(by_id[cid].doc_id == r.doc_id for cid in r.positive_chunk_ids)
+        assert r.query_type in {"multi_hop", "structural", "contextual"}
+        assert r.reasoning_type and 2 <= r.complexity <= 5
+        assert set(r.quality) == {"relevance", "accuracy", "context_support", "clarity", "overall"}
+        assert r.quality["overall"] >= 7.0
+        # the stub answers with a sentence of the first named segment: the ids must point at that chunk
+        assert r.answer in by_id[r.positive_chunk_ids[0]].text
+        if r.query_type == "multi_hop":
+            multi_hop += 1
+            assert len(r.positive_chunk_ids) == 2
+    assert multi_hop >= 1
+    assert len({r.qa_id for r in result.records}) == len(result.records)
+
+
+def test_bundling_puts_several_chunks_of_one_document_in_one_prompt(stub, embedder):
+    chunks = make_chunks(DOCS)
+    make_gen(stub, embedder, None, bundle_size=3).generate(chunks)
+    extraction = [c for c in stub.calls if c.step == "artifact_extraction"]
+    assert sorted(len(c.segments) for c in extraction) == [1, 2, 3]  # one prompt per document
+    for call in extraction:
+        docs = {doc for doc, texts in DOCS.items() for text in texts if text in call.segments}
+        assert len(docs) == 1  # never mixes documents
+
+    stub.reset()
+    make_gen(stub, embedder, None, bundle_size=1).generate(chunks)
+    assert stub.count("artifact_extraction") == len(chunks)
+    assert all(len(c.segments) == 1 for c in stub.calls)
+
+
+def test_settings_reach_the_request_body(stub, embedder):
+    make_gen(stub, embedder, None, json_mode=True, max_tokens=1234).generate(
+        make_chunks({"bread.md": DOCS["bread.md"]})
+    )
+    body = stub.calls[0].body
+    assert body["temperature"] == 0.6 and body["top_p"] == 0.95 and body["max_tokens"] == 1234
+    assert body["response_format"] == {"type": "json_object"}
+    assert stub.calls[0].authorization == f"Bearer {SECRET}"
+    assert "Generate 3 question-answer pairs" in next(
+        m["content"]
+        for c in stub.calls
+        if c.step == "qa_generation"
+        for m in c.body["messages"]
+        if m["role"] == "user"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+def test_malformed_json_gets_one_repair_request(stub, embedder):
+    stub.faults.append(Fault("malformed", step="qa_generation", repair=False, times=1))
+    chunks = make_chunks({"bread.md": DOCS["bread.md"]})
+    result = make_gen(stub, embedder, None).generate(chunks)
+    assert result.records and result.stats.failed_chunk_ids == []
+    assert stub.count("qa_generation", repair=True) == 1
+    repair = next(c for c in stub.calls if c.repair)
+    last = repair.body["messages"][-1]["content"]
+    assert last.startswith("REPAIR") and "invalid JSON" in last
+    assert repair.body["messages"][-2]["role"] == "assistant"  # the bad answer is sent back
+    assert result.stats.calls_made == stub.count() == 4
+
+
+def test_schema_violation_is_repaired(stub, embedder):
+    stub.faults.append(Fault("schema", step="quality_judge", repair=False, times=1))
+    result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    assert result.records and result.stats.dropped == Counter()
+    repair = next(c for c in stub.calls if c.repair)
+    assert "$.evaluations: expected array, got string" in repair.body["messages"][-1]["content"]
+
+
+def test_persistent_garbage_is_a_recorded_drop_not_a_crash(stub, embedder, tmp_path):
+    chunks = make_chunks(DOCS)
+    bread = [c.chunk_id for c in chunks if c.doc_id == "bread.md"]
+    stub.faults.append(Fault("garbage", step="qa_generation", match=DOCS["bread.md"][0], times=None))
+    cache = SDGCache(tmp_path)
+    result = run_generation(make_gen(stub, embedder, cache), chunks, cache)
+    stats = result.stats
+    assert stats.failed_chunk_ids == bread and stats.chunks_failed == 1
+    assert stats.dropped["invalid_json"] == 1 and stats.calls_failed == 1
+    assert {r.doc_id for r in result.records} == {"mining.md", "tidal.md"}
+    assert stub.count("qa_generation", repair=True) == 1  # exactly one repair, then give up
+
+    # the failed document is retried next time (not cached); only its unfinished calls are made
+    stub.reset()
+    again = run_generation(make_gen(stub, embedder, cache), chunks, cache)
+    assert again.stats.failed_chunk_ids == [] and {r.doc_id for r in again.records} == set(DOCS)
+    assert [c.step for c in stub.calls] == ["qa_generation", "quality_judge"]
+    assert again.stats.chunks_reused == len(chunks) - 1 and again.stats.chunks_generated == 1
+
+
+def test_unknown_segment_and_low_complexity_pairs_are_dropped(stub, embedder):
+    def builder(segments, n):
+        good = {"answer": "a", "query_type": "contextual", "reasoning_type": "factual", "complexity": 3}
+        return [
+            {**good, "question": "Which cable failed in 2019?", "segment_ids": [1]},
+            {**good, "question": "What did the divers find on the blades?", "segment_ids": [99]},
+            {**good, "question": "How long did production stop?", "segment_ids": [1], "complexity": 1},
+        ]
+
+    stub.qa_builder = builder
+    result = make_gen(stub, embedder, None).generate(make_chunks({"tidal.md": DOCS["tidal.md"]}))
+    assert [r.query for r in result.records] == ["Which cable failed in 2019?"]
+    assert result.stats.dropped == Counter({"unknown_segment": 1, "complexity": 1})
+    assert result.stats.pairs_generated == 3 and result.stats.pairs_kept == 1
+
+
+def test_dedup_drops_near_duplicate_questions_within_a_document(stub, embedder):
+    def builder(segments, n):
+        pairs = []
+        for sid, text in segments.items():
+            topic = " ".join(text.split()[:4]).lower()
+            for verb in ("say", "state"):
+                pairs.append(
+                    {
+                        "question": f"What does the report {verb} about {topic}?",
+                        "answer": text.split(".")[0],
+                        "query_type": "contextual",
+                        "reasoning_type": "factual",
+                        "complexity": 2,
+                        "segment_ids": [sid],
+                    }
+                )
+        return pairs
+
+    stub.qa_builder = builder
+    docs = {"mining.md": DOCS["mining.md"], "copy.md": DOCS["mining.md"][:1]}
+    result = make_gen(stub, embedder, None, num_pairs=6).generate(make_chunks(docs))
+    stats = result.stats
+    # mining.md: 2 bundles -> 3 segments x 2 paraphrases; one paraphrase of each dropped inside its bundle;
+    # copy.md holds the same text as mining.md's first chunk but is another document: kept there
+    assert stats.dropped["dedup"] == 4
+    per_doc = Counter(r.doc_id for r in result.records)
+    assert per_doc == {"mining.md": 3, "copy.md": 1}
+    mining = [r.query for r in result.records if r.doc_id == "mining.md"]
+    vectors = embedder(mining)
+    sims = vectors @ vectors.T - np.eye(len(mining))
+    assert sims.max() <= 0.9
+    # the judge saw only the survivors (dedup runs before the judge)
+    assert (
+        sum(c.body["messages"][1]["content"].count("[Pair ") for c in stub.calls if c.step == "quality_judge")
+        == 4
+    )
+
+
+def test_dedup_across_bundles_of_one_document(stub, embedder):
+    text = DOCS["bread.md"][0]
+    reworded = text.replace("Bakers feed it", "Bakers nourish it")
+    chunks = [Chunk("c1", "bread.md", text, 0, 3), Chunk("c2", "bread.md", reworded, 3, 6)]
+    stub.qa_builder = lambda segments, n: [
+        {
+            "question": "How often do bakers feed a sourdough starter with flour and water?",
+            "answer": "Every day.",
+            "query_type": "contextual",
+            "reasoning_type": "procedural",
+            "complexity": 2,
+            "segment_ids": [1],
+        }
+    ]
+    result = make_gen(stub, embedder, None, bundle_size=1).generate(chunks)
+    assert len(result.records) == 1 and result.records[0].positive_chunk_ids == ["c1"]
+    assert result.stats.dropped["dedup"] == 1
+
+
+def test_quality_below_threshold_is_dropped(stub, embedder):
+    stub.judge_overall = lambda question: 6.5 if "railway" in question.lower() else 8.0
+    result = make_gen(stub, embedder, None).generate(make_chunks({"mining.md": DOCS["mining.md"]}))
+    assert result.records
+    assert all("railway" not in r.query.lower() for r in result.records)
+    assert result.stats.dropped["quality"] >= 1
+    assert all(r.quality["overall"] >= 7.0 for r in result.records)
+
+    stub.reset()
+    stub.judge_overall = lambda question: 6.5 if "railway" in question.lower() else 8.0
+    lenient = make_gen(stub, embedder, None, quality_threshold=6.0).generate(
+        make_chunks({"mining.md": DOCS["mining.md"]})
+    )
+    assert any("railway" in r.query.lower() for r in lenient.records)
+
+
+# ---------------------------------------------------------------------------------------------- transport
+
+
+def test_429_retry_after_is_honored(stub, embedder):
+    stub.faults.append(Fault("status", status=429, retry_after="1", step="artifact_extraction", times=1))
+    start = time.monotonic()
+    result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    elapsed = time.monotonic() - start
+    assert result.records and result.stats.calls_failed == 0
+    first, second = [c for c in stub.calls if c.step == "artifact_extraction"]
+    assert first.status == 429 and second.status == 200
+    waited = second.at - first.at
+    assert 0.95 <= waited < 3.0, waited  # backoff base is 0.01 s: the second must come from Retry-After
+    assert elapsed >= 0.95
+    assert result.stats.calls_made == stub.count() == 4
+
+
+def test_5xx_is_retried(stub, embedder):
+    stub.faults.append(Fault("status", status=500, step="qa_generation", times=1))
+    stub.faults.append(Fault("status", status=503, step="qa_generation", times=1))
+    stub.faults.append(Fault("envelope", step="quality_judge", times=1))
+    result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    assert result.records and result.stats.calls_failed == 0
+    assert stub.count("qa_generation", status=500) == 1 and stub.count("qa_generation", status=503) == 1
+    assert result.stats.calls_made == stub.count() == 6
+
+
+def test_timeout_is_retried_then_the_chunk_is_recorded_failed(stub, embedder):
+    chunks = make_chunks({"tidal.md": DOCS["tidal.md"], "bread.md": DOCS["bread.md"]})
+    bread = [c.chunk_id for c in chunks if c.doc_id == "bread.md"]
+    # tidal: one slow answer, then fine; bread: always too slow
+    stub.faults.append(
+        Fault("slow", delay_s=1.0, step="artifact_extraction", match=DOCS["tidal.md"][0], times=1)
+    )
+    stub.faults.append(
+        Fault("slow", delay_s=1.0, step="artifact_extraction", match=DOCS["bread.md"][0], times=None)
+    )
+    gen = make_gen(stub, embedder, None, timeout_s=0.3, max_retries=1)
+    start = time.monotonic()
+    result = gen.generate(chunks)
+    assert time.monotonic() - start < 5
+    stats = result.stats
+    assert stats.failed_chunk_ids == bread and stats.chunks_failed == 1
+    assert stats.dropped["request_failed"] == 1 and stats.calls_failed == 1
+    assert {r.doc_id for r in result.records} == {"tidal.md"}
+    assert len(stub.calls_with_text(DOCS["bread.md"][0])) == 2  # first attempt + one retry
+
+
+def test_fatal_status_aborts_with_a_clear_error_without_the_key(stub, embedder, tmp_path):
+    gen = make_gen(stub, embedder, SDGCache(tmp_path), api_key="sk-wrong-SECRET-0000")
+    with pytest.raises(LLMConfigError) as info:
+        run_generation(gen, make_chunks(DOCS), SDGCache(tmp_path))
+    assert "401" in str(info.value) and "stub-model" in str(info.value)
+    assert "sk-wrong-SECRET-0000" not in str(info.value)
+    assert stub.calls[0].authorization == "Bearer sk-wrong-SECRET-0000"
+
+
+def test_api_key_is_sent_but_never_leaks(stub, embedder, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    chunks = make_chunks(DOCS)
+    stub.faults += [
+        Fault(
+            "status",
+            status=400,
+            step="qa_generation",
+            match=DOCS["bread.md"][0],
+            body="bad request from {auth}",
+        ),
+        Fault("status", status=500, step="artifact_extraction", times=1, body="upstream error for {auth}"),
+        Fault("garbage", step="quality_judge", match=DOCS["tidal.md"][0], times=None),
+    ]
+    lines: list[str] = []
+    cache = SDGCache(tmp_path)
+    gen = make_gen(stub, embedder, cache)
+    result = run_generation(gen, chunks, cache, progress=lines.append)
+    assert result.stats.chunks_failed == 3  # bread (HTTP 400) and tidal (judge garbage)
+    assert all(c.authorization == f"Bearer {SECRET}" for c in stub.calls)
+    assert lines and any("ETA" in line and "chunks/s" in line for line in lines)
+
+    texts = [
+        repr(result.stats),
+        str(result.stats.as_metadata()),
+        repr(gen),
+        gen.fingerprint,
+        caplog.text,
+        *lines,
+    ]
+    texts += [r.to_dict().__repr__() for r in result.records]
+    texts += [p.read_text(encoding="utf-8") for p in Path(tmp_path).rglob("*") if p.is_file()]
+    assert any("bad request from Bearer ***" in t for t in texts)  # the echoed key was redacted in the log
+    assert not [t for t in texts if SECRET in t]
+    assert len(list(Path(tmp_path).rglob("*.json"))) > 0
+    assert gen.fingerprint == make_gen(stub, embedder, cache, api_key="other", timeout_s=9).fingerprint
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def test_second_run_makes_no_calls(stub, embedder, tmp_path):
+    chunks = make_chunks(DOCS)
+    cache = SDGCache(tmp_path)
+    first = run_generation(make_gen(stub, embedder, cache), chunks, cache)
+    calls = stub.count()
+    assert calls == first.stats.calls_made == 3 * n_bundles(DOCS, 2)
+    second = run_generation(make_gen(stub, embedder, cache), chunks, cache)
+    assert stub.count() == calls
+    assert second.stats.calls_made == 0 and second.stats.chunks_reused == len(chunks)
+    assert second.stats.chunks_generated == 0
+    assert [r.to_dict() for r in second.records] == [r.to_dict() for r in first.records]
+
+    # the generator's own per-call cache answers too when used without the runner
+    direct = make_gen(stub, embedder, cache).generate(chunks)
+    assert stub.count() == calls
+    assert direct.stats.calls_reused == calls and direct.stats.chunks_reused == len(chunks)
+    assert [r.to_dict() for r in direct.records] == [r.to_dict() for r in first.records]
+
+
+def test_changing_one_document_only_calls_for_its_chunks(stub, embedder, tmp_path):
+    cache = SDGCache(tmp_path)
+    run_generation(make_gen(stub, embedder, cache), make_chunks(DOCS), cache)
+    before = stub.count()
+
+    edited = {
+        **DOCS,
+        "tidal.md": [DOCS["tidal.md"][0], DOCS["tidal.md"][1].replace("six weeks", "nine weeks")],
+    }
+    stub.reset()
+    result = run_generation(make_gen(stub, embedder, cache), make_chunks(edited), cache)
+    assert stub.count() == 3  # tidal.md is one bundle of 2 chunks: extraction, QA, judge
+    assert all("nine weeks" in " ".join(c.segments) for c in stub.calls)
+    assert result.stats.chunks_reused == 4 and result.stats.chunks_generated == 2
+    assert before == 3 * n_bundles(DOCS, 2) == 12
+
+    # with one chunk per bundle, only the edited chunk's bundle is called again
+    stub.reset()
+    run_generation(make_gen(stub, embedder, cache, bundle_size=1), make_chunks(edited), cache)
+    full = stub.count()
+    edited2 = {**edited, "mining.md": [*DOCS["mining.md"][:2], DOCS["mining.md"][2].replace("1998", "1999")]}
+    stub.reset()
+    result = run_generation(make_gen(stub, embedder, cache, bundle_size=1), make_chunks(edited2), cache)
+    assert full == 3 * 6 - 6  # bread.md and mining.md's 3rd chunk were 1-chunk bundles already: reused
+    assert stub.count() == 3
+    assert all("1999" in c.segments[0] for c in stub.calls)
+    assert result.stats.chunks_generated == 1 and result.stats.chunks_reused == 5
+    assert result.stats.calls_reused == 6  # the 2 unchanged chunks of mining.md: answers from the call cache
+
+
+def test_interrupted_run_resumes_without_repeating_finished_calls(stub, embedder, tmp_path):
+    chunks = make_chunks(DOCS)
+    cache = SDGCache(tmp_path)
+    stub.fail_after = 5  # an outage after 5 good answers
+    # no cache handed to the generator: run_generation binds its own for the per-call answers
+    first = run_generation(make_gen(stub, embedder, None, max_retries=1), chunks, cache)
+    assert first.stats.chunks_failed > 0 and first.stats.dropped["request_failed"] > 0
+    done_first = answered_keys(stub)
+    assert len(done_first) == 5
+
+    stub.reset()
+    second = run_generation(make_gen(stub, embedder, None), chunks, cache)
+    done_second = answered_keys(stub)
+    assert second.stats.failed_chunk_ids == []
+    assert not set(done_first) & set(done_second)  # nothing answered twice
+    assert len(done_first) + len(done_second) == 3 * n_bundles(DOCS, 2)
+
+
+def test_interrupt_by_exception_keeps_finished_work(stub, embedder, tmp_path):
+    chunks = make_chunks(DOCS)
+    cache = SDGCache(tmp_path)
+    seen: list[str] = []
+
+    class Interrupted(Exception):
+        pass
+
+    def explode(line: str) -> None:
+        seen.append(line)
+        raise Interrupted
+
+    gen = make_gen(stub, embedder, cache, max_parallel_requests=1)
+    with pytest.raises(Interrupted):
+        run_generation(gen, chunks, cache, progress=explode)
+    done_first = answered_keys(stub)
+    assert seen and 0 < len(done_first) < 12
+
+    stub.reset()
+    result = run_generation(make_gen(stub, embedder, cache), chunks, cache)
+    assert not set(done_first) & set(answered_keys(stub))
+    assert len(done_first) + stub.count() == 12
+    assert result.stats.failed_chunk_ids == [] and len({r.doc_id for r in result.records}) == 3
+
+
+def test_prompt_or_model_change_invalidates(stub, embedder, tmp_path):
+    chunks = make_chunks({"bread.md": DOCS["bread.md"]})
+    cache = SDGCache(tmp_path)
+    a = make_gen(stub, embedder, cache)
+    run_generation(a, chunks, cache)
+    b = make_gen(stub, embedder, cache, judge_model="other-judge")
+    assert a.fingerprint != b.fingerprint
+    c = LLMQAGenerator(a.settings, embedder=embedder, embed_model="some/other-embedder")
+    assert c.fingerprint != a.fingerprint and a.settings.dedup_model == "bundled:all-MiniLM-L6-v2"
+    stub.reset()
+    result = run_generation(b, chunks, cache)
+    assert [c.step for c in stub.calls] == ["quality_judge"]  # extraction and QA answers still reused
+    assert result.stats.calls_reused == 2 and result.stats.chunks_generated == 1
+
+
+# ---------------------------------------------------------------------------------------------- runner
+
+
+class CountingGenerator:
+    """A trivial generator (stands in for the offline one): one record per chunk, fails on 'FAIL'."""
+
+    name = "counting"
+    model = "none"
+
+    def __init__(self, tag: str = "v1", explode_on: str | None = None) -> None:
+        self.tag, self.explode_on, self.seen = tag, explode_on, []
+
+    @property
+    def fingerprint(self) -> str:
+        return self.tag
+
+    def generate(self, chunks, progress=None) -> SDGResult:
+        stats = SDGStats(chunks_total=len(chunks))
+        records = []
+        for c in chunks:
+            self.seen.append(c.chunk_id)
+            if self.explode_on and self.explode_on in c.text:
+                raise RuntimeError("boom")
+            if "FAIL" in c.text:
+                stats.failed_chunk_ids.append(c.chunk_id)
+                continue
+            records.append(
+                QARecord(
+                    qa_id=c.chunk_id, query=f"q {c.text}", positive_chunk_ids=[c.chunk_id], doc_id=c.doc_id
+                )
+            )
+        stats.pairs_generated = stats.pairs_kept = len(records)
+        return SDGResult(records, stats)
+
+
+def test_runner_with_any_generator(tmp_path):
+    chunks = make_chunks({"d1": ["alpha one.", "beta FAIL.", "gamma three."], "d2": ["delta four."]})
+    cache = SDGCache(tmp_path)
+    gen = CountingGenerator()
+    lines: list[str] = []
+    first = run_generation(gen, chunks, cache, progress=lines.append)
+    assert first.stats.chunks_generated == 3 and first.stats.chunks_failed == 1
+    assert len(first.records) == 3 and lines[-1].startswith("sdg[counting]: 4/4 chunks")
+
+    gen.seen.clear()
+    second = run_generation(gen, chunks, cache)
+    assert gen.seen == [chunks[1].chunk_id]  # only the failed unit is retried
+    assert second.stats.chunks_reused == 3 and second.stats.chunks_generated == 0
+    assert [r.qa_id for r in second.records] == [r.qa_id for r in first.records]
+
+    other = CountingGenerator(tag="v2")
+    run_generation(other, chunks, cache)
+    assert len(other.seen) == 4  # another fingerprint: nothing reused
+
+    boom = CountingGenerator(tag="v3", explode_on="gamma")
+    with pytest.raises(RuntimeError):
+        run_generation(boom, chunks, cache)
+    resumed = CountingGenerator(tag="v3")
+    run_generation(resumed, chunks, cache)
+    assert resumed.seen == [chunks[1].chunk_id, chunks[2].chunk_id, chunks[3].chunk_id]
+
+
+def test_progress_meter_reports_rate_and_eta():
+    lines: list[str] = []
+    meter = ProgressMeter(10, lines.append, label="x", every_s=0.0)
+    meter.advance(4, cached=True)
+    time.sleep(0.05)
+    meter.advance(2)
+    assert "6/10 chunks (60%, 4 cached, 0 failed)" in lines[-1] and "chunks/s" in lines[-1]
+    assert "ETA" in lines[-1] and "ETA ?" not in lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def test_answer_parsing_and_validation():
+    assert extract_json('<think>{"no": 1}</think>\n```json\n{"a": 1}\n```') == {"a": 1}
+    assert extract_json('Sure! Here it is: {"a": {"b": [1]}} Hope it helps.') == {"a": {"b": [1]}}
+    with pytest.raises(AnswerError, match="no JSON object"):
+        extract_json("no json")
+    with pytest.raises(AnswerError, match="invalid JSON"):
+        extract_json('{"a": }')
+    bad = {"pairs": [{"question": "", "answer": "x", "query_type": "other", "reasoning_type": "factual",
+                      "complexity": 9, "segment_ids": ["1"]}]}  # fmt: skip
+    errors = validate(bad, QA_SCHEMA)
+    assert "$.pairs[0].question: must not be empty" in errors
+    assert any(e.startswith("$.pairs[0].query_type: 'other' is not one of") for e in errors)
+    assert "$.pairs[0].complexity: 9 is above the maximum 5" in errors
+    assert "$.pairs[0].segment_ids[0]: expected integer, got string" in errors
+    assert (
+        validate({"pairs": [{"complexity": True}]}, QA_SCHEMA)[0]
+        == "$.pairs[0]: missing required field 'question'"
+    )
+    with pytest.raises(AnswerError, match="does not match the schema"):
+        parse_answer('{"pairs": []}', QA_SCHEMA)
+
+
+def test_render_and_retry_after():
+    assert render("a {{x}} b", x=1) == "a 1 b"
+    with pytest.raises(KeyError):
+        render("a {{x}} {{y}}", x=1)
+    assert _retry_after("2") == 2.0 and _retry_after(None) is None and _retry_after("soon") is None
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert _retry_after("100000") == 600.0
