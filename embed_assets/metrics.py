@@ -22,7 +22,7 @@ The numbers equal BEIR's ``EvaluateRetrieval.evaluate`` (pytrec_eval's ``ndcg_cu
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -629,3 +629,61 @@ def paired_bootstrap(
     alpha = 1.0 - confidence
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(deltas.mean()), float(low), float(high)
+
+
+# --------------------------------------------------------------------------- any encoder, parity gates
+#: ``encode(texts, input_type) -> (n, dim) float32`` with ``input_type`` "query" or "passage"; an ONNX model,
+#: a torch model or a remote /v1/embeddings endpoint all fit.
+EncodeFn = Callable[[list[str], str], np.ndarray]
+
+
+def evaluate_encoder(
+    encode: EncodeFn,
+    corpus: Mapping[str, Mapping[str, Any]],
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    k_values: Sequence[int] = (1, 5, 10, 100),
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Retrieve with any encoder over a BEIR folder's contents and score it like :func:`evaluate`.
+
+    Args:
+        encode: The encoder (applies its own query/passage prefixes).
+        corpus: ``{doc_id: {"title", "text"}}``.
+        queries: ``{query_id: text}``.
+        qrels: Relevance judgments.
+        k_values: Cut-offs.
+
+    Returns:
+        ``(metrics, run)``.
+    """
+    corpus_ids = list(corpus)
+    query_ids = list(queries)
+    c_emb = encode([document_text(corpus[d]) for d in corpus_ids], "passage")
+    q_emb = encode([queries[q] for q in query_ids], "query")
+    run = exact_search(q_emb, c_emb, query_ids, corpus_ids, top_k=max(k_values))
+    return evaluate(qrels, run, k_values=k_values), run
+
+
+def metric_parity(
+    reference: Mapping[str, float],
+    candidate: Mapping[str, float],
+    tol_at_1: float = 0.03,
+    tol: float = 0.01,
+) -> tuple[bool, list[dict[str, Any]]]:
+    """Check that ``candidate`` metrics stay within NIM's tolerance of ``reference`` (0.03 at @1, 0.01 above).
+
+    Returns:
+        ``(all within tolerance, rows of {metric, reference, candidate, diff, tolerance, ok})``.
+    """
+    rows = []
+    for name, ref in reference.items():
+        if name not in candidate:
+            continue
+        k = int(name.rsplit("@", 1)[1]) if "@" in name else 0
+        limit = tol_at_1 if k == 1 else tol
+        diff = float(candidate[name]) - float(ref)
+        rows.append(
+            {"metric": name, "reference": ref, "candidate": candidate[name], "diff": diff, "tolerance": limit,
+             "ok": abs(diff) <= limit + 1e-12}
+        )
+    return all(r["ok"] for r in rows), rows

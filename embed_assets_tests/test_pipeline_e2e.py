@@ -33,7 +33,9 @@ def _metadata(instance: dg.DagsterInstance, asset: str) -> dict:
 
 @pytest.fixture
 def pipeline_run(tmp_path: Path, tiny_corpus: Path):
-    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    instance = dg.DagsterInstance.local_temp(str(home))
     result = dg.materialize(
         ALL_ASSETS,
         instance=instance,

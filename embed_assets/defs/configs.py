@@ -39,13 +39,27 @@ class SDGConfig(dg.Config):
     max_query_words: int = Field(default=16, ge=3, description="inverse_cloze: queries are cropped to this.")
     num_pairs: int = Field(default=7, ge=1, description="llm: QA pairs asked per document or bundle.")
     max_artifacts_per_type: int = Field(default=2, ge=1, description="llm: artifacts kept per type.")
-    bundle_size: int = Field(default=1, ge=1, description="llm: chunks of one document per prompt.")
+    bundle_size: int = Field(
+        default=4, ge=1, description="llm: chunks of one document per prompt (3 calls each)."
+    )
     quality_threshold: float = Field(default=7.0, ge=0, le=10, description="llm: judge 'overall' to keep a pair.")
     dedup_threshold: float = Field(default=0.9, gt=0, le=1, description="llm: question cosine above = duplicate.")
     max_parallel_requests: int = Field(default=4, ge=1, description="llm: concurrent requests.")
     temperature: float = Field(default=0.6, ge=0, le=2, description="llm: sampling temperature.")
     top_p: float = Field(default=0.95, gt=0, le=1, description="llm: nucleus sampling.")
     timeout_s: float = Field(default=120.0, gt=0, description="llm: per-request timeout in seconds.")
+    max_retries: int = Field(
+        default=5, ge=0, description="llm: retries on 429/5xx/timeouts (exponential backoff)."
+    )
+    json_mode: bool = Field(
+        default=False, description="llm: ask for response_format=json_object (helps small local models)."
+    )
+    extraction_model: str = Field(
+        default="", description="llm: model for artifact extraction (default: the resource's)."
+    )
+    judge_model: str = Field(
+        default="", description="llm: model for the quality judge (default: the resource's)."
+    )
     seed: int = Field(default=42, description="Seed of the offline generator.")
 
     @field_validator("generator")
@@ -137,6 +151,7 @@ class EvalConfig(dg.Config):
 class ExportConfig(dg.Config):
     opset: int = Field(default=17, ge=17, description="ONNX opset (≥ 17).")
     quantize_int8: bool = Field(default=True, description="Also export a dynamically quantized int8 model.")
+    served_model_name: str = Field(default="embed-assets", description="Model id the service reports.")
 
 
 class TensorRTConfig(dg.Config):
@@ -150,6 +165,8 @@ class ServiceConfig(dg.Config):
     variant: str = Field(default="fp32", description="'fp32' or 'int8' (int8 only if it passed the parity gate).")
     api_key_env: str = Field(default="", description="Name of an env var holding a bearer token to require.")
     apply: bool = Field(default=False, description="docker/kubernetes: apply the rendered manifest.")
+    endpoint_url: str = Field(default="", description="docker/kubernetes: URL of the deployed NIM to evaluate.")
+    ready_timeout_s: float = Field(default=900.0, gt=0, description="docker/kubernetes: wait this long for ready.")
 
     @field_validator("mode")
     @classmethod

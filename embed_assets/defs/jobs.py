@@ -1,18 +1,52 @@
-"""Jobs and the executor: the CUDA tag limits GPU steps within a run, the `gpu` pool across runs."""
+"""Jobs and executors: the CUDA tag limits GPU steps within a run, the `gpu` pool across runs.
+
+Locally, steps run in subprocesses (multiprocess executor). With ``EMBED_ASSETS_EXECUTOR=k8s`` (set by the Helm
+values in ``deploy/helm``) each step becomes a Kubernetes pod through dagster-k8s's ``k8s_job_executor``; the
+CUDA-tagged steps' ``dagster-k8s/config`` op tag makes their pods request a GPU.
+"""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import dagster as dg
 
 from embed_assets.defs.assets import GPU_TAGS, GROUP
 
 _GPU_KEY, _GPU_VALUE = next(iter(GPU_TAGS.items()))
+GPU_TAG_LIMITS = [{"key": _GPU_KEY, "value": _GPU_VALUE, "limit": 1}]
 
-#: Multiprocess execution; steps tagged for CUDA never overlap inside a run (the pool covers across runs).
-gpu_aware_executor = dg.multiprocess_executor.configured(
-    {"max_concurrent": 2, "tag_concurrency_limits": [{"key": _GPU_KEY, "value": _GPU_VALUE, "limit": 1}]},
-    name="gpu_aware_multiprocess",
-)
+#: Config of the Kubernetes step executor (validated against dagster-k8s's schema in the tests).
+K8S_EXECUTOR_CONFIG: dict[str, Any] = {
+    "max_concurrent": 4,
+    "tag_concurrency_limits": GPU_TAG_LIMITS,
+    "step_k8s_config": {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"}}}},
+}
+
+
+def build_executor(kind: str | None = None) -> dg.ExecutorDefinition:
+    """The executor for this deployment: ``"multiprocess"`` (default) or ``"k8s"``.
+
+    Args:
+        kind: Overrides ``$EMBED_ASSETS_EXECUTOR``.
+
+    Returns:
+        A configured executor definition.
+    """
+    kind = kind or os.environ.get("EMBED_ASSETS_EXECUTOR", "multiprocess")
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor.configured(K8S_EXECUTOR_CONFIG, name="gpu_aware_k8s")
+    if kind != "multiprocess":
+        raise ValueError(f"EMBED_ASSETS_EXECUTOR must be 'multiprocess' or 'k8s', got {kind!r}")
+    return dg.multiprocess_executor.configured(
+        {"max_concurrent": 2, "tag_concurrency_limits": GPU_TAG_LIMITS}, name="gpu_aware_multiprocess"
+    )
+
+
+gpu_aware_executor = build_executor()
 
 embed_pipeline_job = dg.define_asset_job(
     "embed_pipeline",

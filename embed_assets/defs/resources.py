@@ -71,7 +71,10 @@ class LLMResource(dg.ConfigurableResource):
     """
 
     base_url: str = Field(default="https://integrate.api.nvidia.com/v1", description="OpenAI-compatible base URL.")
-    model: str = Field(default="meta/llama-3.3-70b-instruct", description="Chat model for every step.")
+    model: str = Field(
+        default="nvidia/llama-3.3-nemotron-super-49b-v1.5",
+        description="Chat model (per-step overrides in SDG config).",
+    )
     api_key: str | None = Field(
         default=None, description="API key; set it with EnvVar('NVIDIA_API_KEY') rather than a literal."
     )
