@@ -35,7 +35,11 @@ def split_sentences(text: str) -> list[str]:
         buf: list[str] = []
         for line in lines:
             # Headings, list items and rule lines are units of their own.
-            if line.startswith(("#", "- ", "* ", "|")) or re.match(r"^\d+\.\s", line) or set(line) <= set("*=-_"):
+            if (
+                line.startswith(("#", "- ", "* ", "|"))
+                or re.match(r"^\d+\.\s", line)
+                or set(line) <= set("*=-_")
+            ):
                 if buf:
                     sentences.extend(_split_para(" ".join(buf)))
                     buf = []

@@ -82,14 +82,18 @@ def read_corpus(
     for dirpath, dirnames, filenames in os.walk(root_path, followlinks=False):
         dirnames.sort()
         for link in [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
-            rejected.append({"path": _rel(Path(dirpath) / link, root_path), "reason": "symlinked folder not followed"})
+            rejected.append(
+                {"path": _rel(Path(dirpath) / link, root_path), "reason": "symlinked folder not followed"}
+            )
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = _rel(path, root_path)
             if any(fnmatch.fnmatch(name, pat) for pat in exclude_globs):
                 continue
             if not name.lower().endswith(exts):
-                rejected.append({"path": rel, "reason": f"unsupported extension (allowed: {', '.join(exts)})"})
+                rejected.append(
+                    {"path": rel, "reason": f"unsupported extension (allowed: {', '.join(exts)})"}
+                )
                 continue
             doc, reason = _read_one(path, rel, max_file_bytes, encoding, seen_real)
             if doc is None:
@@ -98,7 +102,9 @@ def read_corpus(
                 documents.append(doc)
 
     if not documents:
-        detail = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:10]) or "the folder holds no files"
+        detail = (
+            "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:10]) or "the folder holds no files"
+        )
         raise EmptyCorpusError(
             f"no usable document in {str(root_path)!r} ({len(rejected)} rejected: {detail}). "
             f"Add UTF-8 text files with extensions {', '.join(exts)} or change corpus.extensions."

@@ -22,6 +22,8 @@ defs = dg.Definitions(
         "model": EmbeddingModel(),
         # The key is an EnvVar (shown as such in the UI, never as a value); without it only the offline
         # generator and user data work, which is the embedded default.
-        "llm": LLMResource(api_key=dg.EnvVar("NVIDIA_API_KEY")) if os.environ.get("NVIDIA_API_KEY") else LLMResource(),
+        "llm": LLMResource(api_key=dg.EnvVar("NVIDIA_API_KEY"))
+        if os.environ.get("NVIDIA_API_KEY")
+        else LLMResource(),
     },
 )

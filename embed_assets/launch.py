@@ -87,7 +87,9 @@ def materializations(host: str, port: int, run_id: str) -> dict[str, dict[str, A
     from dagster_graphql import DagsterGraphQLClient
 
     client = DagsterGraphQLClient(host, port_number=port)
-    data = client._execute(_MATERIALIZATIONS_QUERY, {"runId": run_id})  # the client has no public query helper
+    data = client._execute(
+        _MATERIALIZATIONS_QUERY, {"runId": run_id}
+    )  # the client has no public query helper
     run = data["runOrError"]
     if run["__typename"] != "Run":
         raise LookupError(f"run {run_id}: {run['__typename']}")
@@ -121,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.wait:
         return 0
     status = wait(args.host, args.port, run_id, args.timeout)
-    print(json.dumps({"run_id": run_id, "status": status, "assets": materializations(args.host, args.port, run_id)}, indent=2))
+    print(
+        json.dumps(
+            {"run_id": run_id, "status": status, "assets": materializations(args.host, args.port, run_id)},
+            indent=2,
+        )
+    )
     return 0 if status == "SUCCESS" else 1
 
 

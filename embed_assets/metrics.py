@@ -683,7 +683,13 @@ def metric_parity(
         limit = tol_at_1 if k == 1 else tol
         diff = float(candidate[name]) - float(ref)
         rows.append(
-            {"metric": name, "reference": ref, "candidate": candidate[name], "diff": diff, "tolerance": limit,
-             "ok": abs(diff) <= limit + 1e-12}
+            {
+                "metric": name,
+                "reference": ref,
+                "candidate": candidate[name],
+                "diff": diff,
+                "tolerance": limit,
+                "ok": abs(diff) <= limit + 1e-12,
+            }
         )
     return all(r["ok"] for r in rows), rows

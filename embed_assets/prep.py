@@ -31,7 +31,9 @@ def check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
         ValueError: when not three non-negative numbers summing to 1 with a positive train and test share.
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios):
-        raise ValueError(f"split ratios must be three non-negative numbers (train, val, test), got {list(ratios)}")
+        raise ValueError(
+            f"split ratios must be three non-negative numbers (train, val, test), got {list(ratios)}"
+        )
     if abs(sum(ratios) - 1.0) > 1e-6:
         raise ValueError(f"split ratios must sum to 1, got {list(ratios)} (sum {sum(ratios):.4f})")
     if ratios[0] == 0 or ratios[2] == 0:

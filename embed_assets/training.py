@@ -19,6 +19,7 @@ class TrainSettings:
     """Training hyper-parameters (DESIGN §2 defaults; ``epochs=0`` picks them by data size)."""
 
     epochs: int = 0
+    negatives_per_row: int = 3
     batch_size: int = 16
     learning_rate: float = 1e-5
     warmup_ratio: float = 0.1
@@ -36,10 +37,10 @@ class TrainSettings:
     seed: int = 42
 
     def resolved_epochs(self, n_rows: int) -> int:
-        """Epochs by data size: <1K rows: 3, 1K-10K: 2, >10K: 1 (unless set explicitly)."""
+        """Epochs by data size: <1K rows: 2, 1K-10K: 2, >10K: 1 (unless set explicitly; DESIGN §2 ranges)."""
         if self.epochs > 0:
             return self.epochs
-        return 3 if n_rows < 1_000 else 2 if n_rows <= 10_000 else 1
+        return 2 if n_rows <= 10_000 else 1
 
 
 @dataclass
@@ -63,13 +64,17 @@ class TrainReport:
         return out
 
 
-def training_rows(mined: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+def training_rows(
+    mined: Sequence[dict[str, Any]], negatives_per_row: int | None = None
+) -> list[dict[str, str]]:
     """Turn mined rows into the column layout MNRL expects: anchor, positive, negative_1..k.
 
     Every row must carry the same number of negatives (the mining stage drops rows that have fewer).
 
     Args:
-        mined: Rows with ``query``, ``positive_text`` and ``negative_texts``.
+        mined: Rows with ``query``, ``positive_text`` and ``negative_texts`` (hardest first).
+        negatives_per_row: Keep at most this many of the hardest negatives (each one costs a forward and
+            backward pass per row; in-batch negatives come for free).
 
     Returns:
         Rows for ``datasets.Dataset.from_list``.
@@ -77,6 +82,8 @@ def training_rows(mined: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     if not mined:
         return []
     k = min(len(r["negative_texts"]) for r in mined)
+    if negatives_per_row is not None:
+        k = min(k, negatives_per_row)
     rows = []
     for r in mined:
         row = {"anchor": r["query"], "positive": r["positive_text"]}
@@ -140,7 +147,9 @@ def train(
     model = load_sentence_transformer(base_model, device=device, max_seq_length=settings.max_seq_length)
     dataset = Dataset.from_list(list(rows))
     if settings.loss == "cached_mnrl":
-        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=settings.cached_mini_batch_size)
+        loss = losses.CachedMultipleNegativesRankingLoss(
+            model, mini_batch_size=settings.cached_mini_batch_size
+        )
     elif settings.loss == "mnrl":
         loss = losses.MultipleNegativesRankingLoss(model)
     else:
@@ -223,7 +232,9 @@ def train(
         epochs=epochs,
         rows=len(rows),
         seconds=round(seconds, 2),
-        samples_per_second=round(result.metrics.get("train_samples_per_second", trained_rows / max(seconds, 1e-9)), 3),
+        samples_per_second=round(
+            result.metrics.get("train_samples_per_second", trained_rows / max(seconds, 1e-9)), 3
+        ),
         precision=precision,
         resumed_from=last,
         loss_curve=recorder.loss,
@@ -263,6 +274,8 @@ def _curve_recorder(progress: Callable[[str], None] | None, total_steps: int) ->
                 elapsed = time.monotonic() - self.start
                 rate = (step - self.first_step + 1) / elapsed if elapsed > 0 else 0.0
                 eta = (total_steps - step) / rate if rate > 0 else float("nan")
-                progress(f"step {step}/{total_steps} loss={logs['loss']:.4f} {rate:.2f} steps/s ETA {eta:.0f}s")
+                progress(
+                    f"step {step}/{total_steps} loss={logs['loss']:.4f} {rate:.2f} steps/s ETA {eta:.0f}s"
+                )
 
     return CurveRecorder()

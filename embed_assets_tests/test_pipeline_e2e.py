@@ -20,7 +20,9 @@ def _run_config(corpus: Path) -> dict:
         "ops": {
             "corpus": {"config": {"path": str(corpus)}},
             "corpus_chunks": {"config": {"sentences_per_chunk": 5, "passage_max_length": 256}},
-            "checkpoint": {"config": {"max_steps": 6, "batch_size": 8, "max_seq_length": 64, "save_steps": 3}},
+            "checkpoint": {
+                "config": {"max_steps": 6, "batch_size": 8, "max_seq_length": 64, "save_steps": 3}
+            },
         }
     }
 
@@ -39,7 +41,11 @@ def pipeline_run(tmp_path: Path, tiny_corpus: Path):
     result = dg.materialize(
         ALL_ASSETS,
         instance=instance,
-        resources={"store": ArtifactStore(root=str(tmp_path / "artifacts")), "model": EmbeddingModel(), "llm": LLMResource()},
+        resources={
+            "store": ArtifactStore(root=str(tmp_path / "artifacts")),
+            "model": EmbeddingModel(),
+            "llm": LLMResource(),
+        },
         run_config=_run_config(tiny_corpus),
     )
     yield result, instance
@@ -88,7 +94,11 @@ def test_pipeline_end_to_end(pipeline_run) -> None:
     service = result.output_for_node("nim_service")
     resp = httpx.post(
         f"{service['url']}/v1/embeddings",
-        json={"input": ["What does the with statement do?"], "model": httpx.get(f"{service['url']}/v1/models").json()["data"][0]["id"], "input_type": "query"},
+        json={
+            "input": ["What does the with statement do?"],
+            "model": httpx.get(f"{service['url']}/v1/models").json()["data"][0]["id"],
+            "input_type": "query",
+        },
         timeout=30,
     )
     assert resp.status_code == 200

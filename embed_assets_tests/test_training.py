@@ -17,8 +17,11 @@ def _rows(corpus: Path, n: int = 24) -> list[dict[str, str]]:
     records = InverseClozeGenerator().generate(chunks).records[:n]
     texts = [c.text for c in chunks]
     mined = [
-        {"query": r.query, "positive_text": next(c.text for c in chunks if c.chunk_id == r.positive_chunk_ids[0]),
-         "negative_texts": [texts[(i + 3) % len(texts)], texts[(i + 7) % len(texts)]]}
+        {
+            "query": r.query,
+            "positive_text": next(c.text for c in chunks if c.chunk_id == r.positive_chunk_ids[0]),
+            "negative_texts": [texts[(i + 3) % len(texts)], texts[(i + 7) % len(texts)]],
+        }
         for i, r in enumerate(records)
     ]
     return training_rows(mined)
@@ -26,8 +29,10 @@ def _rows(corpus: Path, n: int = 24) -> list[dict[str, str]]:
 
 def test_training_rows_layout() -> None:
     rows = training_rows(
-        [{"query": "q", "positive_text": "p", "negative_texts": ["a", "b", "c"]},
-         {"query": "q2", "positive_text": "p2", "negative_texts": ["d", "e"]}]
+        [
+            {"query": "q", "positive_text": "p", "negative_texts": ["a", "b", "c"]},
+            {"query": "q2", "positive_text": "p2", "negative_texts": ["d", "e"]},
+        ]
     )
     assert rows == [
         {"anchor": "q", "positive": "p", "negative_1": "a", "negative_2": "b"},
@@ -42,9 +47,13 @@ def test_train_updates_weights_saves_and_resumes(tmp_path: Path, tiny_corpus: Pa
     from embed_assets.models import load_sentence_transformer
 
     rows = _rows(tiny_corpus)
-    settings = TrainSettings(max_steps=4, batch_size=8, max_seq_length=48, save_steps=2, logging_steps=1, learning_rate=5e-5)
+    settings = TrainSettings(
+        max_steps=4, batch_size=8, max_seq_length=48, save_steps=2, logging_steps=1, learning_rate=5e-5
+    )
     lines: list[str] = []
-    report = train(BUNDLED_MODEL, rows, tmp_path / "work", tmp_path / "model", settings, progress=lines.append)
+    report = train(
+        BUNDLED_MODEL, rows, tmp_path / "work", tmp_path / "model", settings, progress=lines.append
+    )
     assert report.steps == 4 and report.device == "cpu" and report.resumed_from is None
     assert len(report.loss_curve) == 4 and all(np.isfinite(v) for _, v in report.loss_curve)
     assert any("ETA" in line for line in lines)

@@ -38,7 +38,9 @@ GPU_TAGS = {"embed_assets/accelerator": "cuda"}
 GPU_OP_TAGS: dict[str, Any] = {
     "embed_assets/accelerator": "cuda",
     "dagster-k8s/config": {
-        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}},
+        "container_config": {
+            "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
+        },
         "pod_spec_config": {
             "node_selector": {"nvidia.com/gpu.present": "true"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -71,7 +73,9 @@ def _pool(corpus_chunks: dict[str, Any], synthetic_qa: dict[str, Any]):
     chunks = _load_chunks(corpus_chunks)
     if synthetic_qa.get("extra_chunks_path"):
         known = {c.chunk_id for c in chunks}
-        chunks += [c for c in _load_chunks({"path": synthetic_qa["extra_chunks_path"]}) if c.chunk_id not in known]
+        chunks += [
+            c for c in _load_chunks({"path": synthetic_qa["extra_chunks_path"]}) if c.chunk_id not in known
+        ]
     return chunks
 
 
@@ -95,7 +99,12 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, store: Artif
         context.log.warning(f"rejected {r['path']}: {r['reason']}")
     docs = [{"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash} for d in scan.documents]
     return dg.Output(
-        {"path": str(out), "root": scan.root, "n_docs": len(scan.documents), "data_version": scan.data_version},
+        {
+            "path": str(out),
+            "root": scan.root,
+            "n_docs": len(scan.documents),
+            "data_version": scan.data_version,
+        },
         data_version=dg.DataVersion(scan.data_version),
         metadata={
             "documents": len(scan.documents),
@@ -179,7 +188,9 @@ def _make_generator(config: SDGConfig, llm: LLMResource, model: EmbeddingModel):
         from embed_assets.sdg.offline import InverseClozeGenerator, InverseClozeSettings
 
         return InverseClozeGenerator(
-            InverseClozeSettings(config.queries_per_chunk, config.min_query_words, config.max_query_words, config.seed)
+            InverseClozeSettings(
+                config.queries_per_chunk, config.min_query_words, config.max_query_words, config.seed
+            )
         )
     from embed_assets.sdg.llm import LLMGenerator, LLMSettings
 
@@ -239,7 +250,10 @@ def synthetic_qa(
 
             generator = _make_generator(config, llm, model)
             result = run_generation(
-                generator, _load_chunks(corpus_chunks), SDGCache(store.cache_dir("sdg")), progress=context.log.info
+                generator,
+                _load_chunks(corpus_chunks),
+                SDGCache(store.cache_dir("sdg")),
+                progress=context.log.info,
             )
             records, generator_name, model_name = result.records, generator.name, generator.model
             stats_meta = result.stats.as_metadata()
@@ -312,7 +326,12 @@ def split_sets(
         write_jsonl(paths[name], (r.to_dict() for r in getattr(split, name)))
     leakage = split.leakage()
     yield dg.Output(
-        {**paths, "eval_beir": str(eval_dir), "train_docs": split.docs["train"], "test_docs": split.docs["test"]},
+        {
+            **paths,
+            "eval_beir": str(eval_dir),
+            "train_docs": split.docs["train"],
+            "test_docs": split.docs["test"],
+        },
         metadata={
             "train_pairs": len(split.train),
             "val_pairs": len(split.val),
@@ -401,8 +420,12 @@ def mined_negatives(
     out = store.run_dir("mined_negatives", context.run_id) / "mined.jsonl"
     write_jsonl(out, rows)
     preview = [
-        {"query": r["query"], "hardest_negative": r["negative_texts"][0] if r["negative_texts"] else "",
-         "pos_score": r["positive_score"], "neg_score": r["negative_scores"][0] if r["negative_scores"] else ""}
+        {
+            "query": r["query"],
+            "hardest_negative": r["negative_texts"][0] if r["negative_texts"] else "",
+            "pos_score": r["positive_score"],
+            "neg_score": r["negative_scores"][0] if r["negative_scores"] else "",
+        }
         for r in rows
     ]
     return dg.Output(
@@ -445,7 +468,7 @@ def checkpoint(
     settings = TrainSettings(
         **config.model_dump(), query_prompt=model.query_prompt, passage_prompt=model.passage_prompt
     )
-    rows = training_rows(read_jsonl(mined_negatives["path"]))
+    rows = training_rows(read_jsonl(mined_negatives["path"]), settings.negatives_per_row)
     val = _val_set(split_sets, corpus_chunks, synthetic_qa)
     device = model.torch_device()
     # Stable per (data, model, settings): a killed run resumes from its last trainer checkpoint.
@@ -453,7 +476,9 @@ def checkpoint(
     work = store.cache_dir("train") / _fingerprint(data_hash, model.base_model, settings.__dict__)
     out = store.run_dir("checkpoint", context.run_id) / "model"
     context.log.info(f"training on {len(rows)} rows on {device}; trainer checkpoints in {work}")
-    report = train(model.base_model, rows, work, out, settings, device=device, val=val, progress=context.log.info)
+    report = train(
+        model.base_model, rows, work, out, settings, device=device, val=val, progress=context.log.info
+    )
     curve = [{"step": s, "loss": v} for s, v in report.loss_curve]
     return dg.Output(
         {"model_dir": str(out), "device": device, "base_model": model.base_model},
@@ -525,19 +550,28 @@ def beir_metrics(
         start = time.monotonic()
         st_model = load_sentence_transformer(path, device=device)
         runs[name], _ = encode_and_search(
-            st_model, queries, corpus, top_k=k_max, batch_size=config.batch_size,
-            query_prompt=model.query_prompt or None, corpus_prompt=model.passage_prompt or None,
+            st_model,
+            queries,
+            corpus,
+            top_k=k_max,
+            batch_size=config.batch_size,
+            query_prompt=model.query_prompt or None,
+            corpus_prompt=model.passage_prompt or None,
         )
         results[name] = evaluate(qrels, runs[name], k_values=config.k_values)
         seconds[name] = round(time.monotonic() - start, 2)
     rows = compare(results["base"], results["finetuned"])
     out = store.run_dir("beir_metrics", context.run_id)
-    write_json(out / "metrics.json", {"base": results["base"], "finetuned": results["finetuned"], "deltas": rows})
+    write_json(
+        out / "metrics.json", {"base": results["base"], "finetuned": results["finetuned"], "deltas": rows}
+    )
     write_json(out / "run_finetuned.json", runs["finetuned"])
     write_json(out / "run_base.json", runs["base"])
     delta, lo, hi = paired_bootstrap(
-        per_query_ndcg(qrels, runs["base"], 10), per_query_ndcg(qrels, runs["finetuned"], 10),
-        n=config.noise_bootstrap_samples, seed=0,
+        per_query_ndcg(qrels, runs["base"], 10),
+        per_query_ndcg(qrels, runs["finetuned"], 10),
+        n=config.noise_bootstrap_samples,
+        seed=0,
     )
     yield dg.Output(
         {"path": str(out / "metrics.json"), "base": results["base"], "finetuned": results["finetuned"]},
@@ -572,8 +606,16 @@ def beir_metrics(
     "graph, dynamic batch/sequence axes), gated by parity with the torch checkpoint: cosine, and BEIR metrics "
     "within NIM's tolerance (0.03 at @1, 0.01 at @5+). int8 is served only if it passes.",
     check_specs=[
-        dg.AssetCheckSpec("onnx_fp32_parity", asset="onnx_model", description="min cosine ≥ 0.999 and metrics within tolerance"),
-        dg.AssetCheckSpec("onnx_int8_parity", asset="onnx_model", description="int8 metrics within tolerance (else not served)"),
+        dg.AssetCheckSpec(
+            "onnx_fp32_parity",
+            asset="onnx_model",
+            description="min cosine ≥ 0.999 and metrics within tolerance",
+        ),
+        dg.AssetCheckSpec(
+            "onnx_int8_parity",
+            asset="onnx_model",
+            description="int8 metrics within tolerance (else not served)",
+        ),
     ],
 )
 def onnx_model(
@@ -591,7 +633,10 @@ def onnx_model(
 
     out = store.run_dir("onnx_model", context.run_id) / "onnx"
     report = export_onnx(
-        checkpoint["model_dir"], str(out), opset=config.opset, quantize_int8=config.quantize_int8,
+        checkpoint["model_dir"],
+        str(out),
+        opset=config.opset,
+        quantize_int8=config.quantize_int8,
         model_name=config.served_model_name,
     )
     meta = report.as_metadata()
@@ -603,7 +648,10 @@ def onnx_model(
         embedder = OnnxEmbedder(str(out), variant=variant)
         metrics, _ = evaluate_encoder(
             lambda texts, kind, e=embedder: e.encode(texts, input_type=kind, truncate="END"),
-            corpus, queries, qrels, k_values,
+            corpus,
+            queries,
+            qrels,
+            k_values,
         )
         parity[variant] = metric_parity(reference, metrics)
         meta[f"{variant}_ndcg@10"] = metrics.get("NDCG@10", float("nan"))
@@ -623,7 +671,10 @@ def onnx_model(
     yield dg.AssetCheckResult(
         check_name="onnx_fp32_parity",
         passed=bool(fp32_ok),
-        metadata={"fp32_cosine_min": meta.get("fp32_cosine_min", 0.0), "worst_metric_diff": _worst(parity["fp32"][1])},
+        metadata={
+            "fp32_cosine_min": meta.get("fp32_cosine_min", 0.0),
+            "worst_metric_diff": _worst(parity["fp32"][1]),
+        },
     )
     yield dg.AssetCheckResult(
         check_name="onnx_int8_parity",
@@ -661,20 +712,22 @@ def _parity_md(rows: list[dict]) -> str:
     description="A TensorRT plan (profiles batch 1/16/64, seq 3/128/512). Materialized only where CUDA and "
     "TensorRT exist; otherwise skipped, with the reason recorded as an observation.",
 )
-def tensorrt_engine(context: dg.AssetExecutionContext, config: TensorRTConfig, store: ArtifactStore, onnx_model: dict):
+def tensorrt_engine(
+    context: dg.AssetExecutionContext, config: TensorRTConfig, store: ArtifactStore, onnx_model: dict
+):
     from embed_assets.export import build_tensorrt_engine, tensorrt_profiles, tensorrt_status
 
     available, reason = tensorrt_status()
     if not available:
         context.log.warning(f"tensorrt_engine skipped: {reason}")
-        yield dg.AssetObservation(
-            asset_key="tensorrt_engine", metadata={"skipped": True, "reason": reason}
-        )
+        yield dg.AssetObservation(asset_key="tensorrt_engine", metadata={"skipped": True, "reason": reason})
         return
     out = store.run_dir("tensorrt_engine", context.run_id) / "model.plan"
     profiles = tensorrt_profiles()
     start = time.monotonic()
-    build_tensorrt_engine(str(Path(onnx_model["onnx_dir"]) / "model.onnx"), str(out), fp16=config.fp16, profiles=profiles)
+    build_tensorrt_engine(
+        str(Path(onnx_model["onnx_dir"]) / "model.onnx"), str(out), fp16=config.fp16, profiles=profiles
+    )
     yield dg.Output(
         {"engine_path": str(out)},
         metadata={
@@ -724,12 +777,22 @@ def nim_service(
         stop_server(previous)
         context.log.info(f"stopped the previous server (pid {previous})")
     handle = start_server(
-        onnx_model["onnx_dir"], host=config.host, port=config.port, variant=variant,
-        api_key_env=config.api_key_env or None, log_path=str(out / "server.log"),
+        onnx_model["onnx_dir"],
+        host=config.host,
+        port=config.port,
+        variant=variant,
+        api_key_env=config.api_key_env or None,
+        log_path=str(out / "server.log"),
     )
     context.log.info(f"serving {variant} at {handle.url} (pid {handle.pid})")
-    yield from _served_outputs(context, config, handle.url, split_sets, beir_metrics,
-                               {"pid": handle.pid, "variant": variant, "log": str(out / "server.log")})
+    yield from _served_outputs(
+        context,
+        config,
+        handle.url,
+        split_sets,
+        beir_metrics,
+        {"pid": handle.pid, "variant": variant, "log": str(out / "server.log")},
+    )
 
 
 def _served_outputs(context, config, url: str, split_sets: dict, beir_metrics: dict, extra: dict):
@@ -748,7 +811,9 @@ def _served_outputs(context, config, url: str, split_sets: dict, beir_metrics: d
     corpus, queries, qrels = load_beir_folder(split_sets["eval_beir"], split="test")
     reference = beir_metrics["finetuned"]
     start = time.monotonic()
-    served, _ = evaluate_encoder(client.encode, corpus, queries, qrels, sorted({int(k.rsplit("@", 1)[1]) for k in reference}))
+    served, _ = evaluate_encoder(
+        client.encode, corpus, queries, qrels, sorted({int(k.rsplit("@", 1)[1]) for k in reference})
+    )
     eval_seconds = round(time.monotonic() - start, 2)
     client.close()
     ok, rows = metric_parity(reference, served)
@@ -792,12 +857,17 @@ def _deploy_nim(context, config, onnx_model: dict, out: Path, split_sets: dict, 
         from embed_assets.serving.process import wait_ready
 
         if not wait_ready(config.endpoint_url, config.ready_timeout_s):
-            raise dg.Failure(description=f"{config.endpoint_url}/v1/health/ready not ready after {config.ready_timeout_s}s")
+            raise dg.Failure(
+                description=f"{config.endpoint_url}/v1/health/ready not ready after {config.ready_timeout_s}s"
+            )
         yield from _served_outputs(context, config, config.endpoint_url, split_sets, beir_metrics, extra)
         return
     yield dg.Output(
         {"mode": config.mode, "manifests": rendered},
-        metadata={"mode": config.mode, **{k: (dg.MetadataValue.path(v) if k in rendered else v) for k, v in extra.items()}},
+        metadata={
+            "mode": config.mode,
+            **{k: (dg.MetadataValue.path(v) if k in rendered else v) for k, v in extra.items()},
+        },
     )
     yield dg.AssetCheckResult(
         check_name="served_metrics_parity",

@@ -15,14 +15,19 @@ class CorpusConfig(dg.Config):
     path: str = Field(default=SAMPLE_CORPUS, description="Folder of documents, read recursively.")
     extensions: list[str] = Field(default=[".txt", ".md"], description="File suffixes to read.")
     exclude_globs: list[str] = Field(
-        default=["README.md", "LICENSE*"], description="File-name patterns to skip (not reported as rejected)."
+        default=["README.md", "LICENSE*"],
+        description="File-name patterns to skip (not reported as rejected).",
     )
-    max_file_bytes: int = Field(default=5_000_000, gt=0, description="Larger files are rejected with a reason.")
+    max_file_bytes: int = Field(
+        default=5_000_000, gt=0, description="Larger files are rejected with a reason."
+    )
 
 
 class ChunkingConfig(dg.Config):
     sentences_per_chunk: int = Field(default=5, ge=1, description="Consecutive sentences per passage.")
-    passage_max_length: int = Field(default=512, ge=16, description="Max tokens per passage (model tokenizer).")
+    passage_max_length: int = Field(
+        default=512, ge=16, description="Max tokens per passage (model tokenizer)."
+    )
 
 
 class SDGConfig(dg.Config):
@@ -42,8 +47,12 @@ class SDGConfig(dg.Config):
     bundle_size: int = Field(
         default=4, ge=1, description="llm: chunks of one document per prompt (3 calls each)."
     )
-    quality_threshold: float = Field(default=7.0, ge=0, le=10, description="llm: judge 'overall' to keep a pair.")
-    dedup_threshold: float = Field(default=0.9, gt=0, le=1, description="llm: question cosine above = duplicate.")
+    quality_threshold: float = Field(
+        default=7.0, ge=0, le=10, description="llm: judge 'overall' to keep a pair."
+    )
+    dedup_threshold: float = Field(
+        default=0.9, gt=0, le=1, description="llm: question cosine above = duplicate."
+    )
     max_parallel_requests: int = Field(default=4, ge=1, description="llm: concurrent requests.")
     temperature: float = Field(default=0.6, ge=0, le=2, description="llm: sampling temperature.")
     top_p: float = Field(default=0.95, gt=0, le=1, description="llm: nucleus sampling.")
@@ -79,7 +88,9 @@ class SDGConfig(dg.Config):
 class SplitConfig(dg.Config):
     train_ratio: float = Field(default=0.8, ge=0, le=1, description="Share of documents for training.")
     val_ratio: float = Field(default=0.1, ge=0, le=1, description="Share of documents for validation.")
-    test_ratio: float = Field(default=0.1, ge=0, le=1, description="Share of documents for the BEIR test set.")
+    test_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Share of documents for the BEIR test set."
+    )
     small_data_threshold: int = Field(default=1000, ge=0, description="Below this many pairs, split 80/0/20.")
     seed: int = Field(default=42, description="Split seed (documents are placed by a seeded hash).")
     regenerate_eval: bool = Field(default=False, description="Rebuild the frozen eval_beir/ folder.")
@@ -99,7 +110,9 @@ class MiningConfig(dg.Config):
     relative_margin: float | None = Field(
         default=0.05, description="'perc' margin: drop candidates scoring above (1 - m) × min positive score."
     )
-    absolute_margin: float | None = Field(default=None, description="Drop candidates above positive − margin.")
+    absolute_margin: float | None = Field(
+        default=None, description="Drop candidates above positive − margin."
+    )
     sampling_strategy: str = Field(default="top", description="'top' (hardest) or 'random' within the range.")
     use_faiss: str = Field(default="auto", description="'auto', 'yes' or 'no' (exact matmul search).")
     batch_size: int = Field(default=64, ge=1, description="Encoding batch size.")
@@ -113,15 +126,22 @@ class MiningConfig(dg.Config):
         if self.sampling_strategy not in ("top", "random"):
             raise ValueError(f"sampling_strategy must be 'top' or 'random', got {self.sampling_strategy!r}")
         if self.range_max is not None and self.range_max <= self.range_min:
-            raise ValueError(f"range_max ({self.range_max}) must be greater than range_min ({self.range_min})")
+            raise ValueError(
+                f"range_max ({self.range_max}) must be greater than range_min ({self.range_min})"
+            )
         if self.use_faiss not in ("auto", "yes", "no"):
             raise ValueError(f"use_faiss must be 'auto', 'yes' or 'no', got {self.use_faiss!r}")
         return self
 
 
 class TrainingConfig(dg.Config):
-    epochs: int = Field(default=0, ge=0, description="0 = by data size (<1K rows: 3, 1K–10K: 2, >10K: 1).")
-    batch_size: int = Field(default=16, ge=2, description="Per-device batch (in-batch negatives scale with it).")
+    epochs: int = Field(default=0, ge=0, description="0 = by data size (≤10K rows: 2, >10K: 1).")
+    negatives_per_row: int = Field(
+        default=3, ge=0, description="Hardest mined negatives per training row (plus in-batch negatives)."
+    )
+    batch_size: int = Field(
+        default=16, ge=2, description="Per-device batch (in-batch negatives scale with it)."
+    )
     learning_rate: float = Field(default=1e-5, gt=0, description="Peak learning rate.")
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps for linear warmup.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
@@ -129,8 +149,12 @@ class TrainingConfig(dg.Config):
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1 = by epochs).")
     loss: str = Field(default="mnrl", description="'mnrl' or 'cached_mnrl' (large effective batches).")
     cached_mini_batch_size: int = Field(default=32, ge=1, description="cached_mnrl mini-batch size.")
-    mixed_precision: str = Field(default="auto", description="'auto' (bf16/fp16 on CUDA), 'no', 'fp16', 'bf16'.")
-    eval_steps: int = Field(default=50, ge=1, description="Validation every N steps (when a val split exists).")
+    mixed_precision: str = Field(
+        default="auto", description="'auto' (bf16/fp16 on CUDA), 'no', 'fp16', 'bf16'."
+    )
+    eval_steps: int = Field(
+        default=50, ge=1, description="Validation every N steps (when a val split exists)."
+    )
     save_steps: int = Field(default=50, ge=1, description="Checkpoint every N steps (resume point).")
     seed: int = Field(default=42, description="Training seed.")
 
@@ -145,7 +169,9 @@ class TrainingConfig(dg.Config):
 class EvalConfig(dg.Config):
     k_values: list[int] = Field(default=[1, 5, 10, 100], description="Cut-offs for every metric.")
     batch_size: int = Field(default=64, ge=1, description="Encoding batch size.")
-    noise_bootstrap_samples: int = Field(default=1000, ge=100, description="Paired bootstrap draws for the check.")
+    noise_bootstrap_samples: int = Field(
+        default=1000, ge=100, description="Paired bootstrap draws for the check."
+    )
 
 
 class ExportConfig(dg.Config):
@@ -159,14 +185,23 @@ class TensorRTConfig(dg.Config):
 
 
 class ServiceConfig(dg.Config):
-    mode: str = Field(default="local", description="'local' (this project's server on loopback), 'docker' or 'kubernetes' (NIM manifests).")
+    mode: str = Field(
+        default="local",
+        description="'local' (this project's server on loopback), 'docker' or 'kubernetes' (NIM manifests).",
+    )
     host: str = Field(default="127.0.0.1", description="local: bind address.")
     port: int = Field(default=0, ge=0, description="local: port (0 = a free port).")
-    variant: str = Field(default="fp32", description="'fp32' or 'int8' (int8 only if it passed the parity gate).")
+    variant: str = Field(
+        default="fp32", description="'fp32' or 'int8' (int8 only if it passed the parity gate)."
+    )
     api_key_env: str = Field(default="", description="Name of an env var holding a bearer token to require.")
     apply: bool = Field(default=False, description="docker/kubernetes: apply the rendered manifest.")
-    endpoint_url: str = Field(default="", description="docker/kubernetes: URL of the deployed NIM to evaluate.")
-    ready_timeout_s: float = Field(default=900.0, gt=0, description="docker/kubernetes: wait this long for ready.")
+    endpoint_url: str = Field(
+        default="", description="docker/kubernetes: URL of the deployed NIM to evaluate."
+    )
+    ready_timeout_s: float = Field(
+        default=900.0, gt=0, description="docker/kubernetes: wait this long for ready."
+    )
 
     @field_validator("mode")
     @classmethod

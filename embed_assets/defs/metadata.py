@@ -10,7 +10,9 @@ from typing import Any
 import dagster as dg
 
 
-def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], max_rows: int = 10, max_chars: int = 90) -> dg.MetadataValue:
+def md_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], max_rows: int = 10, max_chars: int = 90
+) -> dg.MetadataValue:
     """A Markdown table of the first ``max_rows`` rows, cells shortened to ``max_chars``."""
 
     def cell(v: Any) -> str:
@@ -34,7 +36,9 @@ def histogram_md(values: Sequence[int], bins: Sequence[int]) -> dg.MetadataValue
     labels = [f"≤{b}" for b in bins] + [f">{bins[-1]}"]
     peak = max(counts) or 1
     lines = ["| tokens | passages | |", "|---|---|---|"]
-    lines += [f"| {lab} | {c} | {'█' * round(20 * c / peak)} |" for lab, c in zip(labels, counts, strict=True)]
+    lines += [
+        f"| {lab} | {c} | {'█' * round(20 * c / peak)} |" for lab, c in zip(labels, counts, strict=True)
+    ]
     return dg.MetadataValue.md("\n".join(lines))
 
 

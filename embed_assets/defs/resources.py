@@ -49,8 +49,12 @@ class EmbeddingModel(dg.ConfigurableResource):
         "sentence-transformers folder, or a Hugging Face model id (needs a reachable hub).",
     )
     query_prompt: str = Field(default="", description="Prefix for queries, e.g. 'query: ' for e5 models.")
-    passage_prompt: str = Field(default="", description="Prefix for passages, e.g. 'passage: ' for e5 models.")
-    device: str = Field(default="auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:n]'.")
+    passage_prompt: str = Field(
+        default="", description="Prefix for passages, e.g. 'passage: ' for e5 models."
+    )
+    device: str = Field(
+        default="auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:n]'."
+    )
 
     def model_path(self) -> str:
         from embed_assets.models import resolve_model_path
@@ -70,7 +74,9 @@ class LLMResource(dg.ConfigurableResource):
     The key comes from an environment variable and is never written to logs or metadata.
     """
 
-    base_url: str = Field(default="https://integrate.api.nvidia.com/v1", description="OpenAI-compatible base URL.")
+    base_url: str = Field(
+        default="https://integrate.api.nvidia.com/v1", description="OpenAI-compatible base URL."
+    )
     model: str = Field(
         default="nvidia/llama-3.3-nemotron-super-49b-v1.5",
         description="Chat model (per-step overrides in SDG config).",

@@ -52,7 +52,9 @@ class SDGCache:
         path = self._path(key, fingerprint)
         with atomic_path(path) as tmp:
             tmp.write_text(
-                json.dumps({"key": key, "fingerprint": fingerprint, "records": [r.to_dict() for r in records]}),
+                json.dumps(
+                    {"key": key, "fingerprint": fingerprint, "records": [r.to_dict() for r in records]}
+                ),
                 encoding="utf-8",
             )
 
