@@ -257,6 +257,11 @@ def synthetic_qa(
             )
             records, generator_name, model_name = result.records, generator.name, generator.model
             stats_meta = result.stats.as_metadata()
+            stats_meta["estimated_cost_usd"] = round(
+                result.stats.prompt_tokens * config.usd_per_1m_prompt_tokens / 1e6
+                + result.stats.completion_tokens * config.usd_per_1m_completion_tokens / 1e6,
+                4,
+            )
         write_jsonl(manifest["path"], (r.to_dict() for r in records))
     if not records:
         raise dg.Failure(

@@ -70,6 +70,8 @@ class SDGConfig(dg.Config):
         default="", description="llm: model for the quality judge (default: the resource's)."
     )
     seed: int = Field(default=42, description="Seed of the offline generator.")
+    usd_per_1m_prompt_tokens: float = Field(default=0.0, ge=0, description="llm: price, for the cost estimate.")
+    usd_per_1m_completion_tokens: float = Field(default=0.0, ge=0, description="llm: price, for the cost estimate.")
 
     @field_validator("generator")
     @classmethod
