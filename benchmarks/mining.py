@@ -248,6 +248,7 @@ def run_ours(
 def _row(
     name: str, seconds: Timing, passages_encoded: int, queries_encoded: int, res: Any = None
 ) -> dict[str, Any]:
+    print(f"  -> {name}: wall {seconds.wall:.1f}s, CPU {seconds.cpu:.1f}s", file=sys.stderr, flush=True)
     return {
         "implementation": name,
         "seconds": seconds,
@@ -270,6 +271,7 @@ def compare(ours: list[tuple], theirs: list[tuple], k: int) -> tuple[bool, int, 
         ),
         default=0.0,
     )
+    print(f"  -> identical: {differing == 0} ({differing} rows differ)", file=sys.stderr, flush=True)
     return differing == 0, differing, max_diff
 
 

@@ -153,19 +153,28 @@ def _qrel_rows(
 # --------------------------------------------------------------------------------------------- reading
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, text)``; a line that is not UTF-8 raises ``ValueError`` naming file and line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for every non-blank line of a JSON Lines file."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _read_id(obj: dict[str, Any], path: Path, lineno: int, seen: dict[str, int]) -> str:
@@ -236,23 +245,22 @@ def _check_header(line: str, path: Path) -> None:
 
 def _load_qrels(path: Path, corpus: Corpus, queries: Queries) -> Qrels:
     qrels: Qrels = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if lineno == 1:
-                _check_header(line, path)
-                continue
-            if not line.strip():
-                continue
-            qid, doc_id, score = _parse_qrels_line(line, path, lineno)
-            if qid not in queries:
-                raise ValueError(f"{path}:{lineno}: query-id {qid!r} not in {QUERIES_FILE}")
-            if doc_id not in corpus:
-                raise ValueError(f"{path}:{lineno}: corpus-id {doc_id!r} not in {CORPUS_FILE}")
-            judged = qrels.setdefault(qid, {})
-            if doc_id in judged and judged[doc_id] != score:
-                raise ValueError(
-                    f"{path}:{lineno}: conflicting score {score} for ({qid!r}, {doc_id!r}), "
-                    f"already judged {judged[doc_id]}"
-                )
-            judged[doc_id] = score
+    for lineno, line in _lines(path):
+        if lineno == 1:
+            _check_header(line, path)
+            continue
+        if not line.strip():
+            continue
+        qid, doc_id, score = _parse_qrels_line(line, path, lineno)
+        if qid not in queries:
+            raise ValueError(f"{path}:{lineno}: query-id {qid!r} not in {QUERIES_FILE}")
+        if doc_id not in corpus:
+            raise ValueError(f"{path}:{lineno}: corpus-id {doc_id!r} not in {CORPUS_FILE}")
+        judged = qrels.setdefault(qid, {})
+        if doc_id in judged and judged[doc_id] != score:
+            raise ValueError(
+                f"{path}:{lineno}: conflicting score {score} for ({qid!r}, {doc_id!r}), "
+                f"already judged {judged[doc_id]}"
+            )
+        judged[doc_id] = score
     return qrels

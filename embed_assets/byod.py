@@ -133,11 +133,13 @@ def load_user_pairs(
 
 
 def _read_text(path: str | os.PathLike[str], errors: _Errors) -> str:
+    raw = Path(path).read_bytes()
     try:
-        return Path(path).read_text(encoding="utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
         raise DataValidationError(
-            [f"{errors.display}: not UTF-8 text ({e.reason} at byte {e.start})"]
+            [f"{errors.display}: not UTF-8 text ({e.reason} at byte {e.start}, line {line})"]
         ) from None
 
 
@@ -248,6 +250,11 @@ def _rows_from_jsonl(text: str, errors: _Errors) -> list[UserRow]:
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
+            if not rows and not errors.items and raw.lstrip().startswith("["):  # a pretty-printed JSON array
+                errors.add(
+                    line, "a JSON array; expected JSON Lines (one JSON object per line, no enclosing [ ])"
+                )
+                break
             errors.add(line, f"invalid JSON ({e.msg} at column {e.colno})")
             continue
         if not isinstance(obj, dict):
@@ -298,6 +305,10 @@ def _text_field(value: Any, name: str, line: int, errors: _Errors) -> str:
         return ""
     if not value.strip():
         errors.add(line, f"field '{name}' is empty")
+    try:
+        value.encode("utf-8")  # a JSON escape such as "\ud800" decodes to a lone surrogate
+    except UnicodeEncodeError as e:
+        errors.add(line, f"field '{name}' is not valid Unicode (unpaired surrogate at character {e.start})")
     return value.strip()
 
 

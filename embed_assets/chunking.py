@@ -97,7 +97,8 @@ def chunk_document(
     """Cut one document into chunks of ``sentences_per_chunk`` consecutive sentences.
 
     A chunk over ``max_tokens`` is split into fewer sentences; a single sentence over the limit is cut at
-    word boundaries so no passage exceeds what the model can read.
+    word boundaries (a word longer than the limit between characters) so no passage exceeds what the model can
+    read.
 
     Args:
         doc: The document.
@@ -136,15 +137,60 @@ def chunk_document(
 
 
 def _cut_words(text: str, max_tokens: int, count_tokens: TokenCounter) -> list[str]:
-    words, pieces, cur = text.split(), [], []
-    for word in words:
-        if cur and count_tokens(" ".join([*cur, word])) > max_tokens:
-            pieces.append(" ".join(cur))
-            cur = []
-        cur.append(word)
-    if cur:
-        pieces.append(" ".join(cur))
+    """Cut ``text`` into the longest runs of words that fit ``max_tokens``; a word that alone does not fit
+    (e.g. text of a language written without spaces) is cut between characters.
+
+    Each run is searched from the previous run's length (exponential then binary search), so a piece costs a
+    few token counts instead of one per word: a multi-megabyte text without sentence breaks takes seconds,
+    not minutes.
+    """
+    words, pieces, i, guess = text.split(), [], 0, max(max_tokens // 2, 1)
+    while i < len(words):
+        n = _largest_fitting(
+            len(words) - i, lambda k, i=i: count_tokens(" ".join(words[i : i + k])) <= max_tokens, guess
+        )
+        piece = " ".join(words[i : i + n])
+        if n == 1 and count_tokens(piece) > max_tokens:
+            pieces.extend(_cut_chars(piece, max_tokens, count_tokens))
+        else:
+            pieces.append(piece)
+            guess = n
+        i += n
     return pieces
+
+
+def _cut_chars(word: str, max_tokens: int, count_tokens: TokenCounter) -> list[str]:
+    pieces, i, guess = [], 0, max(max_tokens, 1)
+    while i < len(word):
+        n = _largest_fitting(len(word) - i, lambda k, i=i: count_tokens(word[i : i + k]) <= max_tokens, guess)
+        pieces.append(word[i : i + n])
+        i, guess = i + n, n
+    return pieces
+
+
+def _largest_fitting(limit: int, fits: Callable[[int], bool], guess: int) -> int:
+    """Largest ``n`` in ``[1, limit]`` with ``fits(n)`` (``fits`` is monotone), or 1 when none fits."""
+    g = min(max(guess, 1), limit)
+    step = 1
+    if fits(g):  # gallop up from the guess
+        lo = g
+        while lo + step <= limit and fits(lo + step):
+            lo += step
+            step *= 2
+        hi = min(lo + step, limit + 1)
+    else:  # gallop down
+        hi = g
+        while hi - step >= 1 and not fits(hi - step):
+            hi -= step
+            step *= 2
+        lo = max(hi - step, 0)
+    while hi - lo > 1:  # lo fits (or is 0), hi does not (or is past the limit)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return max(lo, 1)
 
 
 def chunk_corpus(

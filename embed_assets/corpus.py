@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import os
@@ -95,12 +96,18 @@ def read_corpus(
                     {"path": rel, "reason": f"unsupported extension (allowed: {', '.join(exts)})"}
                 )
                 continue
+            if not _is_utf8_name(rel):
+                # The name becomes the document id, written to UTF-8 artifacts and metadata: reject it here
+                # rather than fail later in a JSON/Parquet writer with a UnicodeEncodeError.
+                rejected.append({"path": rel, "reason": "file name is not valid UTF-8; rename the file"})
+                continue
             doc, reason = _read_one(path, rel, max_file_bytes, encoding, seen_real)
             if doc is None:
                 rejected.append({"path": rel, "reason": reason})
             else:
                 documents.append(doc)
 
+    rejected = [{**r, "path": _display(r["path"])} for r in rejected]
     if not documents:
         detail = (
             "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:10]) or "the folder holds no files"
@@ -113,7 +120,21 @@ def read_corpus(
 
 
 def _rel(path: Path, root: Path) -> str:
+    """POSIX path relative to ``root``; undecodable bytes of a name stay as surrogate escapes."""
     return path.relative_to(root).as_posix()
+
+
+def _is_utf8_name(rel: str) -> bool:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _display(rel: str) -> str:
+    """A printable, UTF-8-safe form of a path (undecodable bytes shown as ``\\xNN``)."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
 def _read_one(
@@ -121,7 +142,9 @@ def _read_one(
 ) -> tuple[Document | None, str]:
     try:
         real = path.resolve(strict=True)
-    except (OSError, RuntimeError) as e:  # RuntimeError: symlink loop on older Pythons
+    except (OSError, RuntimeError) as e:  # a loop: RuntimeError up to Python 3.12, OSError(ELOOP) after
+        if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP:
+            return None, "unreadable link (symlink loop)"
         return None, f"unreadable link ({type(e).__name__}: {getattr(e, 'strerror', None) or e})"
     if not real.is_file():
         return None, "not a regular file"
@@ -137,7 +160,7 @@ def _read_one(
         raw = real.read_bytes()
     except OSError as e:
         return None, f"cannot read ({e.strerror})"
-    if _is_binary(raw[:8192]):
+    if _is_binary(raw):  # the whole file: a text header followed by a binary blob is binary too
         return None, "binary content (NUL bytes)"
     try:
         text = raw.decode(encoding)

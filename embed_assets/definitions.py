@@ -8,7 +8,7 @@ import dagster as dg
 
 from embed_assets.defs.assets import ALL_ASSETS
 from embed_assets.defs.jobs import embed_pipeline_job, gpu_aware_executor
-from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource
+from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource, MLflowTracking
 from embed_assets.defs.sensors import corpus_change_sensor, retrain_schedule
 
 defs = dg.Definitions(
@@ -25,5 +25,9 @@ defs = dg.Definitions(
         "llm": LLMResource(api_key=dg.EnvVar("NVIDIA_API_KEY"))
         if os.environ.get("NVIDIA_API_KEY")
         else LLMResource(),
+        # MLflow: a local SQLite store under the artifact root unless MLFLOW_TRACKING_URI names another one.
+        "tracking": MLflowTracking(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"))
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else MLflowTracking(),
     },
 )

@@ -5,7 +5,8 @@ Usage::
     python -m embed_assets.launch --host 127.0.0.1 --port 3000 --select corpus,corpus_chunks \\
         --config my_run.yaml --wait
 
-Prints the run id, its final status and each materialized asset's metadata as JSON.
+Prints the run id, then (with --wait) its final status, why it failed if it did, and each materialized
+asset's metadata as JSON.
 """
 
 from __future__ import annotations
@@ -43,7 +44,32 @@ query RunMaterializations($runId: ID!) {
 }
 """
 
+_FAILURES_QUERY = """
+query RunFailures($runId: ID!, $cursor: String) {
+  logsForRun(runId: $runId, afterCursor: $cursor, limit: 1000) {
+    __typename
+    ... on EventConnection {
+      cursor
+      hasMore
+      events {
+        __typename
+        ... on ExecutionStepFailureEvent {
+          stepKey
+          message
+          error { message errorChain { error { message } } }
+        }
+        ... on RunFailureEvent { message }
+      }
+    }
+  }
+}
+"""
+
 _VALUE_FIELDS = ("text", "intValue", "floatValue", "boolValue", "mdStr", "path", "url", "jsonString")
+
+
+#: Name Dagster gives the repository of a code location defined with ``Definitions``.
+DEFINITIONS_REPOSITORY = "__repository__"
 
 
 def launch(
@@ -54,15 +80,29 @@ def launch(
     run_config: dict[str, Any] | None = None,
     location: str | None = None,
 ) -> str:
-    """Submit a run of ``job`` (optionally only ``assets``) and return its run id."""
+    """Submit a run of ``job`` (optionally only ``assets``) and return its run id.
+
+    Args:
+        host: Webserver host.
+        port: Webserver port.
+        job: Job name.
+        assets: Asset keys to materialize (``None``: the whole job); ``"a/b"`` is the key ``["a", "b"]``.
+        run_config: Run config (``ops``, ``resources``, ...).
+        location: Code location name; needed only when several locations have a job named ``job``.
+
+    Returns:
+        The run id (the run is queued; see :func:`wait`).
+    """
     from dagster_graphql import DagsterGraphQLClient
 
     client = DagsterGraphQLClient(host, port_number=port)
     return client.submit_job_execution(
         job,
+        # The client ignores a location given without its repository name.
         repository_location_name=location,
+        repository_name=DEFINITIONS_REPOSITORY if location else None,
         run_config=run_config or {},
-        asset_selection=assets or None,
+        asset_selection=[a.split("/") for a in assets] if assets else None,
         tags={"embed_assets/trigger": "graphql"},
     )
 
@@ -102,11 +142,39 @@ def materializations(host: str, port: int, run_id: str) -> dict[str, dict[str, A
     return out
 
 
+def failures(host: str, port: int, run_id: str) -> list[str]:
+    """Why a run failed: its step failures (with the error message) and run failure events."""
+    from dagster_graphql import DagsterGraphQLClient
+
+    client = DagsterGraphQLClient(host, port_number=port)
+    out: list[str] = []
+    cursor = None
+    while True:
+        logs = client._execute(_FAILURES_QUERY, {"runId": run_id, "cursor": cursor})["logsForRun"]
+        if logs["__typename"] != "EventConnection":
+            raise LookupError(f"run {run_id}: {logs['__typename']}")
+        for event in logs["events"]:
+            if event["__typename"] == "ExecutionStepFailureEvent":
+                error = event.get("error") or {}
+                chain = [error.get("message") or ""]
+                chain += [
+                    (link.get("error") or {}).get("message") or "" for link in error.get("errorChain") or []
+                ]
+                detail = " <- ".join(m.strip() for m in chain if m.strip())
+                out.append(f"{event['stepKey']}: {detail or event['message']}")
+            elif event["__typename"] == "RunFailureEvent":
+                out.append(event["message"])
+        if not logs["hasMore"]:
+            return out
+        cursor = logs["cursor"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--job", default="embed_pipeline")
+    parser.add_argument("--location", default="", help="code location (when several have the job)")
     parser.add_argument("--select", default="", help="comma-separated asset keys (default: the whole job)")
     parser.add_argument("--config", default="", help="run config as a YAML or JSON file")
     parser.add_argument("--wait", action="store_true", help="wait for the run and print its metadata")
@@ -118,17 +186,16 @@ def main(argv: list[str] | None = None) -> int:
 
         run_config = yaml.safe_load(Path(args.config).read_text()) or {}
     assets = [a for a in args.select.split(",") if a] or None
-    run_id = launch(args.host, args.port, args.job, assets, run_config)
-    print(json.dumps({"run_id": run_id}))
+    run_id = launch(args.host, args.port, args.job, assets, run_config, args.location or None)
+    print(json.dumps({"run_id": run_id}), flush=True)
     if not args.wait:
         return 0
     status = wait(args.host, args.port, run_id, args.timeout)
-    print(
-        json.dumps(
-            {"run_id": run_id, "status": status, "assets": materializations(args.host, args.port, run_id)},
-            indent=2,
-        )
-    )
+    report: dict[str, Any] = {"run_id": run_id, "status": status}
+    if status != "SUCCESS":
+        report["failures"] = failures(args.host, args.port, run_id)
+    report["assets"] = materializations(args.host, args.port, run_id)
+    print(json.dumps(report, indent=2))
     return 0 if status == "SUCCESS" else 1
 
 

@@ -35,8 +35,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield target
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(target, final)
+            # A folder cannot be renamed over another: move the old one aside (into tmp, removed below) and
+            # put it back if the new one cannot be moved in, so the previous version is never lost.
+            # (Deleting it first would leave nothing at ``path`` when interrupted during the deletion.)
+            old = tmp / f"{final.name}.previous"
+            os.replace(final, old)
+            try:
+                os.replace(target, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+        else:
+            os.replace(target, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -67,10 +77,14 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read JSON Lines; a malformed line raises ``ValueError`` naming the file and line."""
+    """Read JSON Lines; a malformed or non-UTF-8 line raises ``ValueError`` naming the file and line."""
     rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:

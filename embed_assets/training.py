@@ -137,7 +137,6 @@ def train(
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
     from sentence_transformers.training_args import BatchSamplers
-    from transformers.trainer_utils import get_last_checkpoint
 
     from embed_assets.models import load_sentence_transformer
     from embed_assets.storage import atomic_path
@@ -212,18 +211,21 @@ def train(
         evaluator=evaluator,
         callbacks=[recorder, *callbacks],
     )
-    last = get_last_checkpoint(str(work_dir))
+    last = last_complete_checkpoint(work_dir)
     if last and progress:
         progress(f"resuming from {last}")
     start = time.monotonic()
     result = trainer.train(resume_from_checkpoint=last)
     seconds = time.monotonic() - start
 
-    with atomic_path(out_dir) as tmp:
-        model.save(str(tmp))
-        (tmp / "embed_assets_training.json").write_text(
-            json.dumps({"base_model": base_model, "settings": asdict(settings), "epochs": epochs}, indent=2)
-        )
+    if trainer.is_world_process_zero():  # under torchrun every rank trains, rank 0 alone writes the model
+        with atomic_path(out_dir) as tmp:
+            model.save(str(tmp))
+            (tmp / "embed_assets_training.json").write_text(
+                json.dumps(
+                    {"base_model": base_model, "settings": asdict(settings), "epochs": epochs}, indent=2
+                )
+            )
     trained_rows = result.global_step * settings.batch_size
     return TrainReport(
         model_dir=str(out_dir),
@@ -241,6 +243,26 @@ def train(
         eval_curve=recorder.eval,
         best_metric=getattr(trainer.state, "best_metric", None),
     )
+
+
+def last_complete_checkpoint(work_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` folder whose save finished (``trainer_state.json`` is written last).
+
+    A kill during a save leaves a partial folder that transformers' ``get_last_checkpoint`` would still
+    return; resuming from it fails, so it is skipped.
+
+    Args:
+        work_dir: The trainer's output folder.
+
+    Returns:
+        The folder path, or ``None`` when there is no complete checkpoint.
+    """
+    done = [
+        p
+        for p in Path(work_dir).glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
 def _total_steps(n_rows: int, settings: TrainSettings, epochs: int) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embed_assets.defs.assets import ALL_ASSETS
-from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource
+from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource, MLflowTracking
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,8 @@ def pipeline_run(tmp_path: Path, tiny_corpus: Path):
             "store": ArtifactStore(root=str(tmp_path / "artifacts")),
             "model": EmbeddingModel(),
             "llm": LLMResource(),
+            # The default local store: SQLite + artifacts under the (temporary) artifact root.
+            "tracking": MLflowTracking(experiment="e2e"),
         },
         run_config=_run_config(tiny_corpus),
     )
@@ -117,3 +119,38 @@ def test_pipeline_end_to_end(pipeline_run) -> None:
     recall = np.mean([scores[q]["recall_10"] if q in scores else 0.0 for q in qrels])
     assert metrics["finetuned"]["NDCG@10"] == pytest.approx(ndcg, abs=1e-9)
     assert metrics["finetuned"]["Recall@10"] == pytest.approx(recall, abs=1e-9)
+
+    # One MLflow run holds the training (params, per-step loss, curve PNG, model) and the BEIR table.
+    from mlflow import MlflowClient
+
+    from embed_assets.tracking import default_tracking_uri
+
+    artifacts = Path(result.output_for_node("split_sets")["eval_beir"]).parent
+    assert (artifacts / "mlflow.db").is_file()
+    run_id = ckpt["mlflow_run_id"]
+    ckpt_meta = _metadata(instance, "checkpoint")
+    assert (
+        ckpt_meta["mlflow_run_id"].value
+        == run_id
+        == _metadata(instance, "beir_metrics")["mlflow_run_id"].value
+    )
+    assert ckpt_meta["mlflow_run"].value.endswith(f"/runs/{run_id}")
+    assert "mlflow ui --backend-store-uri" in ckpt_meta["mlflow_ui_command"].value
+    assert "](data:image/png;base64,iVBORw0KGgo" in ckpt_meta["training_curves"].value
+    assert Path(ckpt_meta["training_curves_png"].value).read_bytes()[:4] == b"\x89PNG"
+    client = MlflowClient(tracking_uri=default_tracking_uri(artifacts))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["dagster/run_id"] == result.run_id
+    params = run.data.params
+    assert params["learning_rate"] == "1e-05" and params["max_steps"] == "6" and params["batch_size"] == "8"
+    assert params["base_model"] == "bundled:all-MiniLM-L6-v2" and int(params["data/train_rows"]) > 0
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [
+        5
+    ]  # logging_steps=5, 6 steps
+    assert run.data.metrics["checkpoint/steps"] == 6
+    assert run.data.metrics["beir/finetuned/NDCG_at_10"] == pytest.approx(metrics["finetuned"]["NDCG@10"])
+    assert run.data.metrics["beir/base/NDCG_at_10"] == pytest.approx(metrics["base"]["NDCG@10"])
+    model_files = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
+    assert {"config.json", "modules.json", "tokenizer.json"} <= model_files
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/training_curves.png"]
+    assert "beir/metrics_table.json" in {a.path for a in client.list_artifacts(run_id, "beir")}

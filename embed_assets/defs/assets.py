@@ -28,7 +28,7 @@ from embed_assets.defs.configs import (
     TrainingConfig,
 )
 from embed_assets.defs.metadata import histogram_md, md_table, timed
-from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource
+from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource, MLflowTracking
 
 GROUP = "embed_pipeline"
 
@@ -66,6 +66,15 @@ def _load_qa(path: str):
     from embed_assets.storage import read_jsonl
 
     return [QARecord.from_dict(r) for r in read_jsonl(path)]
+
+
+def _content_version(*paths: str | None) -> dg.DataVersion:
+    """Data version = hash of the artifact files, so downstream goes stale exactly when the content changes."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if path:
+            digest.update(Path(path).read_bytes())
+    return dg.DataVersion(digest.hexdigest()[:16])
 
 
 def _pool(corpus_chunks: dict[str, Any], synthetic_qa: dict[str, Any]):
@@ -113,7 +122,7 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, store: Artif
             "rejected": md_table(scan.rejected, ["path", "reason"], max_rows=50),
             "preview": md_table(docs, ["doc_id", "bytes", "hash"]),
             "corpus_root": dg.MetadataValue.path(scan.root),
-            "path": dg.MetadataValue.path(str(out)),
+            "artifact_path": dg.MetadataValue.path(str(out)),
             "corpus_hash": scan.data_version,
             **meta,
         },
@@ -162,7 +171,7 @@ def corpus_chunks(
             "tokens_max": max(lengths, default=0),
             "token_histogram": histogram_md(lengths, [32, 64, 128, 256, 384, 512]),
             "preview": md_table([c.to_dict() for c in chunks], ["chunk_id", "doc_id", "n_tokens", "text"]),
-            "path": dg.MetadataValue.path(str(out)),
+            "artifact_path": dg.MetadataValue.path(str(out)),
             **meta,
         },
     )
@@ -175,10 +184,11 @@ def _previous_chunk_ids(context: dg.AssetExecutionContext) -> set[str]:
     event = context.instance.get_latest_materialization_event(dg.AssetKey("corpus_chunks"))
     if event is None or event.asset_materialization is None:
         return set()
-    path = event.asset_materialization.metadata.get("path")
+    # "artifact_path", not "path": the IO manager writes its own "path" entry (the pickled manifest).
+    path = event.asset_materialization.metadata.get("artifact_path")
     try:
         return {r["chunk_id"] for r in read_parquet(path.value)} if path else set()
-    except OSError:
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
         return set()
 
 
@@ -257,6 +267,8 @@ def synthetic_qa(
             )
             records, generator_name, model_name = result.records, generator.name, generator.model
             stats_meta = result.stats.as_metadata()
+            if hasattr(generator, "close"):
+                generator.close()  # the LLM generator's HTTP connection pool
             stats_meta["estimated_cost_usd"] = round(
                 result.stats.prompt_tokens * config.usd_per_1m_prompt_tokens / 1e6
                 + result.stats.completion_tokens * config.usd_per_1m_completion_tokens / 1e6,
@@ -275,13 +287,14 @@ def synthetic_qa(
     ]
     return dg.Output(
         manifest,
+        data_version=_content_version(manifest["path"], manifest.get("extra_chunks_path")),
         metadata={
             "pairs": len(records),
             "generator": generator_name,
             "generator_model": model_name,
             **stats_meta,
             "preview": md_table(preview, ["query", "positives", "type", "doc"]),
-            "path": dg.MetadataValue.path(manifest["path"]),
+            "artifact_path": dg.MetadataValue.path(manifest["path"]),
             **meta,
         },
     )
@@ -337,6 +350,7 @@ def split_sets(
             "train_docs": split.docs["train"],
             "test_docs": split.docs["test"],
         },
+        data_version=_content_version(*paths.values(), str(frozen_file)),
         metadata={
             "train_pairs": len(split.train),
             "val_pairs": len(split.val),
@@ -348,7 +362,7 @@ def split_sets(
             "eval_queries": counts["queries"],
             "eval_corpus_passages": counts["corpus"],
             "eval_beir": dg.MetadataValue.path(str(eval_dir)),
-            "path": dg.MetadataValue.path(str(out)),
+            "artifact_path": dg.MetadataValue.path(str(out)),
         },
     )
     yield dg.AssetCheckResult(
@@ -435,13 +449,14 @@ def mined_negatives(
     ]
     return dg.Output(
         {"path": str(out), "n_rows": len(rows)},
+        data_version=_content_version(str(out)),
         metadata={
             **result.as_metadata(),
             **meta,
             "candidate_passages": len(pool),
             "device": device,
             "preview": md_table(preview, ["query", "hardest_negative", "pos_score", "neg_score"]),
-            "path": dg.MetadataValue.path(str(out)),
+            "artifact_path": dg.MetadataValue.path(str(out)),
         },
     )
 
@@ -462,38 +477,183 @@ def checkpoint(
     config: TrainingConfig,
     store: ArtifactStore,
     model: EmbeddingModel,
+    tracking: MLflowTracking,
     corpus_chunks: dict,
     synthetic_qa: dict,
     split_sets: dict,
     mined_negatives: dict,
 ) -> dg.Output[dict]:
-    from embed_assets.storage import read_jsonl
-    from embed_assets.training import TrainSettings, train, training_rows
+    from dataclasses import asdict
 
-    settings = TrainSettings(
-        **config.model_dump(), query_prompt=model.query_prompt, passage_prompt=model.passage_prompt
-    )
+    from embed_assets.storage import read_jsonl
+    from embed_assets.tracking import plot_training_curves, png_data_uri, redact_uri
+    from embed_assets.training import TrainSettings, train, training_rows
+    from embed_assets.training_cli import distributed_processes, run_distributed, write_spec
+
+    options = config.model_dump()
+    num_gpus = options.pop("num_gpus", 1)
+    settings = TrainSettings(**options, query_prompt=model.query_prompt, passage_prompt=model.passage_prompt)
     rows = training_rows(read_jsonl(mined_negatives["path"]), settings.negatives_per_row)
     val = _val_set(split_sets, corpus_chunks, synthetic_qa)
     device = model.torch_device()
-    # Stable per (data, model, settings): a killed run resumes from its last trainer checkpoint.
+    nproc = distributed_processes(num_gpus, device, _cuda_devices(device))
+    if num_gpus > 1 and nproc == 1:
+        context.log.warning(
+            f"num_gpus={num_gpus} but only one usable CUDA device for {device!r}: one process"
+        )
+    # Stable per (data, model, settings, world size): a killed run resumes from its last trainer checkpoint.
     data_hash = hashlib.sha256(Path(mined_negatives["path"]).read_bytes()).hexdigest()[:16]
-    work = store.cache_dir("train") / _fingerprint(data_hash, model.base_model, settings.__dict__)
-    out = store.run_dir("checkpoint", context.run_id) / "model"
-    context.log.info(f"training on {len(rows)} rows on {device}; trainer checkpoints in {work}")
-    report = train(
-        model.base_model, rows, work, out, settings, device=device, val=val, progress=context.log.info
+    work = store.cache_dir("train") / _fingerprint(
+        data_hash, model.base_model, settings.__dict__, *([nproc] if nproc > 1 else [])
     )
+    run_dir = store.run_dir("checkpoint", context.run_id)
+    out = run_dir / "model"
+
+    tracker = tracking.tracker(store.root_path())
+    mlflow_run_id = None
+    if tracker is not None:
+        try:
+            # A training resumed from its trainer checkpoint continues its interrupted MLflow run.
+            mlflow_run_id, reopened = tracker.resume_or_start(
+                work / "mlflow_run_id.txt",
+                resuming=any(work.glob("checkpoint-*")),
+                run_name=f"checkpoint-{context.run_id[:8]}",
+                tags={
+                    "dagster/run_id": context.run_id,
+                    "dagster/asset": "checkpoint",
+                    "base_model": model.base_model,
+                },
+            )
+            tracker.log_params(
+                mlflow_run_id,
+                {
+                    **asdict(settings),
+                    "base_model": model.base_model,
+                    "device": device,
+                    "num_processes": nproc,
+                    "data/train_rows": len(rows),
+                    "data/train_queries": len({r["anchor"] for r in rows}),
+                    "data/val_queries": len(val["queries"]) if val else 0,
+                    "data/val_passages": len(val["corpus"]) if val else 0,
+                    "data/sdg_pairs": synthetic_qa.get("n_pairs"),
+                    "data/sdg_generator": synthetic_qa.get("generator"),
+                    "data/mined_rows_sha256": data_hash,
+                },
+            )
+        except Exception as e:  # fail before spending compute, with a way out
+            raise dg.Failure(
+                description=f"MLflow tracking at {redact_uri(tracker.tracking_uri)} failed: {e}. Fix the "
+                "tracking resource's tracking_uri, or set resources.tracking.config.enabled: false."
+            ) from e
+        context.log.info(f"MLflow run {mlflow_run_id} ({tracker!r}){' reopened' if reopened else ''}")
+    context.log.info(f"training on {len(rows)} rows on {device} x{nproc}; trainer checkpoints in {work}")
+    try:
+        if nproc > 1:
+            spec = write_spec(
+                work / "ddp",
+                base_model=model.base_model,
+                rows=rows,
+                work_dir=work,
+                out_dir=out,
+                settings=settings,
+                device="cuda",
+                val=val,
+                tracking={
+                    "run_id": mlflow_run_id,
+                    "experiment": tracker.experiment,
+                    "artifact_root": str(store.root_path()),
+                }
+                if tracker is not None
+                else None,
+            )
+            report = run_distributed(
+                spec, nproc, progress=context.log.info, tracking_uri=tracker.tracking_uri if tracker else None
+            )
+        else:
+            report = train(
+                model.base_model,
+                rows,
+                work,
+                out,
+                settings,
+                device=device,
+                val=val,
+                progress=context.log.info,
+                callbacks=[tracker.callback(mlflow_run_id)] if tracker is not None else [],
+            )
+    except BaseException:
+        if tracker is not None:
+            _quietly(context, "marking the MLflow run failed", tracker.finish, mlflow_run_id, "FAILED")
+        raise
+    png = plot_training_curves(
+        report.loss_curve,
+        report.eval_curve,
+        run_dir / "training_curves.png",
+        title=f"checkpoint {context.run_id[:8]}",
+    )
+    mlflow_meta: dict[str, Any] = {}
+    if tracker is not None:
+        try:
+            summary = {
+                k: v for k, v in report.as_metadata().items() if k not in ("model_dir", "resumed_from")
+            }
+            tracker.log_metrics(mlflow_run_id, summary, step=report.steps, prefix="checkpoint/")
+            tracker.log_file(mlflow_run_id, png, "plots")
+            tracker.log_model_dir(mlflow_run_id, out, "model")
+            tracker.finish(mlflow_run_id)
+            mlflow_meta = _mlflow_metadata(tracker.link(mlflow_run_id))
+        except Exception as e:  # the model is trained and saved: report the tracking problem, keep the result
+            context.log.warning(f"MLflow logging after training failed: {e}")
+            mlflow_meta = {"mlflow_error": str(e)[:500]}
     curve = [{"step": s, "loss": v} for s, v in report.loss_curve]
     return dg.Output(
-        {"model_dir": str(out), "device": device, "base_model": model.base_model},
+        {
+            "model_dir": str(out),
+            "device": device,
+            "base_model": model.base_model,
+            "mlflow_run_id": mlflow_run_id,
+        },
         metadata={
             **{k: v for k, v in report.as_metadata().items() if v is not None and k != "model_dir"},
+            "num_processes": nproc,
             "loss_curve": md_table(curve, ["step", "loss"], max_rows=40),
+            "training_curves": dg.MetadataValue.md(f"![loss and eval curves]({png_data_uri(png)})"),
+            "training_curves_png": dg.MetadataValue.path(str(png)),
+            **mlflow_meta,
             "model_dir": dg.MetadataValue.path(str(out)),
             "trainer_work_dir": dg.MetadataValue.path(str(work)),
         },
     )
+
+
+def _cuda_devices(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _quietly(context: dg.AssetExecutionContext, what: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:
+        context.log.warning(f"{what}: {e}")
+
+
+def _mlflow_metadata(link) -> dict[str, Any]:
+    """Asset metadata for an MLflow run: id, a clickable URL, and how to open a local store."""
+    meta: dict[str, Any] = {
+        "mlflow_run_id": link.run_id,
+        "mlflow_experiment_id": link.experiment_id,
+        "mlflow_tracking_uri": link.tracking_uri,
+        "mlflow": dg.MetadataValue.md(link.markdown()),
+    }
+    if link.url:
+        meta["mlflow_run"] = dg.MetadataValue.url(link.url)
+    if link.ui_command:
+        meta["mlflow_ui_command"] = link.ui_command
+    return meta
 
 
 def _val_set(split_sets: dict, corpus_chunks: dict, synthetic_qa: dict) -> dict[str, Any] | None:
@@ -532,6 +692,7 @@ def beir_metrics(
     config: EvalConfig,
     store: ArtifactStore,
     model: EmbeddingModel,
+    tracking: MLflowTracking,
     split_sets: dict,
     checkpoint: dict,
 ):
@@ -578,6 +739,19 @@ def beir_metrics(
         n=config.noise_bootstrap_samples,
         seed=0,
     )
+    table_md = markdown_table(rows)
+    mlflow_meta = _log_beir_to_mlflow(
+        context,
+        tracking,
+        store,
+        checkpoint,
+        results,
+        rows,
+        table_md,
+        (delta, lo, hi),
+        len(queries),
+        len(corpus),
+    )
     yield dg.Output(
         {"path": str(out / "metrics.json"), "base": results["base"], "finetuned": results["finetuned"]},
         metadata={
@@ -585,13 +759,14 @@ def beir_metrics(
             "ndcg@10_finetuned": results["finetuned"]["NDCG@10"],
             "ndcg@10_delta": results["finetuned"]["NDCG@10"] - results["base"]["NDCG@10"],
             "recall@10_finetuned": results["finetuned"]["Recall@10"],
-            "metrics": dg.MetadataValue.md(markdown_table(rows)),
+            "metrics": dg.MetadataValue.md(table_md),
             "eval_queries": len(queries),
             "eval_passages": len(corpus),
             "device": device,
             "seconds_base": seconds["base"],
             "seconds_finetuned": seconds["finetuned"],
-            "path": dg.MetadataValue.path(str(out / "metrics.json")),
+            "artifact_path": dg.MetadataValue.path(str(out / "metrics.json")),
+            **mlflow_meta,
         },
     )
     yield dg.AssetCheckResult(
@@ -600,6 +775,55 @@ def beir_metrics(
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={"ndcg@10_delta": delta, "ci95_low": lo, "ci95_high": hi},
     )
+
+
+def _log_beir_to_mlflow(
+    context: dg.AssetExecutionContext,
+    tracking: MLflowTracking,
+    store: ArtifactStore,
+    checkpoint: dict,
+    results: dict,
+    rows: list,
+    table_md: str,
+    bootstrap: tuple,
+    n_queries: int,
+    n_passages: int,
+) -> dict[str, Any]:
+    """Log the BEIR table into the checkpoint's MLflow run (a new run if that one is not in this store)."""
+    tracker = tracking.tracker(store.root_path())
+    if tracker is None:
+        return {}
+    try:
+        run_id = checkpoint.get("mlflow_run_id")
+        if not tracker.run_exists(run_id):
+            if run_id:
+                context.log.warning(f"the checkpoint's MLflow run {run_id} is not in {tracker!r}: new run")
+            run_id = tracker.start_run(
+                run_name=f"beir_metrics-{context.run_id[:8]}",
+                tags={"dagster/run_id": context.run_id, "model_dir": checkpoint["model_dir"]},
+            )
+        tracker.set_tags(run_id, {"dagster/beir_metrics_run_id": context.run_id})
+        delta, lo, hi = bootstrap
+        tracker.log_beir(
+            run_id,
+            results["base"],
+            results["finetuned"],
+            rows,
+            table_md,
+            extra={
+                "ndcg_at_10_delta_mean": delta,
+                "ndcg_at_10_delta_ci95_low": lo,
+                "ndcg_at_10_delta_ci95_high": hi,
+                "eval_queries": n_queries,
+                "eval_passages": n_passages,
+            },
+            source=f"dagster run {context.run_id}",
+        )
+        tracker.finish(run_id)
+        return _mlflow_metadata(tracker.link(run_id))
+    except Exception as e:  # the metrics are computed and saved; tracking trouble is reported, not fatal
+        context.log.warning(f"MLflow logging of the BEIR metrics failed: {e}")
+        return {"mlflow_error": str(e)[:500]}
 
 
 # --------------------------------------------------------------------------------------------------- export

@@ -70,8 +70,12 @@ class SDGConfig(dg.Config):
         default="", description="llm: model for the quality judge (default: the resource's)."
     )
     seed: int = Field(default=42, description="Seed of the offline generator.")
-    usd_per_1m_prompt_tokens: float = Field(default=0.0, ge=0, description="llm: price, for the cost estimate.")
-    usd_per_1m_completion_tokens: float = Field(default=0.0, ge=0, description="llm: price, for the cost estimate.")
+    usd_per_1m_prompt_tokens: float = Field(
+        default=0.0, ge=0, description="llm: price, for the cost estimate."
+    )
+    usd_per_1m_completion_tokens: float = Field(
+        default=0.0, ge=0, description="llm: price, for the cost estimate."
+    )
 
     @field_validator("generator")
     @classmethod
@@ -159,6 +163,12 @@ class TrainingConfig(dg.Config):
     )
     save_steps: int = Field(default=50, ge=1, description="Checkpoint every N steps (resume point).")
     seed: int = Field(default=42, description="Training seed.")
+    num_gpus: int = Field(
+        default=1,
+        ge=1,
+        description="Data-parallel GPUs: > 1 launches that many torchrun workers (DDP) when CUDA has them; "
+        "batch_size is per GPU (see docs/multi-gpu.md).",
+    )
 
     @field_validator("loss")
     @classmethod

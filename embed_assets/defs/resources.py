@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from embed_assets.models import BUNDLED_MODEL
 
@@ -56,6 +56,18 @@ class EmbeddingModel(dg.ConfigurableResource):
         default="auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:n]'."
     )
 
+    @field_validator("base_model")
+    @classmethod
+    def _resolvable(cls, value: str) -> str:
+        # Fail when the resource is configured (launchpad, YAML), not minutes later inside a step.
+        from embed_assets.models import resolve_model_path
+
+        try:
+            resolve_model_path(value)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from e  # pydantic reports ValueErrors as validation errors
+        return value
+
     def model_path(self) -> str:
         from embed_assets.models import resolve_model_path
 
@@ -84,3 +96,33 @@ class LLMResource(dg.ConfigurableResource):
     api_key: str | None = Field(
         default=None, description="API key; set it with EnvVar('NVIDIA_API_KEY') rather than a literal."
     )
+
+
+class MLflowTracking(dg.ConfigurableResource):
+    """MLflow experiment tracking for ``checkpoint`` and ``beir_metrics`` (one MLflow run per fine-tuning).
+
+    The default needs no server: a SQLite store ``<artifact root>/mlflow.db`` with artifacts under
+    ``<artifact root>/mlartifacts``; the asset metadata shows the ``mlflow ui`` command and the run URL.
+    """
+
+    tracking_uri: str = Field(
+        default="",
+        description="MLflow tracking URI ('http://mlflow:5000', 'sqlite:///…', 'databricks', …). Empty: "
+        "a local SQLite store under the artifact root. Credentials go in MLflow's own env vars "
+        "(MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never here.",
+    )
+    experiment: str = Field(
+        default="embed_assets", description="MLflow experiment name (created when missing)."
+    )
+    enabled: bool = Field(default=True, description="Turn tracking off entirely.")
+    log_model: bool = Field(
+        default=True, description="Upload the fine-tuned model folder as the run's 'model' artifact."
+    )
+
+    def tracker(self, artifact_root: str | Path):
+        """An :class:`embed_assets.tracking.MLflowTracker`, or ``None`` when tracking is disabled."""
+        if not self.enabled:
+            return None
+        from embed_assets.tracking import MLflowTracker
+
+        return MLflowTracker(self.tracking_uri, self.experiment, artifact_root, log_model=self.log_model)

@@ -4,64 +4,112 @@ switchable in the UI (Automation tab)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 
-from embed_assets.defs.configs import SAMPLE_CORPUS
+from embed_assets.defs.configs import SAMPLE_CORPUS, CorpusConfig
 from embed_assets.defs.jobs import embed_pipeline_job
 
 CORPUS_KEY = dg.AssetKey("corpus")
 
 
-def _last_corpus_state(instance: dg.DagsterInstance) -> tuple[str | None, str | None]:
-    """(content hash, corpus root) recorded by the latest ``corpus`` materialization."""
-    event = instance.get_latest_materialization_event(CORPUS_KEY)
-    if event is None or event.asset_materialization is None:
-        return None, None
-    meta = event.asset_materialization.metadata
+@dataclass
+class CorpusState:
+    """What the latest ``corpus`` materialization recorded.
+
+    Attributes:
+        digest: Its content hash (``None``: never materialized).
+        config: The corpus config it ran with (path = the resolved corpus root), so the sensor hashes the folder
+            exactly as the asset did (same extensions, excludes, size limit) and requests a run with it.
+        storage_id: Event-log id of the materialization; part of the run key, so returning to an earlier
+            corpus state (A → B → A) still triggers a run while repeated ticks on one state are deduplicated.
+    """
+
+    digest: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    storage_id: int = 0
+
+
+def last_corpus_state(instance: dg.DagsterInstance) -> CorpusState:
+    """The state recorded by the latest ``corpus`` materialization (empty when there is none)."""
+    records = instance.fetch_materializations(CORPUS_KEY, limit=1).records
+    if not records or records[0].asset_materialization is None:
+        return CorpusState()
+    record = records[0]
+    meta = record.asset_materialization.metadata
     digest = meta.get("corpus_hash")
     root = meta.get("corpus_root")
-    return (digest.value if digest else None), (root.value if root else None)
+    config: dict[str, Any] = {}
+    run = instance.get_run_by_id(record.run_id)
+    if run is not None:
+        ops = (run.run_config or {}).get("ops") or {}
+        config = dict(((ops.get("corpus") or {}).get("config")) or {})
+    if root is not None:
+        config["path"] = str(root.value)
+    return CorpusState(
+        digest=str(digest.value) if digest is not None else None, config=config, storage_id=record.storage_id
+    )
 
 
 @dg.sensor(
     job=embed_pipeline_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Hashes the corpus folder of the last run (or $EMBED_ASSETS_CORPUS); when its content hash "
-    "differs from the materialized one, requests a run of the corpus and everything downstream of it.",
+    description="Hashes the corpus folder of the last run (or $EMBED_ASSETS_CORPUS) with that run's corpus "
+    "config; when its content hash differs from the materialized one, requests a run of the corpus and "
+    "everything downstream of it.",
 )
 def corpus_change_sensor(context: dg.SensorEvaluationContext):
     from embed_assets.corpus import EmptyCorpusError, read_corpus
 
-    last_hash, last_root = _last_corpus_state(context.instance)
-    root = last_root or os.environ.get("EMBED_ASSETS_CORPUS", SAMPLE_CORPUS)
+    state = last_corpus_state(context.instance)
+    values = {"path": os.environ.get("EMBED_ASSETS_CORPUS", SAMPLE_CORPUS), **state.config}
     try:
-        scan = read_corpus(root)
-    except (FileNotFoundError, EmptyCorpusError) as e:
-        return dg.SkipReason(f"corpus at {root} is not usable: {e}")
-    if scan.data_version == last_hash:
+        config = CorpusConfig(**values)
+    except Exception as e:  # a config recorded by an older version of the code: fall back to the defaults
+        context.log.warning(f"ignoring the last corpus config {values}: {e}")
+        config = CorpusConfig(path=values["path"])
+    try:
+        scan = read_corpus(config.path, config.extensions, config.exclude_globs, config.max_file_bytes)
+    except (FileNotFoundError, NotADirectoryError, EmptyCorpusError) as e:
+        return dg.SkipReason(f"corpus at {config.path} is not usable: {e}")
+    if scan.data_version == state.digest:
         return dg.SkipReason(f"corpus unchanged ({scan.data_version}, {len(scan.documents)} documents)")
-    context.log.info(f"corpus changed: {last_hash} -> {scan.data_version}")
+    context.log.info(f"corpus changed: {state.digest} -> {scan.data_version}")
     # Everything downstream of the corpus depends on it, so this is exactly the set a change makes stale.
     return dg.RunRequest(
-        run_key=f"corpus-{scan.data_version}",
-        asset_selection=[k for k in _downstream_of_corpus(context)],
-        run_config={"ops": {"corpus": {"config": {"path": root}}}},
+        run_key=f"corpus-{scan.data_version}-after-{state.storage_id}",
+        asset_selection=downstream_of_corpus(context.repository_def),
+        run_config={"ops": {"corpus": {"config": config.model_dump()}}},
         tags={"embed_assets/trigger": "corpus_change", "embed_assets/corpus_hash": scan.data_version},
     )
 
 
-def _downstream_of_corpus(context: dg.SensorEvaluationContext) -> list[dg.AssetKey]:
-    graph = context.repository_def.asset_graph
+def downstream_of_corpus(repository_def: dg.RepositoryDefinition | None) -> list[dg.AssetKey]:
+    """The corpus and every asset downstream of it, in a stable order."""
+    if repository_def is None:
+        raise dg.DagsterInvariantViolationError("corpus_change_sensor needs its repository definition")
     selection = dg.AssetSelection.assets(CORPUS_KEY).downstream()
-    return sorted(selection.resolve(graph), key=lambda k: k.to_user_string())
+    return sorted(selection.resolve(repository_def.asset_graph), key=lambda k: k.to_user_string())
 
 
-retrain_schedule = dg.ScheduleDefinition(
+def corpus_run_config(instance: dg.DagsterInstance) -> dict[str, Any]:
+    """Run config that points the corpus at the folder (and corpus config) of the latest materialization."""
+    state = last_corpus_state(instance)
+    return {"ops": {"corpus": {"config": state.config}}} if state.config else {}
+
+
+@dg.schedule(
     name="nightly_retrain",
     job=embed_pipeline_job,
     cron_schedule="0 3 * * *",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Re-materializes the pipeline nightly; cached SDG and embeddings keep unchanged work free.",
+    description="Re-materializes the pipeline nightly on the corpus of the latest run; cached SDG and "
+    "embeddings keep unchanged work free.",
 )
+def retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    return dg.RunRequest(
+        run_config=corpus_run_config(context.instance), tags={"embed_assets/trigger": "nightly_retrain"}
+    )

@@ -6,12 +6,16 @@ Endpoints (DESIGN §3): ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/h
 Every error is JSON of one shape, OpenAI's: ``{"error": {"message", "type", "param", "code"}}``:
 
 - 400 ``invalid_request_error``: empty input, an empty string, too many inputs, an over-long input with
-  ``truncate="NONE"``, ``dimensions`` larger than the model's, malformed JSON;
+  ``truncate="NONE"``, ``dimensions`` larger than the model's, malformed JSON, text that is not valid
+  Unicode;
 - 401 ``authentication_error``: missing or wrong bearer token (when an API key is configured);
 - 404 ``not_found_error``: unknown ``model`` or route;
 - 413 ``request_too_large``: body above ``max_request_bytes``;
 - 422 ``invalid_request_error``: the body does not match the schema (wrong types, unknown enum values);
 - 500 ``server_error``: anything unexpected (the server keeps running).
+
+(A client that disconnects while waiting gets nothing: its queued inputs are dropped, not embedded, and the
+request is counted with status 499 in the metrics.)
 
 Concurrent requests are coalesced: each request is tokenized on its own, its inputs are queued, and a single
 worker task runs one forward pass over up to ``max_batch_size`` queued inputs from any number of requests,
@@ -487,13 +491,15 @@ def create_app(
     _install_error_handlers(app)
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest) -> Response:
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         texts = _validate(body, model_name, embedder.dimension, max_inputs_per_request)
         try:
             encodings = await run_in_threadpool(embedder.tokenize, texts, body.input_type, body.truncate)
         except InputTooLongError as exc:
             raise ApiError(400, str(exc), param="input", code="input_too_long") from exc
-        vectors = await batcher.submit(encodings)
+        vectors = await _unless_disconnected(request, batcher.submit(encodings))
+        if vectors is None:  # the client went away: its queued inputs were dropped, nobody reads this
+            return Response(status_code=499)
         vectors = _apply_dimensions(vectors, body.dimensions, embedder.normalize)
         tokens = sum(len(e.ids) for e in encodings)
         metrics.observe_embeddings(len(texts), tokens)
@@ -530,6 +536,35 @@ def create_app(
     return app
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[np.ndarray]) -> np.ndarray | None:
+    """Await ``work`` unless the client disconnects first; then cancel it and return ``None``.
+
+    Cancelling :meth:`DynamicBatcher.submit` cancels the request's futures, so the batcher skips its queued
+    inputs: an abandoned request does not keep the single inference thread busy for the clients still waiting.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself was cancelled
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read: the next ASGI message is http.disconnect (when the client closes the connection).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _validate(body: EmbeddingRequest, model_name: str, dimension: int, max_inputs: int) -> list[str]:
     """Semantic checks the schema cannot express; returns the inputs as a list."""
     if body.model is not None and body.model != model_name:
@@ -557,6 +592,15 @@ def _validate(body: EmbeddingRequest, model_name: str, dimension: int, max_input
             raise ApiError(
                 400, f"input[{i}] is empty; every input must contain text.", param="input", code="empty_input"
             )
+        try:
+            text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800") the tokenizer cannot take
+        except UnicodeEncodeError as exc:
+            raise ApiError(
+                400,
+                f"input[{i}] is not valid Unicode (unpaired surrogate at character {exc.start}).",
+                param="input",
+                code="invalid_input",
+            ) from None
     if body.dimensions is not None and body.dimensions > dimension:
         raise ApiError(
             400,

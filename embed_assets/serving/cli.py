@@ -115,8 +115,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.port,
         "on" if api_key else "off",
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
-    return 0
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
+    )  # configures uvicorn's loggers: the redaction filter goes on after that
+    if api_key:
+        for name in ("uvicorn.access", "uvicorn.error"):
+            logging.getLogger(name).addFilter(RedactFilter(api_key))
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 3  # uvicorn.run's exit code when startup failed
+
+
+class RedactFilter(logging.Filter):
+    """Replaces a secret in log records with ``***`` (e.g. a client that sends the key as ``?api_key=...``
+    would otherwise have it written to the access log, which records the full path)."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and self.secret in record.msg:
+            record.msg = record.msg.replace(self.secret, "***")
+        if isinstance(record.args, tuple) and any(self.secret in str(a) for a in record.args):
+            record.args = tuple(
+                str(a).replace(self.secret, "***") if self.secret in str(a) else a for a in record.args
+            )
+        return True
 
 
 if __name__ == "__main__":  # pragma: no cover
