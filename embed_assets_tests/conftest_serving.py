@@ -6,7 +6,9 @@ result is reused by both test files.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +52,48 @@ def reference_model() -> Any:
             BUNDLED_MODEL, device="cpu", max_seq_length=MAX_SEQ_LENGTH
         )
     return _CACHE["model"]
+
+
+@contextlib.contextmanager
+def running_server(
+    onnx_dir: str,
+    log_path: Path,
+    key_env: str,
+    key: str,
+    ready_timeout: float = 120,
+    extra_args: list[str] | None = None,
+) -> Iterator[Any]:
+    """A real embedding server subprocess on loopback, guarded by bearer ``key`` (read from ``key_env``).
+
+    Args:
+        onnx_dir: The exported model folder.
+        log_path: Where the server writes its log.
+        key_env: Environment variable that carries the API key to the server.
+        key: The API key.
+        ready_timeout: Seconds to wait for ``/v1/health/ready``.
+        extra_args: More server CLI arguments.
+
+    Yields:
+        The server handle; on exit the server is stopped and must be gone, and its log must not hold the key.
+    """
+    from embed_assets.serving.process import is_alive, start_server
+
+    old = os.environ.get(key_env)
+    os.environ[key_env] = key
+    handle = start_server(
+        onnx_dir,
+        api_key_env=key_env,
+        log_path=str(log_path),
+        ready_timeout=ready_timeout,
+        extra_args=extra_args or [],
+    )
+    try:
+        yield handle
+    finally:
+        handle.stop()
+        if old is None:
+            os.environ.pop(key_env, None)
+        else:
+            os.environ[key_env] = old
+        assert not is_alive(handle.pid)
+        assert key not in Path(log_path).read_text()  # the key is never logged

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import random
 import threading
 import time
@@ -22,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embed_assets_tests.conftest_serving import MAX_SEQ_LENGTH, exported_minilm
+from embed_assets_tests.conftest_serving import MAX_SEQ_LENGTH, exported_minilm, running_server
 
 KEY_ENV = "EMBED_ASSETS_RELIABILITY_KEY"
 KEY = "rel-token-5d2e9b71c4"
@@ -44,23 +43,9 @@ def embedder(onnx_dir: str):
 
 @pytest.fixture(scope="module")
 def server(onnx_dir: str, tmp_path_factory: pytest.TempPathFactory):
-    from embed_assets.serving.process import is_alive, start_server
-
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = KEY
     log = tmp_path_factory.mktemp("server") / "server.log"
-    handle = start_server(
-        onnx_dir, api_key_env=KEY_ENV, log_path=str(log), ready_timeout=120, extra_args=["--access-log"]
-    )
-    try:
+    with running_server(onnx_dir, log, KEY_ENV, KEY, extra_args=["--access-log"]) as handle:
         yield handle
-    finally:
-        handle.stop()
-        if old is None:
-            os.environ.pop(KEY_ENV, None)
-        else:
-            os.environ[KEY_ENV] = old
-        assert not is_alive(handle.pid)
 
 
 @pytest.fixture(scope="module")
