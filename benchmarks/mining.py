@@ -4,7 +4,7 @@ Both run with the same model, the same inputs and the same settings (TopK-PercPo
 ``sampling_strategy="top"`` by default); the script checks that they mine identical negatives and prints a
 Markdown table.
 
-Data: COVID-QA (BEIR folder in /work/shared/datasets/covidqa). Passages are sentence windows of the articles'
+Data: COVID-QA (BEIR folder ../shared/datasets/covidqa). Passages are sentence windows of the articles'
 passages (1 sentence first, then 2- to 6-sentence windows at every offset until ``--passages`` is reached);
 a query's positive is the window of its gold passage with the largest word overlap with the query. Queries
 beyond COVID-QA's 1,380 are the same questions under fixed phrasings ("Question: …", lower-cased, …) with
@@ -18,7 +18,7 @@ Rows of the table:
   corpus and these queries, so it encodes nothing.
 - ``embed_assets, warm (corpus cached)``: passages from the per-chunk cache, queries encoded.
 - ``embed_assets, warm (corpus + queries cached)``: both from the per-chunk cache, nothing encoded.
-- with ``--edit-fraction F``: F of the passages are edited, then ST (whose cache is keyed by a hash of the whole
+- with ``--edit-fraction F`` (default 0.01): F of the passages are edited, then ST (whose cache is keyed by a hash of the whole
   corpus, so it re-encodes everything) vs ours (re-encodes only the edited passages).
 
 Usage::
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -49,7 +50,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DATASET = Path("/work/shared/datasets/covidqa")
+DATASET = (
+    Path(__file__).resolve().parents[2] / "shared" / "datasets" / "covidqa"
+)  # ../shared beside the checkout
 QUERY_TEMPLATES = [
     "{q}",
     "Question: {q}",
@@ -248,14 +251,67 @@ def run_ours(
 def _row(
     name: str, seconds: Timing, passages_encoded: int, queries_encoded: int, res: Any = None
 ) -> dict[str, Any]:
+    """A JSON-able table row (also logged, so partial results survive an interrupted run)."""
     print(f"  -> {name}: wall {seconds.wall:.1f}s, CPU {seconds.cpu:.1f}s", file=sys.stderr, flush=True)
+    search = "exact (torch)" if res is None else f"{res.stats.search_backend} {res.stats.search_seconds:.1f}s"
     return {
         "implementation": name,
-        "seconds": seconds,
+        "wall": seconds.wall,
+        "cpu": seconds.cpu,
         "passages_encoded": passages_encoded,
         "queries_encoded": queries_encoded,
-        "res": res,
+        "search": search,
     }
+
+
+class Phases:
+    """Runs benchmark phases once; with ``--work-dir`` a re-run resumes after the last completed phase.
+
+    Args:
+        work_dir: Folder for the caches, the reference output and ``state.json``.
+        signature: The settings that the saved state must match.
+    """
+
+    def __init__(self, work_dir: Path, signature: dict[str, Any]) -> None:
+        self.dir = work_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_file = work_dir / "state.json"
+        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        if state.get("signature") != signature:
+            state = {"signature": signature, "done": {}}
+            for name in ("st_cache", "our_cache", "reference.pkl"):
+                target = work_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.state = state
+
+    def run(self, key: str, fn: Callable[[], tuple[list[dict], list[tuple]]]) -> None:
+        if key in self.state["done"]:
+            print(
+                f"  (phase {key!r} done in an earlier run; reusing its numbers)", file=sys.stderr, flush=True
+            )
+            return
+        rows, checks = fn()
+        self.state["done"][key] = {"rows": rows, "checks": [list(c) for c in checks]}
+        self.state_file.write_text(json.dumps(self.state, indent=1))
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [r for phase in self.state["done"].values() for r in phase["rows"]]
+
+    @property
+    def checks(self) -> list[tuple]:
+        return [tuple(c) for phase in self.state["done"].values() for c in phase["checks"]]
+
+    def save_reference(self, out: list[tuple]) -> None:
+        with open(self.dir / "reference.pkl", "wb") as f:
+            pickle.dump(out, f)
+
+    def reference(self) -> list[tuple]:
+        with open(self.dir / "reference.pkl", "rb") as f:
+            return pickle.load(f)
 
 
 def compare(ours: list[tuple], theirs: list[tuple], k: int) -> tuple[bool, int, float]:
@@ -299,12 +355,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--use-faiss", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--max-seq-length", type=int, default=None, help="default: the model's (256)")
     parser.add_argument(
-        "--edit-fraction", type=float, default=0.0, help="also time a corpus edit (e.g. 0.01)"
+        "--edit-fraction",
+        type=float,
+        default=0.01,
+        help="also time re-mining after this share of passages changed (0 = skip)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="cold runs: best of N (alternating)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--dataset", type=Path, default=DATASET)
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep caches and finished phases here; re-running with the same settings resumes (long runs)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -333,68 +398,81 @@ def main(argv: list[str] | None = None) -> int:
         "fingerprint": model_fingerprint(model),
     }
     k = args.num_negatives
-    rows: list[dict[str, Any]] = []
-    checks: list[tuple[str, bool, int, float]] = []
-    with tempfile.TemporaryDirectory() as st_cache, tempfile.TemporaryDirectory() as our_cache:
-        # Cold runs alternate and repeat (best of --repeats) so that load from other processes hits both alike.
-        st_cold = our_cold = Timing(float("inf"), float("inf"))
-        for attempt in range(1, args.repeats + 1):
-            for folder in (st_cache, our_cache):
-                shutil.rmtree(folder)
-                os.makedirs(folder)
-            log(f"sentence-transformers, cold ({attempt}/{args.repeats}) ...")
-            st_out, t = timed(lambda: run_st(data, model, settings, st_cache))
-            st_cold = min(st_cold, t, key=lambda x: x.wall)
-            log(f"embed_assets, cold ({attempt}/{args.repeats}) ...")
-            (ours, result, enc), t = timed(
-                lambda: run_ours(data, model, settings, our_cache, cache_queries=True)
-            )
-            our_cold = min(our_cold, t, key=lambda x: x.wall)
+    signature = {**vars(args), "dataset": str(args.dataset), "output": None, "work_dir": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        phases = Phases(args.work_dir or Path(tmp), signature)
+        st_cache, our_cache = str(phases.dir / "st_cache"), str(phases.dir / "our_cache")
         n_c, n_q = len(set(data["corpus_texts"])), len(set(data["queries"]))
-        rows.append(_row("sentence-transformers, cold", st_cold, n_c, n_q))
-        rows.append(_row("embed_assets, cold (empty cache)", our_cold, **enc, res=result))
-        checks.append(("embed_assets cold", *compare(ours, st_out, k)))
 
-        log("sentence-transformers, warm ...")
-        st_warm_out, t = timed(lambda: run_st(data, model, settings, st_cache))
-        rows.append(_row("sentence-transformers, warm (cache_folder hit)", t, 0, 0))
-        checks.append(("sentence-transformers warm", *compare(st_warm_out, st_out, k)))
+        def st_cold():
+            best = Timing(float("inf"), float("inf"))
+            for attempt in range(1, args.repeats + 1):
+                shutil.rmtree(st_cache, ignore_errors=True)
+                log(f"sentence-transformers, cold ({attempt}/{args.repeats}) ...")
+                out, t = timed(lambda: run_st(data, model, settings, st_cache))
+                best = min(best, t, key=lambda x: x.wall)
+            phases.save_reference(out)
+            return [_row("sentence-transformers, cold", best, n_c, n_q)], []
 
-        log("embed_assets, warm (corpus cached) ...")
-        (ours, result, enc), t = timed(
-            lambda: run_ours(data, model, settings, our_cache, cache_queries=False)
-        )
-        rows.append(_row("embed_assets, warm (corpus cached)", t, **enc, res=result))
-        checks.append(("embed_assets warm (corpus cached)", *compare(ours, st_out, k)))
+        def ours_cold():
+            best = Timing(float("inf"), float("inf"))
+            for attempt in range(1, args.repeats + 1):
+                shutil.rmtree(our_cache, ignore_errors=True)
+                log(f"embed_assets, cold ({attempt}/{args.repeats}) ...")
+                (ours, result, enc), t = timed(
+                    lambda: run_ours(data, model, settings, our_cache, cache_queries=True)
+                )
+                best = min(best, t, key=lambda x: x.wall)
+            row = _row("embed_assets, cold (empty cache)", best, **enc, res=result)
+            return [row], [("embed_assets cold", *compare(ours, phases.reference(), k))]
 
-        log("embed_assets, warm (corpus + queries cached) ...")
-        (ours, result, enc), t = timed(lambda: run_ours(data, model, settings, our_cache, cache_queries=True))
-        rows.append(_row("embed_assets, warm (corpus + queries cached)", t, **enc, res=result))
-        checks.append(("embed_assets warm (all cached)", *compare(ours, st_out, k)))
+        def st_warm():
+            log("sentence-transformers, warm ...")
+            out, t = timed(lambda: run_st(data, model, settings, st_cache))
+            row = _row("sentence-transformers, warm (cache_folder hit)", t, 0, 0)
+            return [row], [("sentence-transformers warm", *compare(out, phases.reference(), k))]
 
-        if args.edit_fraction > 0:
+        def ours_warm(cache_queries: bool):
+            what = "corpus + queries cached" if cache_queries else "corpus cached"
+            log(f"embed_assets, warm ({what}) ...")
+            (ours, result, enc), t = timed(
+                lambda: run_ours(data, model, settings, our_cache, cache_queries=cache_queries)
+            )
+            row = _row(f"embed_assets, warm ({what})", t, **enc, res=result)
+            return [row], [(f"embed_assets warm ({what})", *compare(ours, phases.reference(), k))]
+
+        def edit():
             edited = _edit(data, args.edit_fraction, seed=1)
-            log(f"edited {args.edit_fraction:.1%} of the passages; sentence-transformers ...")
-            st_edit, t = timed(lambda: run_st(edited, model, settings, st_cache))
             label = f"{args.edit_fraction:.1%} of passages edited"
-            rows.append(_row(f"sentence-transformers, {label}", t, len(set(edited["corpus_texts"])), 0))
+            log(f"{label}; sentence-transformers ...")
+            st_edit, t = timed(lambda: run_st(edited, model, settings, st_cache))
+            rows = [_row(f"sentence-transformers, {label}", t, len(set(edited["corpus_texts"])), 0)]
             log("embed_assets after the edit ...")
             (ours, result, enc), t = timed(
                 lambda: run_ours(edited, model, settings, our_cache, cache_queries=True)
             )
             rows.append(_row(f"embed_assets, {label}", t, **enc, res=result))
-            checks.append(
+            return rows, [
                 ("after the edit: embed_assets vs sentence-transformers", *compare(ours, st_edit, k))
-            )
+            ]
 
-    table = render(args, data, n_pairs, st_cold, rows, checks)
+        phases.run("st_cold", st_cold)
+        phases.run("ours_cold", ours_cold)
+        phases.run("st_warm", st_warm)
+        phases.run("ours_warm_corpus", lambda: ours_warm(cache_queries=False))
+        phases.run("ours_warm_all", lambda: ours_warm(cache_queries=True))
+        if args.edit_fraction > 0:
+            phases.run("edit", edit)
+        rows, checks = phases.rows, phases.checks
+
+    table = render(args, data, n_pairs, rows, checks)
     print(table)
     if args.output:
         args.output.write_text(table + "\n")
     return 0 if all(ok for _, ok, _, _ in checks) else 1
 
 
-def render(args, data, n_pairs: int, st_cold: Timing, rows: list[dict[str, Any]], checks: list[tuple]) -> str:
+def render(args, data, n_pairs: int, rows: list[dict[str, Any]], checks: list[tuple]) -> str:
     """The Markdown report."""
     import torch
 
@@ -412,17 +490,12 @@ def render(args, data, n_pairs: int, st_cold: Timing, rows: list[dict[str, Any]]
         "| queries encoded | search |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+    st_cold = next(r for r in rows if r["implementation"] == "sentence-transformers, cold")
     for row in rows:
-        res, t = row["res"], row["seconds"]
-        search = (
-            f"{res.stats.search_backend} {res.stats.search_seconds:.1f}s"
-            if res is not None
-            else "exact (torch)"
-        )
         lines.append(
-            f"| {row['implementation']} | {t.wall:.1f} | {t.cpu:.1f} | {st_cold.wall / t.wall:.2f}x | "
-            f"{st_cold.cpu / t.cpu:.2f}x | "
-            f"{row['passages_encoded']:,} | {row['queries_encoded']:,} | {search} |"
+            f"| {row['implementation']} | {row['wall']:.1f} | {row['cpu']:.1f} | "
+            f"{st_cold['wall'] / max(row['wall'], 1e-6):.2f}x | {st_cold['cpu'] / max(row['cpu'], 1e-6):.2f}x | "
+            f"{row['passages_encoded']:,} | {row['queries_encoded']:,} | {row['search']} |"
         )
     lines.append("")
     all_ok = all(ok for _, ok, _, _ in checks)

@@ -23,8 +23,8 @@ test document is ever a training positive, negative or SDG source.
 
 Usage::
 
-    HF_HUB_OFFLINE=1 python benchmarks/quality.py                        # every dataset under /work/shared/datasets
-    python benchmarks/quality.py --datasets /work/shared/datasets/xquad-de --lr 2e-5 --output /tmp/q.md
+    HF_HUB_OFFLINE=1 python benchmarks/quality.py                        # every dataset under ../shared/datasets
+    python benchmarks/quality.py --datasets ../shared/datasets/xquad-de --lr 2e-5 --output /tmp/q.md
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ from embed_assets.sdg.offline import InverseClozeGenerator, InverseClozeSettings
 from embed_assets.storage import write_jsonl
 from embed_assets.training import TrainSettings, train, training_rows
 
-DATASETS_ROOT = Path(os.environ.get("EMBED_ASSETS_SHARED", "/work/shared")) / "datasets"
+# ../shared/datasets beside the checkout (as in CI), unless EMBED_ASSETS_SHARED points elsewhere.
+DATASETS_ROOT = (
+    Path(os.environ.get("EMBED_ASSETS_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "datasets"
+)
 K_VALUES = (1, 5, 10, 100)
 MODES = ("supervised", "sdg")
 
@@ -261,7 +264,7 @@ class Result:
 
 
 def run_dataset(
-    folder: Path, args: argparse.Namespace, work: Path, log
+    folder: Path, args: argparse.Namespace, work: Path, log, on_result=None
 ) -> tuple[dict[str, float], list[Result]]:
     """Base eval, then each mode's prep → mining → training → eval on one dataset."""
     t0 = time.monotonic()
@@ -339,10 +342,11 @@ def run_dataset(
             )
             out_dir = work / f"{data.name}-{mode}-lr{lr:g}-model"
             t = time.monotonic()
+            trainer_dir = tempfile.mkdtemp(prefix=f"{data.name}-{mode}-", dir=work)
             report = train(
                 args.model,
                 rows,
-                tempfile.mkdtemp(prefix=f"{data.name}-{mode}-", dir=work),
+                trainer_dir,
                 out_dir,
                 settings,
                 device="cpu",
@@ -350,6 +354,7 @@ def run_dataset(
             )
             res.steps = report.steps
             res.seconds["train"] = round(time.monotonic() - t, 1)
+            shutil.rmtree(trainer_dir, ignore_errors=True)
 
             t = time.monotonic()
             tuned = load_sentence_transformer(str(out_dir), device="cpu")
@@ -368,6 +373,8 @@ def run_dataset(
                 f"R@10 {res.recall_base:.4f} → {res.recall_tuned:.4f}"
             )
             results.append(res)
+            if on_result is not None:
+                on_result(res)
             if not args.keep_models:
                 shutil.rmtree(out_dir, ignore_errors=True)
     return {"seconds": round(time.monotonic() - t0, 1), **base_metrics}, results
@@ -432,28 +439,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     bases: dict[str, dict[str, float]] = {}
+
+    def save(final: bool = False) -> str:
+        """Write the report so far (after every model, so an interrupted run keeps what it measured)."""
+        report = markdown(results, args, time.monotonic() - start)
+        if not final:
+            report += f"\n\n_Partial: {len(results)} result(s) so far._"
+        if args.output:
+            args.output.write_text(report + "\n")
+        if args.json:
+            payload = {
+                "settings": {k: str(v) for k, v in vars(args).items()},
+                "base": bases,
+                "results": [asdict(r) for r in results],
+                "complete": final,
+            }
+            args.json.write_text(json.dumps(payload, indent=2))
+        return report
+
+    def on_result(result: Result) -> None:
+        results.append(result)
+        save()
+
     try:
         for folder in datasets:
-            bases[folder.name], res = run_dataset(folder, args, work, log)
-            results += res
+            bases[folder.name], _ = run_dataset(folder, args, work, log, on_result=on_result)
     finally:
         if work_ctx is not None:
             work_ctx.cleanup()
-    report = markdown(results, args, time.monotonic() - start)
-    print(report)
-    if args.output:
-        args.output.write_text(report + "\n")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "settings": {k: str(v) for k, v in vars(args).items()},
-                    "base": bases,
-                    "results": [asdict(r) for r in results],
-                },
-                indent=2,
-            )
-        )
+    print(save(final=True))
     return 0
 
 

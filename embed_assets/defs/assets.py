@@ -487,7 +487,7 @@ def checkpoint(
 
     from embed_assets.storage import read_jsonl
     from embed_assets.tracking import plot_training_curves, png_data_uri, redact_uri
-    from embed_assets.training import TrainSettings, train, training_rows
+    from embed_assets.training import TrainSettings, last_complete_checkpoint, train, training_rows
     from embed_assets.training_cli import distributed_processes, run_distributed, write_spec
 
     options = config.model_dump()
@@ -516,7 +516,7 @@ def checkpoint(
             # A training resumed from its trainer checkpoint continues its interrupted MLflow run.
             mlflow_run_id, reopened = tracker.resume_or_start(
                 work / "mlflow_run_id.txt",
-                resuming=any(work.glob("checkpoint-*")),
+                resuming=last_complete_checkpoint(work) is not None,
                 run_name=f"checkpoint-{context.run_id[:8]}",
                 tags={
                     "dagster/run_id": context.run_id,
