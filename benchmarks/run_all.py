@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "mining": ("mining.py", []),
     "eval": ("eval.py", ["--max-seq-length", "128"]),
     "quality": ("quality.py", []),
+    "training": ("training.py", []),
+    "pipeline": ("pipeline.py", []),
 }
 
 
