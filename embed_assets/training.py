@@ -36,6 +36,10 @@ class TrainSettings:
     logging_steps: int = 5
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
     def resolved_epochs(self, n_rows: int) -> int:
         """Epochs by data size: <1K rows: 2, 1K-10K: 2, >10K: 1 (unless set explicitly; DESIGN §2 ranges)."""
         if self.epochs > 0:
@@ -183,7 +187,8 @@ def train(
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        warmup_ratio=settings.warmup_ratio,
+        # transformers v5: a warmup_steps float below 1 is the warmup ratio (warmup_ratio is deprecated).
+        warmup_steps=float(settings.warmup_ratio),
         weight_decay=settings.weight_decay,
         fp16=precision == "fp16",
         bf16=precision == "bf16",
