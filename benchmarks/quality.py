@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -343,15 +344,17 @@ def run_dataset(
             out_dir = work / f"{data.name}-{mode}-lr{lr:g}-model"
             t = time.monotonic()
             trainer_dir = tempfile.mkdtemp(prefix=f"{data.name}-{mode}-", dir=work)
-            report = train(
-                args.model,
-                rows,
-                trainer_dir,
-                out_dir,
-                settings,
-                device="cpu",
-                progress=lambda line, tag=tag: log(f"{tag} {line}"),
-            )
+            # The trainer prints its log dicts on stdout; keep stdout for the report.
+            with contextlib.redirect_stdout(sys.stderr):
+                report = train(
+                    args.model,
+                    rows,
+                    trainer_dir,
+                    out_dir,
+                    settings,
+                    device="cpu",
+                    progress=lambda line, tag=tag: log(f"{tag} {line}"),
+                )
             res.steps = report.steps
             res.seconds["train"] = round(time.monotonic() - t, 1)
             shutil.rmtree(trainer_dir, ignore_errors=True)

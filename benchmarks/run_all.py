@@ -11,6 +11,7 @@ time and the peak memory (VmHWM) of each, and writes one report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.metadata as md
 import os
@@ -72,8 +73,20 @@ def machine_info() -> list[str]:
     ]
 
 
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants (from /proc/<pid>/task/<tid>/children)."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def run_one(script: str, args: list[str]) -> tuple[int, str, float, float]:
-    """Run a benchmark script; return (exit code, stdout, seconds, peak RSS in MiB)."""
+    """Run a benchmark script; return (exit code, stdout, seconds, peak RSS in MiB of its largest process)."""
     cmd = [sys.executable, str(HERE / script), *args]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, cwd=HERE.parent)
@@ -81,12 +94,14 @@ def run_one(script: str, args: list[str]) -> tuple[int, str, float, float]:
     out_chunks: list[str] = []
     # Poll the child's high-water mark while it runs (it is gone once it exits).
     while proc.poll() is None:
-        try:
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak_kib = max(peak_kib, int(line.split()[1]))
-        except OSError:
-            pass
+        # The largest high-water mark among the script and its worker processes (pipeline.py uses workers).
+        for pid in _process_tree(proc.pid):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak_kib = max(peak_kib, int(line.split()[1]))
+            except OSError:
+                pass
         time.sleep(0.5)
     out_chunks.append(proc.stdout.read() if proc.stdout else "")
     return proc.returncode, "".join(out_chunks), time.monotonic() - start, peak_kib / 1024
