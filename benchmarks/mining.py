@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling_strategy": args.sampling,
         "seed": 42,
         "batch_size": args.batch_size,
-        "use_faiss": {"auto": "auto", "yes": True, "no": False}[args.use_faiss],
+        "use_faiss": args.use_faiss,
         "fingerprint": model_fingerprint(model),
     }
     k = args.num_negatives

@@ -274,43 +274,29 @@ class PlainPipeline:
         )
 
     def mined_negatives(self) -> None:
-        from embed_assets.embedding_cache import encode_with_cache
-        from embed_assets.mining import mine_hard_negatives
+        from embed_assets.mining import mine_pool
         from embed_assets.models import load_sentence_transformer
         from embed_assets.storage import write_jsonl
 
         c, m = self.cfg["mined_negatives"], self.model
         st_model = load_sentence_transformer(m["base_model"], device=self.device)
         pool = [ch for ch in self.chunks if ch.doc_id not in self.test_docs]
-        corpus_ids = [ch.chunk_id for ch in pool]
-        corpus_texts = [ch.text for ch in pool]
-        emb = encode_with_cache(
+        result = mine_pool(
             st_model,
-            corpus_texts,
-            corpus_ids,
+            self.split.train,
+            pool,
             self._dir("cache/embeddings"),
             model_fingerprint=_fingerprint(m["base_model"], m["passage_prompt"]),
-            prompt=m["passage_prompt"] or None,
+            query_prompt=m["query_prompt"] or None,
+            passage_prompt=m["passage_prompt"] or None,
             batch_size=c["batch_size"],
-        )
-        train = self.split.train
-        result = mine_hard_negatives(
-            [r.query for r in train],
-            [r.positive_chunk_ids for r in train],
-            corpus_ids,
-            corpus_texts,
-            st_model,
             num_negatives=c["hard_negatives_to_mine"],
             range_min=c["range_min"],
             range_max=c["range_max"],
             relative_margin=c["relative_margin"],
             absolute_margin=c["absolute_margin"],
             sampling_strategy=c["sampling_strategy"],
-            use_faiss={"auto": "auto", "yes": True, "no": False}[c["use_faiss"]],
-            batch_size=c["batch_size"],
-            query_prompt=m["query_prompt"] or None,
-            corpus_prompt=m["passage_prompt"] or None,
-            corpus_embeddings=emb,
+            use_faiss=c["use_faiss"],
         )
         self.mined = [r.__dict__ for r in result.rows]
         write_jsonl(self._dir("mined_negatives") / "mined.jsonl", self.mined)

@@ -317,7 +317,7 @@ def _choose_backend(use_faiss: bool | str, n_corpus: int, k: int, similarity: st
     """Pick ``"faiss"`` or ``"exact"``.
 
     Args:
-        use_faiss: ``True``, ``False`` or ``"auto"``.
+        use_faiss: ``True``/``"yes"``, ``False``/``"no"`` or ``"auto"``.
         n_corpus: Distinct passages.
         k: Neighbours per query.
         similarity: The model's ``similarity_fn_name``.
@@ -325,8 +325,12 @@ def _choose_backend(use_faiss: bool | str, n_corpus: int, k: int, similarity: st
     Returns:
         The backend name.
     """
+    # The config spelling ("yes"/"no") and the Python one (True/False) mean the same.
+    use_faiss = (
+        {"yes": True, "no": False}.get(use_faiss, use_faiss) if isinstance(use_faiss, str) else use_faiss
+    )
     if use_faiss not in (True, False, "auto"):
-        raise ValueError(f"use_faiss must be True, False or 'auto', got {use_faiss!r}")
+        raise ValueError(f"use_faiss must be True/'yes', False/'no' or 'auto', got {use_faiss!r}")
     if similarity not in ("cosine", "dot"):
         if use_faiss is True:
             logger.warning("FAISS inner product cannot express %r similarity; using exact search", similarity)
@@ -685,8 +689,8 @@ def mine_hard_negatives(
         max_score: Drop candidates scoring above this.
         min_score: Drop candidates scoring below this.
         sampling_strategy: ``"top"`` (hardest first) or ``"random"`` (uniform within the window, seeded).
-        use_faiss: ``True`` (FAISS ``IndexFlatIP``, GPU when FAISS has one), ``False`` (exact batched matmul),
-            ``"auto"`` (FAISS on GPU or from :data:`AUTO_FAISS_MIN_CORPUS` passages).
+        use_faiss: ``True``/``"yes"`` (FAISS ``IndexFlatIP``, GPU when FAISS has one), ``False``/``"no"``
+            (exact batched matmul), ``"auto"`` (FAISS on GPU or from :data:`AUTO_FAISS_MIN_CORPUS` passages).
         batch_size: Encoding batch size.
         query_prompt: Raw prompt for queries (``None`` = the model's ``query`` prompt, as ST does).
         corpus_prompt: Raw prompt for passages (``None`` = the model's document prompt).
@@ -849,3 +853,64 @@ def _embed_inputs(
     if query_emb.shape[1] != corpus_emb.shape[1]:
         raise ValueError(f"query dim {query_emb.shape[1]} != passage dim {corpus_emb.shape[1]}")
     return query_emb, corpus_emb
+
+
+def mine_pool(
+    model: Any,
+    records: Sequence[Any],
+    pool: Sequence[Any],
+    cache_dir: str,
+    *,
+    model_fingerprint: str,
+    query_prompt: str | None = None,
+    passage_prompt: str | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    **mining: Any,
+) -> MiningResult:
+    """Mine negatives for training records from a pool of chunks, as ``mined_negatives`` does.
+
+    The pool's embeddings go through the per-chunk cache (:func:`~embed_assets.embedding_cache.encode_with_cache`),
+    so a re-run encodes only new or changed passages.
+
+    Args:
+        model: The ``SentenceTransformer`` that mines (the base model).
+        records: Training pairs (``.query``, ``.positive_chunk_ids``), e.g. ``QARecord``.
+        pool: Candidate chunks (``.chunk_id``, ``.text``); must hold every positive.
+        cache_dir: Root folder of the embedding cache.
+        model_fingerprint: Identifies the model weights and passage prompt in the cache.
+        query_prompt: Raw query prompt (``None`` = the model's).
+        passage_prompt: Raw passage prompt (``None`` = the model's).
+        batch_size: Encoding batch size.
+        progress: Optional callback receiving progress messages.
+        **mining: More :func:`mine_hard_negatives` settings (``num_negatives``, margins, ``use_faiss``, ...).
+
+    Returns:
+        The :class:`MiningResult`.
+    """
+    from embed_assets.embedding_cache import encode_with_cache
+
+    corpus_ids = [c.chunk_id for c in pool]
+    corpus_texts = [c.text for c in pool]
+    corpus_emb = encode_with_cache(
+        model,
+        corpus_texts,
+        corpus_ids,
+        cache_dir,
+        model_fingerprint=model_fingerprint,
+        prompt=passage_prompt,
+        batch_size=batch_size,
+    )
+    return mine_hard_negatives(
+        [r.query for r in records],
+        [r.positive_chunk_ids for r in records],
+        corpus_ids,
+        corpus_texts,
+        model,
+        batch_size=batch_size,
+        query_prompt=query_prompt,
+        corpus_prompt=passage_prompt,
+        corpus_embeddings=corpus_emb,
+        progress=progress,
+        **mining,
+    )

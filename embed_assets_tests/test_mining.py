@@ -340,6 +340,11 @@ def test_faiss_and_exact_backends_agree(model, data):
         atol=1e-5,
     )
     assert _ours(data, model, use_faiss="auto").stats.search_backend == "exact"  # small corpus
+    # The config spelling ("yes"/"no") selects the same backends.
+    assert _ours(data, model, use_faiss="yes").stats.search_backend == "faiss"
+    assert _ours(data, model, use_faiss="no").stats.search_backend == "exact"
+    with pytest.raises(ValueError, match="use_faiss"):
+        _ours(data, model, use_faiss="sometimes")
 
 
 def test_precomputed_embeddings_skip_encoding(model, data):

@@ -392,8 +392,7 @@ def mined_negatives(
     synthetic_qa: dict,
     split_sets: dict,
 ) -> dg.Output[dict]:
-    from embed_assets.embedding_cache import encode_with_cache
-    from embed_assets.mining import mine_hard_negatives
+    from embed_assets.mining import mine_pool
     from embed_assets.models import load_sentence_transformer
     from embed_assets.storage import write_jsonl
 
@@ -405,35 +404,23 @@ def mined_negatives(
     train = _load_qa(split_sets["train"])
     meta: dict[str, Any] = {}
     with timed(meta, "mining_seconds_total"):
-        corpus_ids = [c.chunk_id for c in pool]
-        corpus_texts = [c.text for c in pool]
-        emb = encode_with_cache(
+        result = mine_pool(
             st_model,
-            corpus_texts,
-            corpus_ids,
+            train,
+            pool,
             store.cache_dir("embeddings"),
             model_fingerprint=_fingerprint(model.base_model, model.passage_prompt),
-            prompt=model.passage_prompt or None,
+            query_prompt=model.query_prompt or None,
+            passage_prompt=model.passage_prompt or None,
             batch_size=config.batch_size,
-        )
-        result = mine_hard_negatives(
-            [r.query for r in train],
-            [r.positive_chunk_ids for r in train],
-            corpus_ids,
-            corpus_texts,
-            st_model,
+            progress=context.log.info,
             num_negatives=config.hard_negatives_to_mine,
             range_min=config.range_min,
             range_max=config.range_max,
             relative_margin=config.relative_margin,
             absolute_margin=config.absolute_margin,
             sampling_strategy=config.sampling_strategy,
-            use_faiss={"auto": "auto", "yes": True, "no": False}[config.use_faiss],
-            batch_size=config.batch_size,
-            query_prompt=model.query_prompt or None,
-            corpus_prompt=model.passage_prompt or None,
-            corpus_embeddings=emb,
-            progress=context.log.info,
+            use_faiss=config.use_faiss,
         )
     rows = [r.__dict__ for r in result.rows]
     out = store.run_dir("mined_negatives", context.run_id) / "mined.jsonl"
