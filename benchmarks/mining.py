@@ -286,6 +286,7 @@ class Phases:
                 elif target.exists():
                     target.unlink()
         self.state = state
+        self.fresh: list[str] = []  # phases measured by this invocation (the others were resumed)
 
     def run(self, key: str, fn: Callable[[], tuple[list[dict], list[tuple]]]) -> None:
         if key in self.state["done"]:
@@ -294,7 +295,14 @@ class Phases:
             )
             return
         rows, checks = fn()
-        self.state["done"][key] = {"rows": rows, "checks": [list(c) for c in checks]}
+        finished = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.state["done"][key] = {
+            "rows": rows,
+            "checks": [list(c) for c in checks],
+            "finished": finished,
+            "load": round(os.getloadavg()[0], 1),
+        }
+        self.fresh.append(key)
         self.state_file.write_text(json.dumps(self.state, indent=1))
 
     @property
@@ -465,11 +473,37 @@ def main(argv: list[str] | None = None) -> int:
             phases.run("edit", edit)
         rows, checks = phases.rows, phases.checks
 
+        resumed = [
+            f"{key} ({done.get('finished', 'time not recorded')})"
+            for key, done in phases.state["done"].items()
+            if key not in phases.fresh
+        ]
     table = render(args, data, n_pairs, rows, checks)
+    if resumed:
+        table += (
+            "\n\nResumed from the work dir (measured by an earlier invocation with the same settings): "
+            + ", ".join(resumed)
+            + "."
+        )
     print(table)
     if args.output:
         args.output.write_text(table + "\n")
     return 0 if all(ok for _, ok, _, _ in checks) else 1
+
+
+def _same_scenario_peer(implementation: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The sentence-transformers row of the same scenario (cold, warm, after the edit) as an embed_assets row."""
+    if not implementation.startswith("embed_assets, "):
+        return None
+    scenario = implementation.removeprefix("embed_assets, ")
+    for row in rows:
+        name = row["implementation"]
+        if not name.startswith("sentence-transformers, "):
+            continue
+        theirs = name.removeprefix("sentence-transformers, ")
+        if theirs.split(" ")[0] == scenario.split(" ")[0]:  # "cold", "warm" or the edit label
+            return row
+    return None
 
 
 def render(args, data, n_pairs: int, rows: list[dict[str, Any]], checks: list[tuple]) -> str:
@@ -486,16 +520,18 @@ def render(args, data, n_pairs: int, rows: list[dict[str, Any]], checks: list[tu
         f"sampling={args.sampling}, batch_size={args.batch_size}; cold rows: best of {args.repeats}. "
         f"Machine load average at the end: {os.getloadavg()[0]:.1f}.",
         "",
-        "| implementation | wall s | CPU s | speed-up vs ST cold (wall) | (CPU) | passages encoded "
-        "| queries encoded | search |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| implementation | wall s | CPU s | speed-up vs ST cold (wall) | (CPU) "
+        "| vs ST, same scenario (wall) | passages encoded | queries encoded | search |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     st_cold = next(r for r in rows if r["implementation"] == "sentence-transformers, cold")
     for row in rows:
+        peer = _same_scenario_peer(row["implementation"], rows)
+        vs_peer = f"{peer['wall'] / max(row['wall'], 1e-6):.2f}x" if peer else "–"
         lines.append(
             f"| {row['implementation']} | {row['wall']:.1f} | {row['cpu']:.1f} | "
             f"{st_cold['wall'] / max(row['wall'], 1e-6):.2f}x | {st_cold['cpu'] / max(row['cpu'], 1e-6):.2f}x | "
-            f"{row['passages_encoded']:,} | {row['queries_encoded']:,} | {row['search']} |"
+            f"{vs_peer} | {row['passages_encoded']:,} | {row['queries_encoded']:,} | {row['search']} |"
         )
     lines.append("")
     all_ok = all(ok for _, ok, _, _ in checks)

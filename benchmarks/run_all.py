@@ -4,8 +4,12 @@ Each benchmark is a standalone script that measures embed_assets against its pee
 prints Markdown tables; this driver records the machine, the library versions, the exact command, the wall
 time and the peak memory (VmHWM) of each, and writes one report.
 
-    python benchmarks/run_all.py                 # all, default (small) sizes
+    python benchmarks/run_all.py                 # all
     python benchmarks/run_all.py --only serve,eval
+    python benchmarks/run_all.py --skip mining-10k   # without the issue-size mining run (~1 h the first time)
+
+``mining-10k`` (10K queries x 50K passages) keeps its phases in ``benchmarks/.work/mining-10k``: a re-run
+resumes the phases already measured with the same settings (the report says which and when).
 """
 
 from __future__ import annotations
@@ -22,11 +26,25 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work"  # resumable state of long benchmarks (git-ignored)
 
 #: name -> (script, extra arguments). Sizes are the scripts' defaults, chosen to finish on a 2-core CPU.
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "serve": ("serve.py", []),
     "mining": ("mining.py", []),
+    "mining-10k": (
+        "mining.py",
+        [
+            "--queries",
+            "10000",
+            "--passages",
+            "50000",
+            "--max-seq-length",
+            "128",
+            "--work-dir",
+            "WORK/mining-10k",
+        ],
+    ),
     "eval": ("eval.py", ["--max-seq-length", "128"]),
     "quality": ("quality.py", []),
     "training": ("training.py", []),
@@ -110,10 +128,12 @@ def run_one(script: str, args: list[str]) -> tuple[int, str, float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args(argv)
-    selected = [b for b in args.only.split(",") if b] or list(BENCHMARKS)
-    unknown = set(selected) - set(BENCHMARKS)
+    skipped = [b for b in args.skip.split(",") if b]
+    selected = [b for b in ([b for b in args.only.split(",") if b] or list(BENCHMARKS)) if b not in skipped]
+    unknown = (set(selected) | set(skipped)) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
 
@@ -123,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in selected:
         script, extra = BENCHMARKS[name]
+        # Relative to the repository root, the scripts' working directory.
+        extra = [a.replace("WORK/", f"{WORK.relative_to(HERE.parent)}/") for a in extra]
         if not (HERE / script).exists():
             sections += [f"## {name}", "", f"_not available: benchmarks/{script} is missing_", ""]
             continue

@@ -112,6 +112,8 @@ class MiningStats:
     search_backend: str = "exact"
     search_device: str = "cpu"
     corpus_embeddings_reused: bool = False
+    passages_encoded: int = 0  # distinct passages the model encoded in this run (0 = all reused)
+    queries_encoded: int = 0  # distinct queries the model encoded in this run
 
 
 @dataclass
@@ -730,6 +732,8 @@ def mine_hard_negatives(
         if backend == "faiss" and _faiss_gpus()
         else (device if backend == "exact" else "cpu"),
         corpus_embeddings_reused=corpus_embeddings is not None,
+        passages_encoded=0 if corpus_embeddings is not None else len(corpus.texts),
+        queries_encoded=0 if query_embeddings is not None else len(groups.texts),
     )
     t0 = time.perf_counter()
     query_emb, corpus_emb = _embed_inputs(
@@ -870,8 +874,9 @@ def mine_pool(
 ) -> MiningResult:
     """Mine negatives for training records from a pool of chunks, as ``mined_negatives`` does.
 
-    The pool's embeddings go through the per-chunk cache (:func:`~embed_assets.embedding_cache.encode_with_cache`),
-    so a re-run encodes only new or changed passages.
+    The pool's and the queries' embeddings go through the per-text cache
+    (:func:`~embed_assets.embedding_cache.encode_with_cache`), so a re-run encodes only new or changed passages
+    and queries (e.g. after new SDG pairs or a change of margins, nothing but the new texts).
 
     Args:
         model: The ``SentenceTransformer`` that mines (the base model).
@@ -888,21 +893,18 @@ def mine_pool(
     Returns:
         The :class:`MiningResult`.
     """
-    from embed_assets.embedding_cache import encode_with_cache
+    from embed_assets.embedding_cache import EmbeddingCache
 
     corpus_ids = [c.chunk_id for c in pool]
     corpus_texts = [c.text for c in pool]
-    corpus_emb = encode_with_cache(
-        model,
-        corpus_texts,
-        corpus_ids,
-        cache_dir,
-        model_fingerprint=model_fingerprint,
-        prompt=passage_prompt,
-        batch_size=batch_size,
-    )
-    return mine_hard_negatives(
-        [r.query for r in records],
+    queries = [r.query for r in records]
+    passages = EmbeddingCache(cache_dir, model_fingerprint, prompt=passage_prompt, task="document")
+    corpus_emb = passages.encode(model, corpus_texts, corpus_ids, batch_size=batch_size)
+    questions = EmbeddingCache(cache_dir, model_fingerprint, prompt=query_prompt, task="query")
+    query_ids = [getattr(r, "qa_id", str(i)) for i, r in enumerate(records)]
+    query_emb = questions.encode(model, queries, query_ids, batch_size=batch_size)
+    result = mine_hard_negatives(
+        queries,
         [r.positive_chunk_ids for r in records],
         corpus_ids,
         corpus_texts,
@@ -911,6 +913,11 @@ def mine_pool(
         query_prompt=query_prompt,
         corpus_prompt=passage_prompt,
         corpus_embeddings=corpus_emb,
+        query_embeddings=query_emb,
         progress=progress,
         **mining,
     )
+    result.stats.passages_encoded = passages.last_stats.n_encoded
+    result.stats.queries_encoded = questions.last_stats.n_encoded
+    result.stats.encode_seconds += passages.last_stats.seconds + questions.last_stats.seconds
+    return result

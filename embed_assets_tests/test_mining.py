@@ -360,6 +360,46 @@ def test_precomputed_embeddings_skip_encoding(model, data):
     assert _as_tuples(reused) == _as_tuples(baseline) == _as_tuples(both)
 
 
+def test_mine_pool_reencodes_only_new_queries_and_passages(model, data, tmp_path):
+    """What ``mined_negatives`` does on a re-run: a margin change encodes nothing, a new pair at most its query;
+    the result always equals mining without the cache."""
+    from types import SimpleNamespace
+
+    from embed_assets.mining import mine_pool
+
+    records = [
+        SimpleNamespace(qa_id=f"qa{i}", query=q, positive_chunk_ids=p)
+        for i, (q, p) in enumerate(zip(data["queries"], data["positive_ids"], strict=True))
+    ]
+    pool = [
+        SimpleNamespace(chunk_id=c, text=t)
+        for c, t in zip(data["corpus_ids"], data["corpus_texts"], strict=True)
+    ]
+    distinct = len(set(data["corpus_texts"])) + len(set(data["queries"]))
+
+    def run(recs, chunks, **kw):
+        model.encoded_texts = 0
+        out = mine_pool(model, recs, chunks, str(tmp_path), model_fingerprint="fp", use_faiss="no", **kw)
+        return out, model.encoded_texts
+
+    first, encoded = run(records[:-1], pool)
+    assert encoded == distinct - (records[-1].query not in {r.query for r in records[:-1]})
+    again, encoded = run(records[:-1], pool, relative_margin=0.1)
+    assert encoded == 0, "a settings change re-mines from cached embeddings"
+    assert again.stats.passages_encoded == again.stats.queries_encoded == 0
+    assert first.stats.passages_encoded == len(set(data["corpus_texts"]))
+    assert _as_tuples(again) == _as_tuples(
+        _ours(_subset(data, -1), model, use_faiss="no", relative_margin=0.1)
+    )
+    grown, encoded = run(records, pool)
+    assert encoded <= 1, "one new pair: at most its query is encoded"
+    assert _as_tuples(grown) == _as_tuples(_ours(data, model, use_faiss="no"))
+
+
+def _subset(data: dict[str, Any], stop: int) -> dict[str, Any]:
+    return {**data, "queries": data["queries"][:stop], "positive_ids": data["positive_ids"][:stop]}
+
+
 def test_invalid_inputs_are_rejected(model, data):
     with pytest.raises(KeyError, match="not in corpus_ids"):
         mine_hard_negatives(["q"], [["nope"]], data["corpus_ids"], data["corpus_texts"], model)
