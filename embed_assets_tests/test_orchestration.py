@@ -383,6 +383,62 @@ def gpu_pool_job() -> dg.JobDefinition:
     return dg.Definitions(assets=[gpu_step_a], jobs=[job]).resolve_job_def("gpu_pool")
 
 
+class ProbeConfig(dg.Config):
+    out: str
+
+
+@dg.asset
+def import_probe(config: ProbeConfig) -> None:
+    """Records what the step process already had imported before its body ran."""
+    import os
+    import sys
+
+    Path(config.out).write_text(f"{'torch' in sys.modules} {os.getpid()}")
+
+
+def _probe_job(start: str) -> dg.JobDefinition:
+    job = dg.define_asset_job(
+        f"probe_{start}", selection=["import_probe"], executor_def=build_executor("multiprocess", start)
+    )
+    return dg.Definitions(assets=[import_probe], jobs=[job]).resolve_job_def(f"probe_{start}")
+
+
+def forkserver_probe_job() -> dg.JobDefinition:
+    return _probe_job("forkserver")
+
+
+def spawn_probe_job() -> dg.JobDefinition:
+    return _probe_job("spawn")
+
+
+def test_step_start_method_is_validated() -> None:
+    from embed_assets.defs.jobs import STEP_PRELOAD_MODULES, multiprocess_start_method
+
+    assert multiprocess_start_method() == {"forkserver": {"preload_modules": STEP_PRELOAD_MODULES}}
+    assert multiprocess_start_method("spawn") == {"spawn": {}}
+    with pytest.raises(ValueError, match="EMBED_ASSETS_STEP_START"):
+        build_executor("multiprocess", "fork")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_step_processes_fork_from_a_server_that_preloaded_torch(tmp_path: Path) -> None:
+    """The default start method: steps begin with torch imported (spawned steps re-import it every time)."""
+    import os
+
+    instance = _instance(tmp_path)
+    seen = {}
+    for factory in (forkserver_probe_job, spawn_probe_job):
+        out = tmp_path / f"{factory.__name__}.txt"
+        run_config = {"ops": {"import_probe": {"config": {"out": str(out)}}}}
+        result = dg.execute_job(dg.reconstructable(factory), instance=instance, run_config=run_config)
+        assert result.success
+        preloaded, pid = out.read_text().split()
+        assert int(pid) != os.getpid(), "the step ran in its own process"
+        seen[factory.__name__] = preloaded == "True"
+    assert seen == {"forkserver_probe_job": True, "spawn_probe_job": False}
+
+
 _RUN_GPU_POOL_JOB = """
 import json, sys
 import dagster as dg

@@ -1,6 +1,8 @@
 """Jobs and executors: the CUDA tag limits GPU steps within a run, the `gpu` pool across runs.
 
-Locally, steps run in subprocesses (multiprocess executor). With ``EMBED_ASSETS_EXECUTOR=k8s`` (set by the Helm
+Locally, steps run in subprocesses (multiprocess executor) forked from a per-run forkserver that has imported
+torch and sentence-transformers once, so a step does not pay those imports again (about 5–10 s each on two
+cores; ``EMBED_ASSETS_STEP_START=spawn`` restores Dagster's default). With ``EMBED_ASSETS_EXECUTOR=k8s`` (set by the Helm
 values in ``deploy/helm``) each step becomes a Kubernetes pod through dagster-k8s's ``k8s_job_executor``; the
 CUDA-tagged steps' ``dagster-k8s/config`` op tag makes their pods request a GPU.
 """
@@ -25,11 +27,34 @@ K8S_EXECUTOR_CONFIG: dict[str, Any] = {
 }
 
 
-def build_executor(kind: str | None = None) -> dg.ExecutorDefinition:
+#: Imported once per run by the forkserver the step processes fork from (never at definitions load: the UI and
+#: the daemon load the definitions often). Only imports happen there, no torch threads start before the fork.
+STEP_PRELOAD_MODULES = ["embed_assets.definitions", "torch", "transformers", "sentence_transformers"]
+
+
+def multiprocess_start_method(start: str | None = None) -> dict[str, Any]:
+    """The multiprocess executor's ``start_method`` config.
+
+    Args:
+        start: ``"forkserver"`` (default) or ``"spawn"``; overrides ``$EMBED_ASSETS_STEP_START``.
+
+    Returns:
+        ``{"forkserver": {"preload_modules": [...]}}`` or ``{"spawn": {}}``.
+    """
+    start = start or os.environ.get("EMBED_ASSETS_STEP_START", "forkserver")
+    if start == "forkserver":
+        return {"forkserver": {"preload_modules": list(STEP_PRELOAD_MODULES)}}
+    if start == "spawn":
+        return {"spawn": {}}
+    raise ValueError(f"EMBED_ASSETS_STEP_START must be 'forkserver' or 'spawn', got {start!r}")
+
+
+def build_executor(kind: str | None = None, start: str | None = None) -> dg.ExecutorDefinition:
     """The executor for this deployment: ``"multiprocess"`` (default) or ``"k8s"``.
 
     Args:
         kind: Overrides ``$EMBED_ASSETS_EXECUTOR``.
+        start: How the multiprocess executor starts step processes (see :func:`multiprocess_start_method`).
 
     Returns:
         A configured executor definition.
@@ -42,7 +67,12 @@ def build_executor(kind: str | None = None) -> dg.ExecutorDefinition:
     if kind != "multiprocess":
         raise ValueError(f"EMBED_ASSETS_EXECUTOR must be 'multiprocess' or 'k8s', got {kind!r}")
     return dg.multiprocess_executor.configured(
-        {"max_concurrent": 2, "tag_concurrency_limits": GPU_TAG_LIMITS}, name="gpu_aware_multiprocess"
+        {
+            "max_concurrent": 2,
+            "tag_concurrency_limits": GPU_TAG_LIMITS,
+            "start_method": multiprocess_start_method(start),
+        },
+        name="gpu_aware_multiprocess",
     )
 
 
