@@ -6,6 +6,7 @@ leaves a half-written file that a later run would trust.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -15,12 +16,56 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+#: Inside each temporary folder: the writer's PID, so a later write can tell a dead writer's leftovers apart.
+_OWNER = ".owner"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def collect_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove what writers killed mid-write (SIGKILL skips their cleanup) left next to ``path``.
+
+    A temporary folder ``.<name>.*.tmp`` is stale when the process recorded in it is gone. If the kill came
+    between moving the previous version of a folder aside and moving the new one in, ``path`` is missing and
+    the previous version is put back first, so nothing is lost.
+
+    Args:
+        path: Final location of an artifact.
+
+    Returns:
+        The temporary folders removed.
+    """
+    final = Path(path)
+    removed: list[Path] = []
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        try:
+            pid = int((tmp / _OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or its writer has not recorded itself yet
+        if _pid_alive(pid):
+            continue
+        previous = tmp / f"{final.name}.previous"
+        if previous.exists() and not final.exists():
+            os.replace(previous, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
-    Works for files and directories. On error the temporary is removed and ``path`` is untouched.
+    Works for files and directories. On error the temporary is removed and ``path`` is untouched. Leftovers of
+    writers that were killed (see :func:`collect_stale_temporaries`) are collected first.
 
     Args:
         path: Final location of the artifact.
@@ -30,7 +75,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    collect_stale_temporaries(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    (tmp / _OWNER).write_text(str(os.getpid()))
     target = tmp / final.name
     try:
         yield target
