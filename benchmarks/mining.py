@@ -305,13 +305,20 @@ class Phases:
         self.fresh.append(key)
         self.state_file.write_text(json.dumps(self.state, indent=1))
 
+    #: Report order (a resumed run may have measured them in another order).
+    ORDER = ("st_cold", "ours_cold", "st_warm", "ours_warm_corpus", "ours_warm_all", "edit")
+
+    def _done(self) -> list[dict[str, Any]]:
+        done = self.state["done"]
+        return [done[k] for k in sorted(done, key=lambda k: self.ORDER.index(k) if k in self.ORDER else 99)]
+
     @property
     def rows(self) -> list[dict[str, Any]]:
-        return [r for phase in self.state["done"].values() for r in phase["rows"]]
+        return [r for phase in self._done() for r in phase["rows"]]
 
     @property
     def checks(self) -> list[tuple]:
-        return [tuple(c) for phase in self.state["done"].values() for c in phase["checks"]]
+        return [tuple(c) for phase in self._done() for c in phase["checks"]]
 
     def save_reference(self, out: list[tuple]) -> None:
         with open(self.dir / "reference.pkl", "wb") as f:
