@@ -6,7 +6,7 @@ time and the peak memory (VmHWM) of each, and writes one report.
 
     python benchmarks/run_all.py                 # all
     python benchmarks/run_all.py --only serve,eval
-    python benchmarks/run_all.py --skip mining-10k   # without the issue-size mining run (~1 h the first time)
+    python benchmarks/run_all.py --skip mining-10k   # without the issue-size mining run (~45 min the first time)
 
 ``mining-10k`` (10K queries x 50K passages) keeps its phases in ``benchmarks/.work/mining-10k``: a re-run
 resumes the phases already measured with the same settings (the report says which and when).
