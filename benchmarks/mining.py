@@ -287,30 +287,27 @@ class Phases:
                     target.unlink()
         self.state = state
         self.fresh: list[str] = []  # phases measured by this invocation (the others were resumed)
+        self.order: list[str] = []  # phases in the order main() runs them (the report's order)
 
     def run(self, key: str, fn: Callable[[], tuple[list[dict], list[tuple]]]) -> None:
+        self.order.append(key)
         if key in self.state["done"]:
             print(
                 f"  (phase {key!r} done in an earlier run; reusing its numbers)", file=sys.stderr, flush=True
             )
             return
         rows, checks = fn()
-        finished = time.strftime("%Y-%m-%d %H:%M:%S")
         self.state["done"][key] = {
             "rows": rows,
             "checks": [list(c) for c in checks],
-            "finished": finished,
-            "load": round(os.getloadavg()[0], 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         self.fresh.append(key)
         self.state_file.write_text(json.dumps(self.state, indent=1))
 
-    #: Report order (a resumed run may have measured them in another order).
-    ORDER = ("st_cold", "ours_cold", "st_warm", "ours_warm_corpus", "ours_warm_all", "edit")
-
     def _done(self) -> list[dict[str, Any]]:
-        done = self.state["done"]
-        return [done[k] for k in sorted(done, key=lambda k: self.ORDER.index(k) if k in self.ORDER else 99)]
+        """Completed phases in run order (a resumed state may hold them in the order they were measured)."""
+        return [self.state["done"][k] for k in self.order if k in self.state["done"]]
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -481,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         rows, checks = phases.rows, phases.checks
 
         resumed = [
-            f"{key} ({done.get('finished', 'time not recorded')})"
-            for key, done in phases.state["done"].items()
+            f"{key} ({phases.state['done'][key].get('finished', 'time not recorded')})"
+            for key in phases.order
             if key not in phases.fresh
         ]
     table = render(args, data, n_pairs, rows, checks)

@@ -506,17 +506,33 @@ def _asset_metadata(result: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _bench_resources(defs: Any, artifacts: str) -> dict[str, Any]:
+    """The definitions' resources with a scratch artifact root and MLflow tracking off."""
+    from embed_assets.defs.resources import ArtifactStore, MLflowTracking
+
+    return {
+        **defs.resources,
+        "store": ArtifactStore(root=artifacts),
+        "tracking": MLflowTracking(enabled=False),
+    }
+
+
+def _run_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run config of the compared stages: each stage's overrides (the rest are the configs' defaults)."""
+    return {"ops": {name: {"config": spec["overrides"].get(name, {})} for name in STAGES}}
+
+
+def _ndcg_pair(meta: dict[str, dict[str, Any]]) -> str:
+    """``"base / fine-tuned"`` nDCG@10 from the ``beir_metrics`` materialization's metadata."""
+    beir = meta["beir_metrics"]
+    return f"{beir['ndcg@10_base']:.4f} / {beir['ndcg@10_finetuned']:.4f}"
+
+
 def run_dagster(
     spec: dict[str, Any], root: Path, sampler: PeakSampler, log: Callable[[str], None], defs: Any
 ) -> dict:
-    from embed_assets.defs.resources import ArtifactStore, MLflowTracking
-
-    resources = {
-        **defs.resources,
-        "store": ArtifactStore(root=str(root / "artifacts")),
-        "tracking": MLflowTracking(enabled=False),
-    }
-    run_config = {"ops": {name: {"config": spec["overrides"].get(name, {})} for name in STAGES}}
+    resources = _bench_resources(defs, str(root / "artifacts"))
+    run_config = _run_config(spec)
     instance = _instance(spec["instance"], root / "dagster_home")
     log(f"[dagster] materializing {len(STAGES)} assets (dagster logs: {spec['log_path']})")
     first = sampler.mark()
@@ -535,9 +551,7 @@ def run_dagster(
         "train/val/test pairs": f"{qa_split['train_pairs']}/{qa_split['val_pairs']}/{qa_split['test_pairs']}",
         "mined rows": result.output_for_node("mined_negatives")["n_rows"],
         "training rows / steps": f"{meta['checkpoint']['rows']} / {meta['checkpoint']['steps']}",
-        "nDCG@10 base / fine-tuned": (
-            f"{meta['beir_metrics']['ndcg@10_base']:.4f} / {meta['beir_metrics']['ndcg@10_finetuned']:.4f}"
-        ),
+        "nDCG@10 base / fine-tuned": _ndcg_pair(meta),
         "ONNX nDCG@10 fp32 / int8": " / ".join(
             f"{meta['onnx_model'][k]:.4f}"
             for k in ("fp32_ndcg@10", "int8_ndcg@10")
@@ -558,15 +572,10 @@ def bench_job():
 
     from embed_assets.definitions import defs
     from embed_assets.defs.jobs import build_executor
-    from embed_assets.defs.resources import ArtifactStore, MLflowTracking
 
     executor = build_executor("multiprocess", os.environ["BENCH_STEP_START"])
     job = dg.define_asset_job("bench_pipeline", selection=list(STAGES), executor_def=executor)
-    resources = {
-        **defs.resources,
-        "store": ArtifactStore(root=os.environ["BENCH_PIPELINE_ROOT"]),
-        "tracking": MLflowTracking(enabled=False),
-    }
+    resources = _bench_resources(defs, os.environ["BENCH_PIPELINE_ROOT"])
     return dg.Definitions(assets=list(defs.assets), resources=resources, jobs=[job]).resolve_job_def(
         "bench_pipeline"
     )
@@ -579,7 +588,7 @@ def run_job(spec: dict[str, Any], root: Path, start: str, log: Callable[[str], N
 
     os.environ["BENCH_PIPELINE_ROOT"] = str(root / "artifacts")
     os.environ["BENCH_STEP_START"] = start
-    run_config = {"ops": {name: {"config": spec["overrides"].get(name, {})} for name in STAGES}}
+    run_config = _run_config(spec)
     instance = _instance("local", root / "dagster_home")
     log(f"[job, {start}] executing {len(STAGES)} steps in their own processes")
     begin = time.time()
@@ -591,8 +600,7 @@ def run_job(spec: dict[str, Any], root: Path, start: str, log: Callable[[str], N
     stages = {name: {"seconds": b - a} for name, (a, b) in spans.items()}
     for name, stage in stages.items():
         log(f"[job, {start}] {name}: {stage['seconds']:.1f} s wall")
-    meta = _asset_metadata(result)["beir_metrics"]
-    ndcg = f"{meta['ndcg@10_base']:.4f} / {meta['ndcg@10_finetuned']:.4f}"
+    ndcg = _ndcg_pair(_asset_metadata(result))
     instance.dispose()
     return {"total": end - begin, "stages": stages, "ndcg": ndcg}
 

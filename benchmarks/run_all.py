@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORK = HERE / ".work"  # resumable state of long benchmarks (git-ignored)
 
 #: name -> (script, extra arguments). Sizes are the scripts' defaults, chosen to finish on a 2-core CPU.
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
@@ -41,8 +40,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
             "50000",
             "--max-seq-length",
             "128",
-            "--work-dir",
-            "WORK/mining-10k",
+            "--work-dir",  # resumable state, git-ignored; relative to the repository root (the scripts' cwd)
+            "benchmarks/.work/mining-10k",
         ],
     ),
     "eval": ("eval.py", ["--max-seq-length", "128"]),
@@ -143,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in selected:
         script, extra = BENCHMARKS[name]
-        # Relative to the repository root, the scripts' working directory.
-        extra = [a.replace("WORK/", f"{WORK.relative_to(HERE.parent)}/") for a in extra]
         if not (HERE / script).exists():
             sections += [f"## {name}", "", f"_not available: benchmarks/{script} is missing_", ""]
             continue

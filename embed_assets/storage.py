@@ -16,24 +16,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-#: Inside each temporary folder: the writer's PID, so a later write can tell a dead writer's leftovers apart.
-_OWNER = ".owner"
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+def _writer_pid(tmp: Path, final: Path) -> int | None:
+    """The PID that :func:`atomic_path` put in a temporary's name (``.<name>.<pid>.<random>.tmp``)."""
+    pid = tmp.name[len(final.name) + 2 :].split(".", 1)[0]
+    return int(pid) if pid.isdigit() else None
 
 
 def collect_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Remove what writers killed mid-write (SIGKILL skips their cleanup) left next to ``path``.
 
-    A temporary folder ``.<name>.*.tmp`` is stale when the process recorded in it is gone. If the kill came
+    A temporary folder ``.<name>.<pid>.*.tmp`` is stale when the process ``pid`` is gone. If the kill came
     between moving the previous version of a folder aside and moving the new one in, ``path`` is missing and
     the previous version is put back first, so nothing is lost.
 
@@ -46,11 +39,12 @@ def collect_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     final = Path(path)
     removed: list[Path] = []
     for tmp in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
-        try:
-            pid = int((tmp / _OWNER).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or its writer has not recorded itself yet
-        if _pid_alive(pid):
+        pid = _writer_pid(tmp, final)
+        if pid is None:
+            continue  # not one of ours
+        from embed_assets.serving.process import is_alive  # only when there is a candidate
+
+        if is_alive(pid):
             continue
         previous = tmp / f"{final.name}.previous"
         if previous.exists() and not final.exists():
@@ -76,8 +70,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     collect_stale_temporaries(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    (tmp / _OWNER).write_text(str(os.getpid()))
+    # The writer's PID in the name lets a later write tell a killed writer's leftovers from a live one's.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     target = tmp / final.name
     try:
         yield target

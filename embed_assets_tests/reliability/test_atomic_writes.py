@@ -97,9 +97,8 @@ def test_sigkill_in_the_middle_of_a_large_jsonl_write(tmp_path: Path, children: 
     assert read_jsonl(final) == V1
     # SIGKILL skips the cleanup: the half-written temporary stays, hidden, next to the artifact (never read)
     assert len(leftovers(tmp_path, "big.jsonl")) == 1 and partial_size() > 200_000
-    write_jsonl(
-        final, [{"version": 3}]
-    )  # the next write is unaffected, and collects the dead writer's temporary
+    # The next write is unaffected, and collects the dead writer's temporary.
+    write_jsonl(final, [{"version": 3}])
     assert read_jsonl(final) == [{"version": 3}]
     assert leftovers(tmp_path, "big.jsonl") == []
 
@@ -115,19 +114,17 @@ def test_a_folder_swap_killed_half_way_is_recovered_by_the_next_write(tmp_path: 
         (tmp / "weights.bin").write_bytes(b"v1")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / ".model.killed.tmp"  # what the killed writer left: its half-swapped state
+    stale = tmp_path / f".model.{dead.pid}.killed.tmp"  # what the killed writer left: its half-swapped state
     stale.mkdir()
-    (stale / ".owner").write_text(str(dead.pid))
     os.replace(final, stale / "model.previous")
     (stale / "model").mkdir()
-    alive = tmp_path / ".model.busy.tmp"  # a live writer's temporary is left alone
+    alive = tmp_path / f".model.{os.getpid()}.busy.tmp"  # a live writer's temporary is left alone
     alive.mkdir()
-    (alive / ".owner").write_text(str(os.getpid()))
 
     with pytest.raises(RuntimeError, match="crash"), atomic_path(final):
         raise RuntimeError("crash")
     assert (final / "weights.bin").read_bytes() == b"v1"
-    assert leftovers(tmp_path, "model") == [".model.busy.tmp"]
+    assert leftovers(tmp_path, "model") == [alive.name]
 
 
 def test_corrupt_cache_entry_is_a_miss_and_is_rewritten(tmp_path: Path) -> None:
