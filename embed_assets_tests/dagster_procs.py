@@ -71,13 +71,28 @@ def make_dagster_home(path: Path) -> Path:
     The storage is created here, once: processes started together on a fresh home (webserver and daemon, or
     two runs) would otherwise race to create the same SQLite schema.
     """
-    import dagster as dg
-
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dagster.yaml", path / "dagster.yaml")
-    with dg.DagsterInstance.from_config(str(path)):
+    with instance_at(path):
         pass
     return path
+
+
+@contextlib.contextmanager
+def instance_at(home: Path) -> Iterator[Any]:
+    """The Dagster instance of ``home``; the project's ``dagster.yaml`` reads its storage dir from DAGSTER_HOME."""
+    import dagster as dg
+
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            yield instance
+    finally:
+        if saved is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = saved
 
 
 def deployment_env(home: Path, artifacts: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

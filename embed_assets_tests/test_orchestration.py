@@ -457,7 +457,7 @@ def test_gpu_pool_serializes_gpu_steps_across_runs(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from embed_assets_tests.dagster_procs import REPO, make_dagster_home
+    from embed_assets_tests.dagster_procs import REPO, instance_at, make_dagster_home
 
     home = make_dagster_home(tmp_path / "dagster_home")
     env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO)}
@@ -491,7 +491,7 @@ def test_gpu_pool_serializes_gpu_steps_across_runs(tmp_path: Path) -> None:
     )
     (_, first_end), (second_start, _) = spans
     assert second_start >= first_end, f"GPU steps of two runs overlapped: {spans}"
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with instance_at(home) as instance:
         records = instance.get_run_records()
     assert len(records) == 2
     # The runs themselves did overlap: the second step waited for the pool, not for the other run to end.
