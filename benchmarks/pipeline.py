@@ -24,7 +24,8 @@ Four measurements, all in one run:
 MLflow tracking is off in both paths of (1) (the plain path has no tracking to compare it with) and the
 ``tensorrt_engine`` / ``nim_service`` assets are not part of the comparison. Both paths run with
 ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it. Other processes on the machine make wall times
-noisy: the default three runs per path alternate which path goes first, and the tables show medians.
+noisy: the default five runs per path alternate which path goes first, the tables show medians, and the total
+overhead is also given per adjacent pair of runs (median over pairs) and fastest run vs fastest run.
 
 Usage::
 
@@ -766,6 +767,33 @@ def _pct(new: float, base: float) -> str:
     return f"{100 * (new - base) / base:+.1f} %" if base > 0 else "n/a"
 
 
+def paired_overhead(plain: list[dict], dagster: list[dict]) -> list[str]:
+    """The total overhead estimated two load-robust ways: per adjacent pair of runs, and fastest vs fastest.
+
+    Run ``i`` of each path ran back to back (alternating which went first), so the pair saw about the same
+    machine load; the median of the per-pair overheads discards pairs hit by a burst. The fastest run of each
+    path is the least-disturbed one (timeit's rule). Both lines are empty with one run per path.
+    """
+    if len(plain) < 2:
+        return []
+
+    def pct(d: float, p: float) -> float:
+        return 100 * (d - p) / p
+
+    wall = [pct(d["total"], p["total"]) for p, d in zip(plain, dagster, strict=True)]
+    cpu = [pct(d["total_cpu"], p["total_cpu"]) for p, d in zip(plain, dagster, strict=True)]
+    fastest_p, fastest_d = min(r["total"] for r in plain), min(r["total"] for r in dagster)
+    return [
+        "Paired, each Dagster run against the plain run next to it in time: wall "
+        + ", ".join(f"{v:+.1f} %" for v in wall)
+        + f" (**median {statistics.median(wall):+.1f} %**); CPU "
+        + ", ".join(f"{v:+.1f} %" for v in cpu)
+        + f" (median {statistics.median(cpu):+.1f} %). Fastest run of each path: plain {fastest_p:.2f} s, "
+        f"Dagster {fastest_d:.2f} s, **{pct(fastest_d, fastest_p):+.1f} %**.",
+        "",
+    ]
+
+
 def overhead_tables(plain: list[dict], dagster: list[dict]) -> list[str]:
     """Per-stage medians of the repeats: times with overhead, then peak RSS."""
 
@@ -825,6 +853,7 @@ def overhead_tables(plain: list[dict], dagster: list[dict]) -> list[str]:
             )
             + ".",
             "",
+            *paired_overhead(plain, dagster),
         ]
     p_total = statistics.median(r["total"] for r in plain)
     fixed = out_wall + sum(med(dagster, s, "seconds") - med(plain, s, "seconds") for s in LIGHT_STAGES)
@@ -991,7 +1020,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--corpus", default=None, help="corpus folder (default: CorpusConfig's, the sample corpus)"
     )
     p.add_argument(
-        "--repeats", type=int, default=3, help="runs per path for (1)/(2), alternating which path goes first"
+        "--repeats", type=int, default=5, help="runs per path for (1)/(2), alternating which path goes first"
     )
     p.add_argument(
         "--max-steps",
