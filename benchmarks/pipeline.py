@@ -29,7 +29,7 @@ overhead is also given per adjacent pair of runs (median over pairs) and fastest
 
 Usage::
 
-    python benchmarks/pipeline.py                          # ~8 min on 2 cores
+    python benchmarks/pipeline.py                          # ~11 min on 2 cores
     python benchmarks/pipeline.py --repeats 1              # one run per path (~4 min)
     python benchmarks/pipeline.py --parts incremental      # only (3)
     python benchmarks/pipeline.py --max-steps 60 --corpus /path/to/docs --json out.json
