@@ -49,9 +49,10 @@ def _serialized(method: _F) -> _F:
 class PoolSafeSqliteEventLogStorage(SqliteEventLogStorage):
     """SQLite event-log storage whose pool-slot changes are serialized by a lock file in ``base_dir``.
 
-    The lock is re-entrant within a process (a free can assign the next waiting step, which takes it again)
-    and exclusive across processes (``flock``), so it covers run workers, the daemon and the webserver that
-    share one ``DAGSTER_HOME`` on one host, the only setting SQLite storage supports.
+    The lock is re-entrant within a process (a free hands the slot to the next waiting step through
+    ``assign_pending_steps``, which takes it again) and exclusive across processes (``flock``), so it covers
+    run workers, the daemon and the webserver that share one ``DAGSTER_HOME`` on one host, the only setting
+    SQLite storage supports. The kernel drops a killed process's ``flock``, so a crash never leaves it held.
     """
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
@@ -67,7 +68,11 @@ class PoolSafeSqliteEventLogStorage(SqliteEventLogStorage):
         with self._thread_lock:
             if self._depth == 0 and fcntl is not None:
                 fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 self._lock_fd = fd
             self._depth += 1
             try:
@@ -86,6 +91,7 @@ class PoolSafeSqliteEventLogStorage(SqliteEventLogStorage):
     claim_concurrency_slot = _serialized(SqliteEventLogStorage.claim_concurrency_slot)
     free_concurrency_slots_for_run = _serialized(SqliteEventLogStorage.free_concurrency_slots_for_run)
     free_concurrency_slot_for_step = _serialized(SqliteEventLogStorage.free_concurrency_slot_for_step)
+    assign_pending_steps = _serialized(SqliteEventLogStorage.assign_pending_steps)
 
 
 class PoolSafeSqliteStorage(DagsterSqliteStorage):
