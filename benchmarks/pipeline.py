@@ -763,8 +763,13 @@ def spawn(kind: str, spec: dict[str, Any], scratch: Path, tag: str) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _overhead(new: float, base: float) -> float:
+    """``new`` relative to ``base``, in percent."""
+    return 100 * (new - base) / base
+
+
 def _pct(new: float, base: float) -> str:
-    return f"{100 * (new - base) / base:+.1f} %" if base > 0 else "n/a"
+    return f"{_overhead(new, base):+.1f} %" if base > 0 else "n/a"
 
 
 def paired_overhead(plain: list[dict], dagster: list[dict]) -> list[str]:
@@ -776,12 +781,8 @@ def paired_overhead(plain: list[dict], dagster: list[dict]) -> list[str]:
     """
     if len(plain) < 2:
         return []
-
-    def pct(d: float, p: float) -> float:
-        return 100 * (d - p) / p
-
-    wall = [pct(d["total"], p["total"]) for p, d in zip(plain, dagster, strict=True)]
-    cpu = [pct(d["total_cpu"], p["total_cpu"]) for p, d in zip(plain, dagster, strict=True)]
+    wall = [_overhead(d["total"], p["total"]) for p, d in zip(plain, dagster, strict=True)]
+    cpu = [_overhead(d["total_cpu"], p["total_cpu"]) for p, d in zip(plain, dagster, strict=True)]
     fastest_p, fastest_d = min(r["total"] for r in plain), min(r["total"] for r in dagster)
     return [
         "Paired, each Dagster run against the plain run next to it in time: wall "
@@ -789,7 +790,7 @@ def paired_overhead(plain: list[dict], dagster: list[dict]) -> list[str]:
         + f" (**median {statistics.median(wall):+.1f} %**); CPU "
         + ", ".join(f"{v:+.1f} %" for v in cpu)
         + f" (median {statistics.median(cpu):+.1f} %). Fastest run of each path: plain {fastest_p:.2f} s, "
-        f"Dagster {fastest_d:.2f} s, **{pct(fastest_d, fastest_p):+.1f} %**.",
+        f"Dagster {fastest_d:.2f} s, **{_pct(fastest_d, fastest_p)}**.",
         "",
     ]
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -14,36 +12,35 @@ import dagster as dg
 import pytest
 
 from embed_assets.defs.instance import PoolSafeSqliteEventLogStorage, PoolSafeSqliteStorage
-from embed_assets_tests.dagster_procs import REPO, instance_at, make_dagster_home
+from embed_assets_tests.dagster_procs import instance_at, make_dagster_home
 
 POOL = "gpu"
 
 
 def _claim_and_hold(home: str, worker: int, start_at: float, rounds: int, out: str) -> None:
     """Claim the pool ``rounds`` times the way a run worker does (poll until claimed), hold, free; log spans."""
-    os.environ["DAGSTER_HOME"] = home  # the project's dagster.yaml reads its storage dir from it
-    instance = dg.DagsterInstance.from_config(home)
-    storage = instance.event_log_storage
-    while time.time() < start_at:  # start every worker at the same instant to provoke the race
-        pass
-    # Every run worker's first gpu step initializes the pool at its default limit (InstanceConcurrencyContext).
-    storage.initialize_concurrency_limit_to_default(POOL)
-    spans = []
-    for i in range(rounds):
-        run_id, step_key = f"run-{worker}-{i}", "checkpoint"
-        while not storage.claim_concurrency_slot(POOL, run_id, step_key).is_claimed:
-            time.sleep(0.005)
-        begin = time.time()
-        time.sleep(0.03)
-        spans.append((begin, time.time()))
-        storage.free_concurrency_slot_for_step(run_id, step_key)
+    with instance_at(Path(home)) as instance:
+        storage = instance.event_log_storage
+        while time.time() < start_at:  # start every worker at the same instant to provoke the race
+            pass
+        # Every run worker's first gpu step initializes the pool at its default limit (InstanceConcurrencyContext).
+        storage.initialize_concurrency_limit_to_default(POOL)
+        spans = []
+        for i in range(rounds):
+            run_id, step_key = f"run-{worker}-{i}", "checkpoint"
+            while not storage.claim_concurrency_slot(POOL, run_id, step_key).is_claimed:
+                time.sleep(0.005)
+            begin = time.time()
+            time.sleep(0.03)
+            spans.append((begin, time.time()))
+            storage.free_concurrency_slot_for_step(run_id, step_key)
     Path(out).write_text(json.dumps(spans))
 
 
 def test_dagster_yaml_selects_the_pool_safe_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    make_dagster_home(tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance:  # as the Dagster CLI, webserver and daemon open it
         assert isinstance(instance.event_log_storage, PoolSafeSqliteEventLogStorage)
         assert instance.event_log_storage.supports_global_concurrency_limits
     # Dagster's default layout under DAGSTER_HOME, so an existing home keeps its history.
