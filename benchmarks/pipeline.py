@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import hashlib
 import json
 import os
 import shutil
@@ -186,227 +185,82 @@ def _import_heavy() -> float:
     return time.perf_counter() - start
 
 
-def _fingerprint(*parts: Any) -> str:
-    """Same key scheme as the assets' cache fingerprints."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------------------------------- plain
 class PlainPipeline:
-    """The pipeline as a user would write it by hand: library calls, artifacts written, no Dagster.
-
-    Mirrors the asset bodies of ``embed_assets/defs/assets.py`` (same functions, same arguments, same
-    artifacts), without their Dagster metadata (previews, histograms, the training-curve PNG) and without
-    re-reading upstream artifacts that are still in memory.
-    """
+    """The pipeline as a plain script: the same stage functions the assets call, with the same settings and
+    inputs, in lineage order, without Dagster (no event log, no IO manager, no metadata conversion)."""
 
     def __init__(self, spec: dict[str, Any], root: Path) -> None:
-        from embed_assets.models import pick_device
+        import logging
 
-        self.cfg = spec["configs"]
-        self.model = spec["model"]
-        self.root = root
-        self.device = pick_device(self.model["device"])
+        from embed_assets.stages.common import ModelSpec, StageContext
+
+        self.settings = {
+            name: cls.model_validate(spec["configs"][name]) for name, cls in stage_settings().items()
+        }
+        self.model = ModelSpec(**spec["model"])
+        self.ctx = StageContext.local(root, log=logging.getLogger("bench.plain"))
         self.outputs: dict[str, Any] = {}
 
-    def _dir(self, name: str) -> Path:
-        path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
     def corpus(self) -> None:
-        from embed_assets.corpus import read_corpus
-        from embed_assets.storage import write_jsonl
+        from embed_assets.stages.ingest import read_documents
 
-        c = self.cfg["corpus"]
-        scan = read_corpus(c["path"], c["extensions"], c["exclude_globs"], c["max_file_bytes"])
-        write_jsonl(self._dir("corpus") / "documents.jsonl", (d.to_dict() for d in scan.documents))
-        self.documents = scan.documents
-        self.outputs["documents"] = len(scan.documents)
+        self.documents = read_documents(self.settings["corpus"], self.ctx)
+        self.outputs["documents"] = self.documents.n_docs
 
     def corpus_chunks(self) -> None:
-        from embed_assets.chunking import chunk_corpus, tokenizer_counter
-        from embed_assets.models import resolve_model_path
-        from embed_assets.storage import write_parquet
+        from embed_assets.stages.ingest import chunk_documents
 
-        c = self.cfg["corpus_chunks"]
-        counter = tokenizer_counter(resolve_model_path(self.model["base_model"]))
-        self.chunks, _ = chunk_corpus(
-            self.documents, c["sentences_per_chunk"], c["passage_max_length"], counter
-        )
-        write_parquet(self._dir("corpus_chunks") / "chunks.parquet", [ch.to_dict() for ch in self.chunks])
-        self.outputs["chunks"] = len(self.chunks)
+        self.chunks = chunk_documents(self.documents, self.settings["corpus_chunks"], self.model, self.ctx)
+        self.outputs["chunks"] = self.chunks.n_chunks
 
     def synthetic_qa(self) -> None:
-        from embed_assets.sdg.cache import SDGCache
-        from embed_assets.sdg.offline import InverseClozeGenerator, InverseClozeSettings
-        from embed_assets.sdg.runner import run_generation
-        from embed_assets.storage import write_jsonl
+        from embed_assets.stages.sdg import generate_pairs
 
-        c = self.cfg["synthetic_qa"]
-        if c["generator"] != "inverse_cloze":
-            raise SystemExit("the overhead comparison runs the offline generator (inverse_cloze) only")
-        generator = InverseClozeGenerator(
-            InverseClozeSettings(
-                c["queries_per_chunk"], c["min_query_words"], c["max_query_words"], c["seed"]
-            )
-        )
-        result = run_generation(generator, self.chunks, SDGCache(self._dir("cache/sdg")))
-        self.records = result.records
-        write_jsonl(self._dir("synthetic_qa") / "qa.jsonl", (r.to_dict() for r in self.records))
-        self.outputs["pairs"] = len(self.records)
+        self.pairs = generate_pairs(self.chunks, self.settings["synthetic_qa"], self.model, self.ctx)
+        self.outputs["pairs"] = self.pairs.n_pairs
 
     def split_sets(self) -> None:
-        from embed_assets.prep import split_by_document, write_eval_beir
-        from embed_assets.storage import write_json, write_jsonl
+        from embed_assets.stages.split import split_pairs
 
-        c = self.cfg["split_sets"]
-        self.split = split_by_document(
-            self.records,
-            ratios=(c["train_ratio"], c["val_ratio"], c["test_ratio"]),
-            small_data_threshold=c["small_data_threshold"],
-            seed=c["seed"],
-        )
-        self.eval_dir = self.root / "eval_beir"
-        counts = write_eval_beir(self.eval_dir, self.split.test, self.chunks)
-        write_json(self.eval_dir / "embed_assets_eval.json", {"test_docs": self.split.docs["test"], **counts})
-        out = self._dir("split_sets")
-        for name in ("train", "val", "test"):
-            write_jsonl(out / f"{name}.jsonl", (r.to_dict() for r in getattr(self.split, name)))
-        self.test_docs = set(self.split.docs["test"])
-        self.outputs["train/val/test pairs"] = "/".join(
-            str(len(getattr(self.split, n))) for n in ("train", "val", "test")
-        )
+        self.split = split_pairs(self.chunks, self.pairs, self.settings["split_sets"], self.ctx)
+        self.outputs["train/val/test pairs"] = f"{self.split.n_train}/{self.split.n_val}/{self.split.n_test}"
 
     def mined_negatives(self) -> None:
-        from embed_assets.mining import mine_pool
-        from embed_assets.models import load_sentence_transformer
-        from embed_assets.storage import write_jsonl
+        from embed_assets.stages.mine import mine_negatives
 
-        c, m = self.cfg["mined_negatives"], self.model
-        st_model = load_sentence_transformer(m["base_model"], device=self.device)
-        pool = [ch for ch in self.chunks if ch.doc_id not in self.test_docs]
-        result = mine_pool(
-            st_model,
-            self.split.train,
-            pool,
-            self._dir("cache/embeddings"),
-            model_fingerprint=_fingerprint(m["base_model"], m["passage_prompt"]),
-            query_prompt=m["query_prompt"] or None,
-            passage_prompt=m["passage_prompt"] or None,
-            batch_size=c["batch_size"],
-            num_negatives=c["hard_negatives_to_mine"],
-            range_min=c["range_min"],
-            range_max=c["range_max"],
-            relative_margin=c["relative_margin"],
-            absolute_margin=c["absolute_margin"],
-            sampling_strategy=c["sampling_strategy"],
-            use_faiss=c["use_faiss"],
+        self.mined = mine_negatives(
+            self.chunks, self.pairs, self.split, self.settings["mined_negatives"], self.model, self.ctx
         )
-        self.mined = [r.__dict__ for r in result.rows]
-        write_jsonl(self._dir("mined_negatives") / "mined.jsonl", self.mined)
-        self.outputs["mined rows"] = len(self.mined)
+        self.outputs["mined rows"] = self.mined.n_rows
 
     def checkpoint(self) -> None:
-        from embed_assets.training import TrainSettings, train, training_rows
+        from embed_assets.stages.train import train_checkpoint
 
-        options = dict(self.cfg["checkpoint"])
-        options.pop("num_gpus", None)  # one process on CPU, as the asset decides there
-        settings = TrainSettings(
-            **options, query_prompt=self.model["query_prompt"], passage_prompt=self.model["passage_prompt"]
+        self.checkpoint_ = train_checkpoint(
+            self.chunks, self.pairs, self.split, self.mined, self.settings["checkpoint"], self.model, self.ctx
         )
-        rows = training_rows(self.mined, settings.negatives_per_row)
-        val = None
-        if self.split.val:
-            corpus = {ch.chunk_id: ch.text for ch in self.chunks if ch.doc_id not in self.test_docs}
-            val = {
-                "queries": {r.qa_id: r.query for r in self.split.val},
-                "corpus": corpus,
-                "relevant_docs": {
-                    r.qa_id: {cid for cid in r.positive_chunk_ids if cid in corpus} for r in self.split.val
-                },
-            }
-        self.model_dir = str(self._dir("checkpoint") / "model")
-        work = self._dir("cache/train") / _fingerprint(self.model["base_model"], settings.__dict__)
-        report = train(
-            self.model["base_model"], rows, work, self.model_dir, settings, device=self.device, val=val
+        self.outputs["training rows / steps"] = (
+            f"{self.checkpoint_.train_rows} / {self.checkpoint_.report['steps']}"
         )
-        self.report = report
-        self.outputs["training rows / steps"] = f"{len(rows)} / {report.steps}"
 
     def beir_metrics(self) -> None:
-        from embed_assets.beir_io import load_beir_folder
-        from embed_assets.metrics import (
-            compare,
-            encode_and_search,
-            evaluate,
-            paired_bootstrap,
-            per_query_ndcg,
-        )
-        from embed_assets.models import load_sentence_transformer
-        from embed_assets.storage import write_json
+        from embed_assets.stages.evaluate import evaluate_checkpoint
 
-        c, m = self.cfg["beir_metrics"], self.model
-        corpus, queries, qrels = load_beir_folder(self.eval_dir, split="test")
-        results, runs = {}, {}
-        for name, path in (("base", m["base_model"]), ("finetuned", self.model_dir)):
-            st_model = load_sentence_transformer(path, device=self.device)
-            runs[name], _ = encode_and_search(
-                st_model,
-                queries,
-                corpus,
-                top_k=max(c["k_values"]),
-                batch_size=c["batch_size"],
-                query_prompt=m["query_prompt"] or None,
-                corpus_prompt=m["passage_prompt"] or None,
-            )
-            results[name] = evaluate(qrels, runs[name], k_values=c["k_values"])
-        out = self._dir("beir_metrics")
-        rows = compare(results["base"], results["finetuned"])
-        write_json(out / "metrics.json", {**results, "deltas": rows})
-        write_json(out / "run_finetuned.json", runs["finetuned"])
-        write_json(out / "run_base.json", runs["base"])
-        paired_bootstrap(
-            per_query_ndcg(qrels, runs["base"], 10),
-            per_query_ndcg(qrels, runs["finetuned"], 10),
-            n=c["noise_bootstrap_samples"],
-            seed=0,
+        self.metrics = evaluate_checkpoint(
+            self.split, self.checkpoint_, self.settings["beir_metrics"], self.model, self.ctx
         )
-        self.reference = results["finetuned"]
         self.outputs["nDCG@10 base / fine-tuned"] = (
-            f"{results['base']['NDCG@10']:.4f} / {results['finetuned']['NDCG@10']:.4f}"
+            f"{self.metrics.base['NDCG@10']:.4f} / {self.metrics.finetuned['NDCG@10']:.4f}"
         )
 
     def onnx_model(self) -> None:
-        from embed_assets.beir_io import load_beir_folder
-        from embed_assets.export import export_onnx
-        from embed_assets.metrics import evaluate_encoder, metric_parity
-        from embed_assets.serving.embedder import OnnxEmbedder
+        from embed_assets.stages.export import export_checkpoint
 
-        c = self.cfg["onnx_model"]
-        out = str(self._dir("onnx_model") / "onnx")
-        report = export_onnx(
-            self.model_dir,
-            out,
-            opset=c["opset"],
-            quantize_int8=c["quantize_int8"],
-            model_name=c["served_model_name"],
+        onnx = export_checkpoint(
+            self.split, self.checkpoint_, self.metrics, self.settings["onnx_model"], self.ctx
         )
-        corpus, queries, qrels = load_beir_folder(self.eval_dir, split="test")
-        k_values = sorted({int(k.rsplit("@", 1)[1]) for k in self.reference})
-        ndcg = {}
-        for variant in ["fp32"] + (["int8"] if report.int8_path else []):
-            embedder = OnnxEmbedder(out, variant=variant)
-            metrics, _ = evaluate_encoder(
-                lambda texts, kind, e=embedder: e.encode(texts, input_type=kind, truncate="END"),
-                corpus,
-                queries,
-                qrels,
-                k_values,
-            )
-            metric_parity(self.reference, metrics)
-            ndcg[variant] = metrics.get("NDCG@10", float("nan"))
-        self.outputs["ONNX nDCG@10 fp32 / int8"] = " / ".join(f"{v:.4f}" for v in ndcg.values())
+        self.outputs["ONNX nDCG@10 fp32 / int8"] = " / ".join(f"{p.ndcg_at_10:.4f}" for p in onnx.parity)
 
 
 def run_plain(spec: dict[str, Any], root: Path, sampler: PeakSampler, log: Callable[[str], None]) -> dict:
@@ -420,13 +274,7 @@ def run_plain(spec: dict[str, Any], root: Path, sampler: PeakSampler, log: Calla
         stages[name] = _stage(sampler, begin, end)
         log(f"[plain] {name}: {_describe(stages[name])}")
     totals = _totals(sampler, first, end)
-    # Not part of the plain path: what the checkpoint asset spends on its training-curve PNG (metadata).
-    from embed_assets.tracking import plot_training_curves
-
-    start = time.perf_counter()
-    plot_training_curves(pipeline.report.loss_curve, pipeline.report.eval_curve, root / "curves.png")
-    plot_s = time.perf_counter() - start
-    return {**totals, "stages": stages, "outputs": pipeline.outputs, "plot_seconds": plot_s}
+    return {**totals, "stages": stages, "outputs": pipeline.outputs}
 
 
 def _stage(sampler: PeakSampler, begin: float, end: float) -> dict[str, float]:
@@ -507,15 +355,14 @@ def _asset_metadata(result: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _bench_resources(defs: Any, artifacts: str) -> dict[str, Any]:
-    """The definitions' resources with a scratch artifact root and MLflow tracking off."""
+def _bench_resources(artifacts: str, **overrides: Any) -> dict[str, Any]:
+    """The code location's resources with a scratch artifact root and MLflow tracking off."""
+    from embed_assets.definitions import pipeline_resources
     from embed_assets.defs.resources import ArtifactStore, MLflowTracking
 
-    return {
-        **defs.resources,
-        "store": ArtifactStore(root=artifacts),
-        "tracking": MLflowTracking(enabled=False),
-    }
+    return pipeline_resources(
+        ArtifactStore(root=artifacts), **{"tracking": MLflowTracking(enabled=False), **overrides}
+    )
 
 
 def _run_config(spec: dict[str, Any]) -> dict[str, Any]:
@@ -532,7 +379,7 @@ def _ndcg_pair(meta: dict[str, dict[str, Any]]) -> str:
 def run_dagster(
     spec: dict[str, Any], root: Path, sampler: PeakSampler, log: Callable[[str], None], defs: Any
 ) -> dict:
-    resources = _bench_resources(defs, str(root / "artifacts"))
+    resources = _bench_resources(str(root / "artifacts"))
     run_config = _run_config(spec)
     instance = _instance(spec["instance"], root / "dagster_home")
     log(f"[dagster] materializing {len(STAGES)} assets (dagster logs: {spec['log_path']})")
@@ -550,7 +397,7 @@ def run_dagster(
         "chunks": meta["corpus_chunks"]["chunks"],
         "pairs": meta["synthetic_qa"]["pairs"],
         "train/val/test pairs": f"{qa_split['train_pairs']}/{qa_split['val_pairs']}/{qa_split['test_pairs']}",
-        "mined rows": result.output_for_node("mined_negatives")["n_rows"],
+        "mined rows": result.output_for_node("mined_negatives").n_rows,
         "training rows / steps": f"{meta['checkpoint']['rows']} / {meta['checkpoint']['steps']}",
         "nDCG@10 base / fine-tuned": _ndcg_pair(meta),
         "ONNX nDCG@10 fp32 / int8": " / ".join(
@@ -576,7 +423,7 @@ def bench_job():
 
     executor = build_executor("multiprocess", os.environ["BENCH_STEP_START"])
     job = dg.define_asset_job("bench_pipeline", selection=list(STAGES), executor_def=executor)
-    resources = _bench_resources(defs, os.environ["BENCH_PIPELINE_ROOT"])
+    resources = _bench_resources(os.environ["BENCH_PIPELINE_ROOT"])
     return dg.Definitions(assets=list(defs.assets), resources=resources, jobs=[job]).resolve_job_def(
         "bench_pipeline"
     )
@@ -622,7 +469,7 @@ def _edit_one_sentence(path: Path) -> tuple[str, str]:
 
 
 def run_incremental(spec: dict[str, Any], root: Path, log: Callable[[str], None], defs: Any) -> dict:
-    from embed_assets.defs.resources import ArtifactStore, LLMResource, MLflowTracking
+    from embed_assets.defs.resources import LLMResource
     from embed_assets_tests.openai_stub_server import OpenAIStub
 
     docs = root / "corpus"
@@ -638,12 +485,9 @@ def run_incremental(spec: dict[str, Any], root: Path, log: Callable[[str], None]
     instance = _instance(spec["instance"], root / "dagster_home")
     runs = []
     with OpenAIStub() as stub:
-        resources = {
-            **defs.resources,
-            "store": ArtifactStore(root=str(root / "artifacts")),
-            "llm": LLMResource(base_url=stub.base_url, model="stub/chat-model"),
-            "tracking": MLflowTracking(enabled=False),
-        }
+        resources = _bench_resources(
+            str(root / "artifacts"), llm=LLMResource(base_url=stub.base_url, model="stub/chat-model")
+        )
         edit: dict[str, str] = {}
         for label in ("full run", "re-run, nothing changed", "re-run, one sentence edited"):
             if label.endswith("edited"):
@@ -875,15 +719,14 @@ def overhead_tables(plain: list[dict], dagster: list[dict]) -> list[str]:
     ]
     imp = statistics.median(r["import_seconds"] for r in dagster)
     heavy = statistics.median(r["heavy_import_seconds"] for r in plain + dagster)
-    plot = statistics.median(r["plot_seconds"] for r in plain)
     lines += [
         f"Not in the totals (before the clock, in both paths): importing torch, transformers, "
         f"sentence-transformers, datasets and onnxruntime, {heavy:.1f} s; Dagster path only: importing "
         f"dagster and the definitions, {imp:.2f} s (once per code-location load, not per run).",
         "",
-        "Asset-side metadata work inside the Dagster column (measured separately in the plain process, "
-        f"after its run): the checkpoint asset's training-curve PNG with its matplotlib import, "
-        f"{plot:.2f} s; the previews, histograms and the previous-run chunk lookup are small.",
+        "Both paths run the same stage functions (the training-curve PNG included); the Dagster column adds "
+        "the event log, the JSON manifests of the IO manager, the metadata conversion and the previous-run "
+        "chunk lookup.",
         "",
         "### Peak RSS per stage (MiB, process high-water mark while the stage ran, median)",
         "",
@@ -1006,10 +849,11 @@ def incremental_table(inc: dict[str, Any], through: str) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments; defaults come from the stage configs in ``embed_assets/defs/configs.py``."""
-    from embed_assets.defs.configs import SDGConfig, TrainingConfig
+    """Command-line arguments; defaults come from the stage settings in ``embed_assets/stages/``."""
+    from embed_assets.stages.sdg import SDGSettings
+    from embed_assets.stages.train import TrainSettings
 
-    training, sdg = TrainingConfig(), SDGConfig()
+    training, sdg = TrainSettings(), SDGSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--parts",
@@ -1087,10 +931,32 @@ def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def stage_settings() -> dict[str, type]:
+    """The settings class of each compared stage (the fields of its asset's run config)."""
+    from embed_assets.stages.evaluate import EvalSettings
+    from embed_assets.stages.export import ExportSettings
+    from embed_assets.stages.ingest import ChunkSettings, CorpusSettings
+    from embed_assets.stages.mine import MiningSettings
+    from embed_assets.stages.sdg import SDGSettings
+    from embed_assets.stages.split import SplitSettings
+    from embed_assets.stages.train import TrainSettings
+
+    return {
+        "corpus": CorpusSettings,
+        "corpus_chunks": ChunkSettings,
+        "synthetic_qa": SDGSettings,
+        "split_sets": SplitSettings,
+        "mined_negatives": MiningSettings,
+        "checkpoint": TrainSettings,
+        "beir_metrics": EvalSettings,
+        "onnx_model": ExportSettings,
+    }
+
+
 def build_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """Run-config overrides per stage and the fully resolved settings (validated by the project's configs)."""
-    from embed_assets.defs import configs
+    """Run-config overrides per stage and the fully resolved settings (validated by the stage settings)."""
     from embed_assets.defs.resources import EmbeddingModel
+    from embed_assets.stages.sdg import SDGSettings
 
     overrides: dict[str, dict[str, Any]] = {
         "corpus": {"path": str(Path(args.corpus).resolve())} if args.corpus else {},
@@ -1101,19 +967,9 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
             "max_seq_length": args.max_seq_length,
         },
     }
-    classes = {
-        "corpus": configs.CorpusConfig,
-        "corpus_chunks": configs.ChunkingConfig,
-        "synthetic_qa": configs.SDGConfig,
-        "split_sets": configs.SplitConfig,
-        "mined_negatives": configs.MiningConfig,
-        "checkpoint": configs.TrainingConfig,
-        "beir_metrics": configs.EvalConfig,
-        "onnx_model": configs.ExportConfig,
-    }
-    resolved = {name: cls(**overrides.get(name, {})).model_dump() for name, cls in classes.items()}
+    resolved = {name: cls(**overrides.get(name, {})).model_dump() for name, cls in stage_settings().items()}
     llm_sdg = {"generator": "llm", "num_pairs": args.num_pairs, "bundle_size": args.bundle_size}
-    configs.SDGConfig(**llm_sdg)  # validate
+    SDGSettings(**llm_sdg)  # validate
     return {
         "overrides": overrides,
         "configs": resolved,

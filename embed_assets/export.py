@@ -18,7 +18,6 @@ Folder layout written by :func:`export_onnx`::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -392,9 +391,9 @@ def _save_tokenizer(model: Any, model_dir: str, out: Path) -> None:
 
 
 def _write_metadata(out: Path, meta: dict[str, Any]) -> None:
-    tmp = out / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out / METADATA_FILE)
+    from embed_assets.storage import write_json
+
+    write_json(out / METADATA_FILE, meta)
 
 
 def _reference_embeddings(
@@ -418,7 +417,7 @@ def _measure_variant(
     """Cosine vs torch (through the serving embedder, tokenizer included), size and throughput.
 
     Throughput is timed on the parity encode itself (after a warm-up call) so the export pays for no extra
-    passes; ``measure_throughput`` gives a steadier number when wanted.
+    passes.
     """
     embedder = OnnxEmbedder(str(out), variant=variant, providers=["CPUExecutionProvider"])
     embedder.encode(texts[:2], truncate="END")
@@ -454,27 +453,6 @@ def onnx_bytes(path: str | os.PathLike[str]) -> int:
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = (a * b).sum(axis=1)
     return num / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-
-
-def measure_throughput(
-    embedder: Any, texts: list[str], *, min_texts: int = 32, batch_size: int = 32
-) -> float:
-    """Texts per second of ``embedder.encode`` (after one warm-up call).
-
-    Args:
-        embedder: Anything with ``encode(texts, input_type, truncate, batch_size)``.
-        texts: Sample texts (repeated up to ``min_texts``).
-        min_texts: Minimum number of texts timed.
-        batch_size: Batch size.
-
-    Returns:
-        Texts per second.
-    """
-    sample = (texts * (min_texts // max(len(texts), 1) + 1))[: max(min_texts, len(texts))]
-    embedder.encode(sample[:batch_size], truncate="END", batch_size=batch_size)
-    start = time.perf_counter()
-    embedder.encode(sample, truncate="END", batch_size=batch_size)
-    return len(sample) / max(time.perf_counter() - start, 1e-9)
 
 
 # --- int8 ------------------------------------------------------------------------------------------------

@@ -201,21 +201,6 @@ def document_text(doc: Mapping[str, Any], sep: str = " ") -> str:
     return text.strip()
 
 
-def model_prompts(model: Any) -> tuple[str | None, str | None]:
-    """The query and document prompts a sentence-transformers model was saved with, if any.
-
-    Args:
-        model: A ``SentenceTransformer``.
-
-    Returns:
-        ``(query_prompt, corpus_prompt)`` from ``model.prompts`` (keys ``query`` and ``passage`` /
-        ``document`` / ``corpus``), ``None`` where absent.
-    """
-    prompts = getattr(model, "prompts", None) or {}
-    corpus_prompt = next((prompts[k] for k in ("passage", "document", "corpus") if prompts.get(k)), None)
-    return prompts.get("query") or None, corpus_prompt
-
-
 def descending_id_rank(ids: Sequence[str]) -> np.ndarray:
     """Rank of each id when ids are sorted descending (0 = greatest), trec_eval's tie-break order.
 

@@ -71,6 +71,24 @@ def pick_device(preferred: str = "auto") -> str:
     return "cpu"
 
 
+def model_window(base_model: str) -> int | None:
+    """A sentence-transformers folder's ``max_seq_length`` read from its config (no weights loaded).
+
+    Args:
+        base_model: See :func:`resolve_model_path`.
+
+    Returns:
+        The window in tokens, or ``None`` when the folder does not say (load the model to find out).
+    """
+    import json
+
+    config = Path(resolve_model_path(base_model)) / "sentence_bert_config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
+    return int(value) if value else None
+
+
 def load_sentence_transformer(base_model: str, device: str = "cpu", max_seq_length: int | None = None):
     """Load a sentence-transformers model offline-first.
 
@@ -87,12 +105,26 @@ def load_sentence_transformer(base_model: str, device: str = "cpu", max_seq_leng
 
     model = SentenceTransformer(resolve_model_path(base_model), device=device)
     if max_seq_length is not None:
-        limit = getattr(model[0], "auto_model", None)
-        max_pos = getattr(getattr(limit, "config", None), "max_position_embeddings", None)
-        if max_pos is not None and max_seq_length > max_pos:
-            raise ValueError(
-                f"max_seq_length={max_seq_length} exceeds the model's maximum of {max_pos} positions "
-                f"({base_model}); lower it."
-            )
-        model.max_seq_length = max_seq_length
+        set_max_seq_length(model, max_seq_length, base_model)
     return model
+
+
+def set_max_seq_length(model, max_seq_length: int, name: str = "the model") -> None:
+    """Set a loaded model's window, refusing one beyond its position embeddings.
+
+    Args:
+        model: A ``SentenceTransformer``.
+        max_seq_length: Tokens per text.
+        name: How to name the model in the error.
+
+    Raises:
+        ValueError: ``max_seq_length`` exceeds the model's maximum positions.
+    """
+    limit = getattr(model[0], "auto_model", None)
+    max_pos = getattr(getattr(limit, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and max_seq_length > max_pos:
+        raise ValueError(
+            f"max_seq_length={max_seq_length} exceeds the model's maximum of {max_pos} positions "
+            f"({name}); lower it."
+        )
+    model.max_seq_length = max_seq_length

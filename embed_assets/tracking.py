@@ -19,7 +19,7 @@ import base64
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,18 +376,6 @@ class MLflowTracker:
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start : start + 1000], synchronous=True)
         return values
-
-    def log_curve(self, run_id: str, key: str, points: Iterable[tuple[int, float]]) -> int:
-        """Log ``(step, value)`` points as the history of one metric; returns the number of points logged."""
-        import time
-
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        items = [Metric(metric_name(key), float(v), stamp, int(s)) for s, v in points if math.isfinite(v)]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start : start + 1000], synchronous=True)
-        return len(items)
 
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)

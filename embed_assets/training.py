@@ -1,6 +1,7 @@
 """Fine-tuning with sentence-transformers: MNRL (or Cached MNRL) over mined (anchor, positive, negatives).
 
-Dagster-free: the ``checkpoint`` asset calls :func:`train` and turns the :class:`TrainReport` into metadata.
+The sentence-transformers plumbing of the training stage (:mod:`embed_assets.stages.train`, which owns the
+settings, tracking and the resumable work folder): losses, trainer arguments, progress and curves.
 """
 
 from __future__ import annotations
@@ -11,40 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-
-@dataclass
-class TrainSettings:
-    """Training hyper-parameters (DESIGN §2 defaults; ``epochs=0`` picks them by data size)."""
-
-    epochs: int = 0
-    negatives_per_row: int = 3
-    batch_size: int = 16
-    learning_rate: float = 1e-5
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_seq_length: int = 128
-    max_steps: int = -1
-    loss: str = "mnrl"  # "mnrl" | "cached_mnrl"
-    cached_mini_batch_size: int = 32
-    mixed_precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, fp32 on CPU) | "no" | "fp16" | "bf16"
-    query_prompt: str = ""
-    passage_prompt: str = ""
-    eval_steps: int = 50
-    save_steps: int = 50
-    logging_steps: int = 5
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-
-    def resolved_epochs(self, n_rows: int) -> int:
-        """Epochs by data size: <1K rows: 2, 1K-10K: 2, >10K: 1 (unless set explicitly; DESIGN §2 ranges)."""
-        if self.epochs > 0:
-            return self.epochs
-        return 2 if n_rows <= 10_000 else 1
+if TYPE_CHECKING:
+    from embed_assets.stages.train import TrainSettings
 
 
 @dataclass
@@ -117,11 +88,14 @@ def train(
     val: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     callbacks: Sequence[Any] = (),
+    query_prompt: str = "",
+    passage_prompt: str = "",
 ) -> TrainReport:
     """Fine-tune ``base_model`` on ``rows`` and save the (best) model to ``out_dir``.
 
     Trainer checkpoints go to ``work_dir``; a run killed mid-way resumes from the last one when called again
-    with the same ``work_dir``.
+    with the same ``work_dir``. The model trains at ``settings.max_seq_length`` tokens and is saved with the
+    base model's own window, so evaluation, export and serving see passages as the base model does.
 
     Args:
         base_model: Model path or hub id (see :func:`embed_assets.models.resolve_model_path`).
@@ -134,6 +108,8 @@ def train(
             with it the best checkpoint by nDCG@10 is kept.
         progress: Optional progress sink (one line per logging step).
         callbacks: Extra ``transformers.TrainerCallback`` instances (e.g. experiment tracking).
+        query_prompt: Prefix for anchors (queries), e.g. ``"query: "``.
+        passage_prompt: Prefix for positives and negatives.
 
     Returns:
         A :class:`TrainReport`.
@@ -142,12 +118,14 @@ def train(
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
     from sentence_transformers.training_args import BatchSamplers
 
-    from embed_assets.models import load_sentence_transformer
+    from embed_assets.models import load_sentence_transformer, set_max_seq_length
     from embed_assets.storage import atomic_path
 
     if not rows:
         raise ValueError("no training rows: the mined_negatives stage produced nothing to train on")
-    model = load_sentence_transformer(base_model, device=device, max_seq_length=settings.max_seq_length)
+    model = load_sentence_transformer(base_model, device=device)
+    base_window = model.max_seq_length
+    set_max_seq_length(model, settings.max_seq_length, base_model)
     dataset = Dataset.from_list(list(rows))
     if settings.loss == "cached_mnrl":
         loss = losses.CachedMultipleNegativesRankingLoss(
@@ -167,14 +145,14 @@ def train(
             corpus=val["corpus"],
             relevant_docs=val["relevant_docs"],
             name="val",
-            query_prompt=settings.query_prompt or None,
-            corpus_prompt=settings.passage_prompt or None,
+            query_prompt=query_prompt or None,
+            corpus_prompt=passage_prompt or None,
             write_csv=False,
         )
     prompts = None
-    if settings.query_prompt or settings.passage_prompt:
-        prompts = {"anchor": settings.query_prompt}
-        prompts.update({c: settings.passage_prompt for c in dataset.column_names if c != "anchor"})
+    if query_prompt or passage_prompt:
+        prompts = {"anchor": query_prompt}
+        prompts.update({c: passage_prompt for c in dataset.column_names if c != "anchor"})
 
     epochs = settings.resolved_epochs(len(rows))
     precision = _precision(settings.mixed_precision, device)
@@ -224,11 +202,21 @@ def train(
     seconds = time.monotonic() - start
 
     if trainer.is_world_process_zero():  # under torchrun every rank trains, rank 0 alone writes the model
+        model.max_seq_length = base_window  # the window evaluation and serving use (see the docstring)
         with atomic_path(out_dir) as tmp:
             model.save(str(tmp))
             (tmp / "embed_assets_training.json").write_text(
                 json.dumps(
-                    {"base_model": base_model, "settings": asdict(settings), "epochs": epochs}, indent=2
+                    {
+                        "base_model": base_model,
+                        "settings": settings.model_dump(),
+                        "query_prompt": query_prompt,
+                        "passage_prompt": passage_prompt,
+                        "epochs": epochs,
+                        "train_max_seq_length": settings.max_seq_length,
+                        "saved_max_seq_length": base_window,
+                    },
+                    indent=2,
                 )
             )
     trained_rows = result.global_step * settings.batch_size

@@ -28,7 +28,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from embed_assets.training import TrainReport, TrainSettings
+from embed_assets.stages.train import TrainSettings
+from embed_assets.training import TrainReport
 
 TRACKING_URI_ENV = "EMBED_ASSETS_MLFLOW_TRACKING_URI"
 SPEC_VERSION = 1
@@ -98,6 +99,7 @@ def write_spec(
     device: str,
     val: Mapping[str, Any] | None = None,
     tracking: Mapping[str, Any] | None = None,
+    prompts: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the training rows (JSON Lines) and the spec (JSON) that :func:`main` reads.
 
@@ -112,6 +114,7 @@ def write_spec(
         val: Optional validation set (``relevant_docs`` values may be sets).
         tracking: Optional ``{"run_id", "experiment", "artifact_root", "log_model"}``; the tracking URI itself
             goes in the ``EMBED_ASSETS_MLFLOW_TRACKING_URI`` environment variable.
+        prompts: Optional ``{"query": ..., "passage": ...}`` prefixes.
 
     Returns:
         The spec path.
@@ -134,7 +137,8 @@ def write_spec(
         "rows_path": str(spec_dir / "rows.jsonl"),
         "work_dir": str(work_dir),
         "out_dir": str(out_dir),
-        "settings": asdict(settings),
+        "settings": settings.model_dump(),
+        "prompts": dict(prompts or {}),
         "device": device,
         "val": val_json,
         "tracking": dict(tracking) if tracking else None,
@@ -245,11 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_jsonl(spec["rows_path"]),
         spec["work_dir"],
         spec["out_dir"],
-        TrainSettings(**spec["settings"]),
+        TrainSettings.model_validate(spec["settings"]),
         device=device,
         val=val,
         progress=progress if rank == 0 else None,
         callbacks=callbacks,
+        query_prompt=spec.get("prompts", {}).get("query", ""),
+        passage_prompt=spec.get("prompts", {}).get("passage", ""),
     )
     if rank == 0:
         write_json(spec["report_path"], asdict(report))

@@ -39,8 +39,8 @@ from dagster_k8s.job import (
     get_user_defined_k8s_config,
 )
 
-from embed_assets.definitions import defs
-from embed_assets.defs.assets import ALL_ASSETS, GPU_OP_TAGS, GPU_TAGS, GROUP
+from embed_assets.definitions import ALL_ASSETS, defs
+from embed_assets.defs.common import GPU_OP_TAGS, GPU_TAGS, GROUP
 from embed_assets.defs.jobs import GPU_TAG_LIMITS, K8S_EXECUTOR_CONFIG, build_executor
 
 REPO = Path(__file__).resolve().parents[1]

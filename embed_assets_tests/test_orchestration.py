@@ -18,19 +18,18 @@ import pytest
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
-from embed_assets.definitions import defs
-from embed_assets.defs.assets import (
+from embed_assets.definitions import (
     ALL_ASSETS,
-    GPU_OP_TAGS,
-    GPU_POOL,
-    GPU_TAGS,
     corpus,
     corpus_chunks,
+    defs,
+    pipeline_resources,
     split_sets,
     synthetic_qa,
 )
+from embed_assets.defs.common import GPU_OP_TAGS, GPU_POOL, GPU_TAGS
 from embed_assets.defs.jobs import build_executor
-from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource
+from embed_assets.defs.resources import ArtifactStore, LLMResource
 from embed_assets.defs.sensors import corpus_change_sensor, retrain_schedule
 from embed_assets_tests.conftest import SAMPLE_CORPUS
 from embed_assets_tests.openai_stub_server import OpenAIStub
@@ -54,11 +53,7 @@ def _instance(tmp_path: Path) -> dg.DagsterInstance:
 
 
 def _resources(tmp_path: Path, llm: LLMResource | None = None) -> dict:
-    return {
-        "store": ArtifactStore(root=str(tmp_path / "artifacts")),
-        "model": EmbeddingModel(),
-        "llm": llm or LLMResource(),
-    }
+    return pipeline_resources(ArtifactStore(root=str(tmp_path / "artifacts")), llm=llm or LLMResource())
 
 
 def _materialize(instance, tmp_path, run_config, selection=None, llm=None) -> dg.ExecuteInProcessResult:
@@ -88,6 +83,43 @@ def _meta(instance: dg.DagsterInstance, asset: str) -> dict:
 def _edit_one_document(root: Path, name: str = "power.txt") -> None:
     with (root / name).open("a", encoding="utf-8") as f:
         f.write(" The power operator is evaluated right to left when chained without parentheses.\n")
+
+
+# -------------------------------------------------------------------------------- eval set per corpus
+def test_eval_set_belongs_to_its_corpus(tmp_path: Path) -> None:
+    """A second corpus folder gets its own test set (nothing of the first corpus in it); going back to the
+    first corpus reuses the set frozen for it, and the metadata says which corpus and run it came from."""
+    from embed_assets.beir_io import load_beir_folder
+    from embed_assets.stages.ingest import load_chunks
+
+    first = _small_corpus(tmp_path / "python")
+    second = tmp_path / "other"
+    second.mkdir()
+    for name in ("typesseq-mutable.txt", "slicings.txt", "dict.txt", "global.txt"):
+        shutil.copy(SAMPLE_CORPUS / "python-reference" / name, second / name)
+    instance = _instance(tmp_path)
+
+    def run(folder: Path) -> tuple[dg.ExecuteInProcessResult, dict]:
+        result = _materialize(instance, tmp_path, {"ops": {"corpus": {"config": {"path": str(folder)}}}})
+        return result, _meta(instance, "split_sets")
+
+    r1, m1 = run(first)
+    assert m1["eval_set"] == "new" and "first evaluation set for corpus" in m1["eval_set_reason"]
+    r2, m2 = run(second)
+    assert m2["eval_set"] == "new" and str(second.resolve()) in m2["eval_set_reason"]
+    assert m2["eval_corpus_root"] == str(second.resolve())
+    split = r2.output_for_node("split_sets")
+    eval_corpus, eval_queries, qrels = load_beir_folder(split.eval_beir, split="test")
+    chunks = {c.chunk_id: c for c in load_chunks(r2.output_for_node("corpus_chunks").path)}
+    assert set(eval_corpus) == set(chunks)  # only the second corpus's passages
+    assert eval_queries and all(pid in chunks for rels in qrels.values() for pid in rels)
+    assert {chunks[pid].doc_id for rels in qrels.values() for pid in rels} <= set(split.test_docs)
+    assert set(split.test_docs) <= {p.name for p in second.iterdir()}
+
+    _, m3 = run(first)
+    assert m3["eval_set"] == "reused" and m3["eval_frozen_by_run"] == r1.run_id
+    assert m3["eval_corpus_root"] == str(first.resolve())
+    assert m3["eval_changes_since_last"] == "passages +0/-0, queries +0/-0"
 
 
 # ------------------------------------------------------------------------------------------------ sensor

@@ -9,8 +9,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from embed_assets.defs.assets import ALL_ASSETS
-from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource, MLflowTracking
+from embed_assets.definitions import ALL_ASSETS, pipeline_resources
+from embed_assets.defs.resources import ArtifactStore, MLflowTracking
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +41,14 @@ def pipeline_run(tmp_path: Path, tiny_corpus: Path):
     result = dg.materialize(
         ALL_ASSETS,
         instance=instance,
-        resources={
-            "store": ArtifactStore(root=str(tmp_path / "artifacts")),
-            "model": EmbeddingModel(),
-            "llm": LLMResource(),
-            # The default local store: SQLite + artifacts under the (temporary) artifact root.
-            "tracking": MLflowTracking(experiment="e2e"),
-        },
+        # The code location's resources (manifests stored as JSON); MLflow in its default local store:
+        # SQLite + artifacts under the (temporary) artifact root.
+        resources=pipeline_resources(
+            ArtifactStore(root=str(tmp_path / "artifacts")), tracking=MLflowTracking(experiment="e2e")
+        ),
         run_config=_run_config(tiny_corpus),
     )
-    yield result, instance
+    yield result, instance, tmp_path / "artifacts"
     pid = _metadata(instance, "nim_service").get("pid")
     if pid is not None:
         from embed_assets.serving.process import stop_server
@@ -66,7 +64,7 @@ def test_pipeline_end_to_end(pipeline_run) -> None:
     from embed_assets.beir_io import load_beir_folder
     from embed_assets.serving.embedder import OnnxEmbedder
 
-    result, instance = pipeline_run
+    result, instance, artifacts = pipeline_run
     assert result.success
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert materialized == {a.key.path[-1] for a in ALL_ASSETS} - {"tensorrt_engine"}
@@ -82,23 +80,23 @@ def test_pipeline_end_to_end(pipeline_run) -> None:
 
     # The checkpoint loads and embeds.
     ckpt = result.output_for_node("checkpoint")
-    model = SentenceTransformer(ckpt["model_dir"], device="cpu")
+    model = SentenceTransformer(ckpt.model_dir, device="cpu")
     emb = model.encode(["What does the with statement do?"], normalize_embeddings=True)
     assert emb.shape == (1, 384)
     assert _metadata(instance, "checkpoint")["device"].value == "cpu"
 
     # The ONNX model embeds like the checkpoint.
-    onnx_dir = result.output_for_node("onnx_model")["onnx_dir"]
+    onnx_dir = result.output_for_node("onnx_model").onnx_dir
     onnx_emb = OnnxEmbedder(onnx_dir).encode(["What does the with statement do?"], input_type="query")
     assert float(np.dot(onnx_emb[0], emb[0])) > 0.999
 
     # The service answers /v1/embeddings with the same vector.
     service = result.output_for_node("nim_service")
     resp = httpx.post(
-        f"{service['url']}/v1/embeddings",
+        f"{service.url}/v1/embeddings",
         json={
             "input": ["What does the with statement do?"],
-            "model": httpx.get(f"{service['url']}/v1/models").json()["data"][0]["id"],
+            "model": httpx.get(f"{service.url}/v1/models").json()["data"][0]["id"],
             "input_type": "query",
         },
         timeout=30,
@@ -110,24 +108,23 @@ def test_pipeline_end_to_end(pipeline_run) -> None:
     # Metrics are in [0, 1] and equal pytrec_eval's on the very run file the asset wrote.
     metrics = result.output_for_node("beir_metrics")
     for side in ("base", "finetuned"):
-        assert all(0.0 <= v <= 1.0 for v in metrics[side].values())
-    _, _, qrels = load_beir_folder(result.output_for_node("split_sets")["eval_beir"], split="test")
-    run = json.loads((Path(metrics["path"]).parent / "run_finetuned.json").read_text())
+        assert all(0.0 <= v <= 1.0 for v in getattr(metrics, side).values())
+    _, _, qrels = load_beir_folder(result.output_for_node("split_sets").eval_beir, split="test")
+    run = json.loads((Path(metrics.path).parent / "run_finetuned.json").read_text())
     evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10"})
     scores = evaluator.evaluate(run)
     ndcg = np.mean([scores[q]["ndcg_cut_10"] if q in scores else 0.0 for q in qrels])
     recall = np.mean([scores[q]["recall_10"] if q in scores else 0.0 for q in qrels])
-    assert metrics["finetuned"]["NDCG@10"] == pytest.approx(ndcg, abs=1e-9)
-    assert metrics["finetuned"]["Recall@10"] == pytest.approx(recall, abs=1e-9)
+    assert metrics.finetuned["NDCG@10"] == pytest.approx(ndcg, abs=1e-9)
+    assert metrics.finetuned["Recall@10"] == pytest.approx(recall, abs=1e-9)
 
     # One MLflow run holds the training (params, per-step loss, curve PNG, model) and the BEIR table.
     from mlflow import MlflowClient
 
     from embed_assets.tracking import default_tracking_uri
 
-    artifacts = Path(result.output_for_node("split_sets")["eval_beir"]).parent
     assert (artifacts / "mlflow.db").is_file()
-    run_id = ckpt["mlflow_run_id"]
+    run_id = ckpt.mlflow_run_id
     ckpt_meta = _metadata(instance, "checkpoint")
     assert (
         ckpt_meta["mlflow_run_id"].value
@@ -148,8 +145,8 @@ def test_pipeline_end_to_end(pipeline_run) -> None:
         5
     ]  # logging_steps=5, 6 steps
     assert run.data.metrics["checkpoint/steps"] == 6
-    assert run.data.metrics["beir/finetuned/NDCG_at_10"] == pytest.approx(metrics["finetuned"]["NDCG@10"])
-    assert run.data.metrics["beir/base/NDCG_at_10"] == pytest.approx(metrics["base"]["NDCG@10"])
+    assert run.data.metrics["beir/finetuned/NDCG_at_10"] == pytest.approx(metrics.finetuned["NDCG@10"])
+    assert run.data.metrics["beir/base/NDCG_at_10"] == pytest.approx(metrics.base["NDCG@10"])
     model_files = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
     assert {"config.json", "modules.json", "tokenizer.json"} <= model_files
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/training_curves.png"]

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from embed_assets.stages.train import TrainSettings
 from embed_assets.tracking import (
     MLflowTracker,
     default_tracking_uri,
@@ -22,7 +23,6 @@ from embed_assets.tracking import (
     resolve_tracking_uri,
     run_link,
 )
-from embed_assets.training import TrainSettings
 from embed_assets.training_cli import (
     TRACKING_URI_ENV,
     distributed_processes,
@@ -137,7 +137,7 @@ def test_spec_round_trip(tmp_path: Path) -> None:
         out_dir=tmp_path / "o", settings=settings, device="cuda", val=val, tracking={"run_id": "r"},
     )  # fmt: skip
     spec = json.loads(path.read_text())
-    assert spec["settings"] == settings.__dict__ and TrainSettings(**spec["settings"]) == settings
+    assert spec["settings"] == settings.model_dump() and TrainSettings(**spec["settings"]) == settings
     assert spec["val"]["relevant_docs"] == {"q": ["c"]} and spec["device"] == "cuda"
     assert Path(spec["rows_path"]).read_text().strip() == '{"anchor": "a", "positive": "p"}'
     assert spec["tracking"] == {"run_id": "r"} and spec["report_path"].endswith("report.json")
@@ -162,7 +162,7 @@ def tracked_training(tmp_path_factory, bundled_model_path):
     run_id = tracker.start_run("unit", tags={"dagster/run_id": "r0", "secret_token": "nope"})
     settings = TrainSettings(max_steps=2, batch_size=4, max_seq_length=32, logging_steps=1, save_steps=100)
     logged_params = tracker.log_params(
-        run_id, {**settings.__dict__, "base_model": BUNDLED_MODEL, "data/rows": 12}
+        run_id, {**settings.model_dump(), "base_model": BUNDLED_MODEL, "data/rows": 12}
     )
     rows = [
         {

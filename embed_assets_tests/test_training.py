@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ from embed_assets.chunking import chunk_corpus
 from embed_assets.corpus import read_corpus
 from embed_assets.models import BUNDLED_MODEL
 from embed_assets.sdg.offline import InverseClozeGenerator
-from embed_assets.training import TrainSettings, train, training_rows
+from embed_assets.stages.train import TrainSettings
+from embed_assets.training import train, training_rows
 
 
 def _rows(corpus: Path, n: int = 24) -> list[dict[str, str]]:
@@ -62,10 +64,13 @@ def test_train_updates_weights_saves_and_resumes(tmp_path: Path, tiny_corpus: Pa
     base = load_sentence_transformer(BUNDLED_MODEL)
     text = [rows[0]["anchor"]]
     assert not np.allclose(tuned.encode(text), base.encode(text))  # the weights moved
-    assert tuned.max_seq_length == 48
+    # Trained at 48 tokens, saved with the base model's window (what evaluation and serving use).
+    assert tuned.max_seq_length == base.max_seq_length == 256
+    recorded = json.loads((tmp_path / "model" / "embed_assets_training.json").read_text())
+    assert recorded["train_max_seq_length"] == 48 and recorded["saved_max_seq_length"] == 256
 
     # A second call with more steps picks up the trainer checkpoint instead of starting over.
-    more = TrainSettings(**{**settings.__dict__, "max_steps": 6})
+    more = TrainSettings(**{**settings.model_dump(), "max_steps": 6})
     again = train(BUNDLED_MODEL, rows, tmp_path / "work", tmp_path / "model2", more)
     assert again.resumed_from is not None and again.resumed_from.endswith("checkpoint-4")
     assert again.steps == 6

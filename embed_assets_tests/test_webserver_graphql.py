@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embed_assets.defs.assets import ALL_ASSETS
+from embed_assets.definitions import ALL_ASSETS
 from embed_assets.launch import failures, launch, materializations, wait
 from embed_assets_tests.conftest import SAMPLE_CORPUS
 from embed_assets_tests.dagster_procs import (

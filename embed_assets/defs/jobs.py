@@ -14,7 +14,7 @@ from typing import Any
 
 import dagster as dg
 
-from embed_assets.defs.assets import GPU_TAGS, GROUP
+from embed_assets.defs.common import GPU_TAGS, GROUP
 
 _GPU_KEY, _GPU_VALUE = next(iter(GPU_TAGS.items()))
 GPU_TAG_LIMITS = [{"key": _GPU_KEY, "value": _GPU_VALUE, "limit": 1}]

@@ -9,6 +9,8 @@ import dagster as dg
 from pydantic import Field, field_validator
 
 from embed_assets.models import BUNDLED_MODEL
+from embed_assets.stages.common import ModelSpec, StageContext
+from embed_assets.stages.sdg import LLMEndpoint
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -34,10 +36,9 @@ class ArtifactStore(dg.ConfigurableResource):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def cache_dir(self, name: str) -> Path:
-        path = self.root_path() / "cache" / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def stage_context(self, context: dg.AssetExecutionContext) -> StageContext:
+        """The stage's view of this step: artifact root, run id, and the run's logger."""
+        return StageContext(self.root_path(), context.run_id, context.log)
 
 
 class EmbeddingModel(dg.ConfigurableResource):
@@ -68,15 +69,9 @@ class EmbeddingModel(dg.ConfigurableResource):
             raise ValueError(str(e)) from e  # pydantic reports ValueErrors as validation errors
         return value
 
-    def model_path(self) -> str:
-        from embed_assets.models import resolve_model_path
-
-        return resolve_model_path(self.base_model)
-
-    def torch_device(self) -> str:
-        from embed_assets.models import pick_device
-
-        return pick_device(self.device)
+    def spec(self) -> ModelSpec:
+        """The Dagster-free description the stage functions take."""
+        return ModelSpec(self.base_model, self.query_prompt, self.passage_prompt, self.device)
 
 
 class LLMResource(dg.ConfigurableResource):
@@ -96,6 +91,10 @@ class LLMResource(dg.ConfigurableResource):
     api_key: str | None = Field(
         default=None, description="API key; set it with EnvVar('NVIDIA_API_KEY') rather than a literal."
     )
+
+    def endpoint(self) -> LLMEndpoint:
+        """The Dagster-free endpoint the SDG stage takes."""
+        return LLMEndpoint(self.base_url, self.model, self.api_key)
 
 
 class MLflowTracking(dg.ConfigurableResource):

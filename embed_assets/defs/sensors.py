@@ -9,8 +9,9 @@ from typing import Any
 
 import dagster as dg
 
-from embed_assets.defs.configs import SAMPLE_CORPUS, CorpusConfig
+from embed_assets.defs.ingest import CorpusConfig
 from embed_assets.defs.jobs import embed_pipeline_job
+from embed_assets.stages.ingest import SAMPLE_CORPUS
 
 CORPUS_KEY = dg.AssetKey("corpus")
 

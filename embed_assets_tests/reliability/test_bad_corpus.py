@@ -14,7 +14,7 @@ import pytest
 
 from embed_assets.chunking import chunk_corpus, chunk_document, tokenizer_counter
 from embed_assets.corpus import EmptyCorpusError, read_corpus
-from embed_assets.defs.assets import corpus
+from embed_assets.definitions import corpus, pipeline_resources
 from embed_assets.defs.resources import ArtifactStore
 
 GOOD = "The harbor was rebuilt in 1921. Ships arrive every second day. The pier is made of oak."
@@ -172,7 +172,7 @@ def _materialize(
     return dg.materialize(
         [corpus],
         instance=instance or dg.DagsterInstance.ephemeral(),
-        resources={"store": ArtifactStore(root=str(tmp_path / "artifacts"))},
+        resources=pipeline_resources(ArtifactStore(root=str(tmp_path / "artifacts"))),
         run_config={"ops": {"corpus": {"config": {"path": str(path)}}}},
         raise_on_error=raise_on_error,
     )
@@ -210,7 +210,7 @@ def test_corpus_asset_lists_every_rejected_file_with_its_reason(folder: Path, tm
     assert "rejected slides.pptx: unsupported extension (allowed: .txt, .md)" in warnings
     assert len([w for w in warnings if w.startswith("rejected ")]) == 6
     # the kept document is the one that was written
-    written = Path(result.output_for_node("corpus")["path"]).read_text()
+    written = Path(result.output_for_node("corpus").path).read_text()
     assert '"doc_id": "good.txt"' in written and "image.txt" not in written
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from embed_assets.beir_io import load_beir_folder
 from embed_assets.byod import DataValidationError, load_user_pairs
-from embed_assets.defs.assets import corpus, corpus_chunks, synthetic_qa
-from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource
+from embed_assets.definitions import corpus, corpus_chunks, pipeline_resources, synthetic_qa
+from embed_assets.defs.resources import ArtifactStore, LLMResource
 from embed_assets.storage import read_jsonl
 
 
@@ -99,11 +99,7 @@ def test_user_data_error_fails_the_synthetic_qa_asset_naming_file_and_line(tmp_p
         dg.materialize(
             [corpus, corpus_chunks, synthetic_qa],
             instance=instance,
-            resources={
-                "store": ArtifactStore(root=str(tmp_path / "artifacts")),
-                "model": EmbeddingModel(),
-                "llm": LLMResource(),
-            },
+            resources=pipeline_resources(ArtifactStore(root=str(tmp_path / "artifacts")), llm=LLMResource()),
             run_config={
                 "ops": {
                     "corpus": {"config": {"path": str(docs)}},

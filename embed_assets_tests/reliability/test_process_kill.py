@@ -123,7 +123,8 @@ def test_checkpoint_interrupted_mid_save_is_not_resumed_from(
     killed_and_resumed_training, tmp_path: Path
 ) -> None:
     from embed_assets.models import BUNDLED_MODEL
-    from embed_assets.training import TrainSettings, train
+    from embed_assets.stages.train import TrainSettings
+    from embed_assets.training import train
     from embed_assets_tests.reliability.workers import train_rows
 
     tmp, _, _ = killed_and_resumed_training

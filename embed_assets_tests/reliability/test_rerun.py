@@ -6,15 +6,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from embed_assets.defs.assets import corpus, corpus_chunks
-from embed_assets.defs.resources import ArtifactStore, EmbeddingModel
+from embed_assets.definitions import corpus, corpus_chunks, pipeline_resources
+from embed_assets.defs.resources import ArtifactStore
 
 
 def materialize(instance: dg.DagsterInstance, docs: Path, artifacts: Path) -> dg.ExecuteInProcessResult:
     return dg.materialize(
         [corpus, corpus_chunks],
         instance=instance,
-        resources={"store": ArtifactStore(root=str(artifacts)), "model": EmbeddingModel()},
+        resources=pipeline_resources(ArtifactStore(root=str(artifacts))),
         run_config={"ops": {"corpus": {"config": {"path": str(docs)}}}},
     )
 
@@ -27,7 +27,7 @@ def test_corpus_chunks_can_be_materialized_again(tmp_path: Path) -> None:
     )
     instance = dg.DagsterInstance.ephemeral()
     first = materialize(instance, docs, tmp_path / "artifacts")
-    n_chunks = first.output_for_node("corpus_chunks")["n_chunks"]
+    n_chunks = first.output_for_node("corpus_chunks").n_chunks
     second = materialize(instance, docs, tmp_path / "artifacts")  # e.g. re-running after a later step failed
     assert second.success
     meta = instance.get_latest_materialization_event(

@@ -15,8 +15,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from embed_assets.defs.assets import corpus, corpus_chunks, synthetic_qa
-from embed_assets.defs.resources import ArtifactStore, EmbeddingModel, LLMResource
+from embed_assets.definitions import corpus, corpus_chunks, pipeline_resources, synthetic_qa
+from embed_assets.defs.resources import ArtifactStore, LLMResource
 from embed_assets.sdg.llm import LLMConfigError
 from embed_assets_tests.openai_stub_server import Fault, OpenAIStub
 
@@ -42,12 +42,11 @@ def run_synthetic_qa(
     result = dg.materialize(
         [corpus, corpus_chunks, synthetic_qa],
         instance=instance,
-        resources={
-            "store": ArtifactStore(root=str(artifacts)),
-            "model": EmbeddingModel(),
+        resources=pipeline_resources(
+            ArtifactStore(root=str(artifacts)),
             # as definitions.py does it: the resource holds the variable's name, the value is read at run time
-            "llm": LLMResource(base_url=stub.base_url, model="stub-model", api_key=dg.EnvVar(KEY_ENV)),
-        },
+            llm=LLMResource(base_url=stub.base_url, model="stub-model", api_key=dg.EnvVar(KEY_ENV)),
+        ),
         run_config={
             "ops": {
                 "corpus": {"config": {"path": str(docs)}},

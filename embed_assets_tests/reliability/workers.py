@@ -125,8 +125,9 @@ def run_train(work_dir: str, out_dir: str, report_path: str) -> dict:
     from dataclasses import asdict
 
     from embed_assets.models import BUNDLED_MODEL
+    from embed_assets.stages.train import TrainSettings
     from embed_assets.storage import write_json
-    from embed_assets.training import TrainSettings, train
+    from embed_assets.training import train
 
     callbacks = []
     pause = float(os.environ.get("WORKER_PAUSE_AFTER_SAVE_S", "0"))

@@ -1,0 +1,157 @@
+"""What every asset shares: the group, the GPU tags and pool, the manifest IO manager, and the two steps around
+a stage call (build its :class:`~embed_assets.stages.common.StageContext`; turn its manifest into an output,
+Dagster metadata and asset-check results)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from embed_assets.defs.resources import ArtifactStore
+from embed_assets.stages.common import (
+    Gate,
+    JsonValue,
+    Manifest,
+    Markdown,
+    PathRef,
+    StageError,
+    Table,
+    Url,
+)
+
+GROUP = "embed_pipeline"
+
+#: GPU-heavy steps: the tag marks them for the CUDA executor config, the pool limits their concurrency, and on
+#: Kubernetes the op tag turns them into step pods that request a GPU.
+GPU_TAGS = {"embed_assets/accelerator": "cuda"}
+GPU_OP_TAGS: dict[str, Any] = {
+    "embed_assets/accelerator": "cuda",
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
+        },
+        "pod_spec_config": {
+            "node_selector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    },
+}
+GPU_POOL = "gpu"
+#: Keyword arguments that make an asset a GPU step (tag, k8s pod config, pool).
+GPU_STEP: dict[str, Any] = {"tags": GPU_TAGS, "op_tags": GPU_OP_TAGS, "pool": GPU_POOL}
+
+
+# --------------------------------------------------------------------------------------- manifest storage
+def manifest_file(root: Path, asset: str) -> Path:
+    """Where the latest manifest of ``asset`` is stored under the artifact root."""
+    return root / "manifests" / f"{asset}.json"
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Load a stored manifest (its class is recorded next to its fields)."""
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    module, _, name = payload["manifest_type"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls.from_dict(payload["manifest"])
+
+
+class ManifestIOManager(dg.ConfigurableIOManager):
+    """Stores each asset's manifest as readable JSON: ``<root>/manifests/<asset>.json`` (the latest, which
+    downstream steps read) and a copy in the run's folder of the asset (``<asset>/<run_id>/manifest.json``)."""
+
+    store: ArtifactStore
+
+    def handle_output(self, context: dg.OutputContext, obj: Manifest | None) -> None:
+        if obj is None:  # an asset that yielded no output (e.g. a skipped TensorRT build)
+            return
+        from embed_assets.storage import write_json
+
+        asset = context.asset_key.to_python_identifier()
+        payload = {
+            "manifest_type": f"{type(obj).__module__}.{type(obj).__qualname__}",
+            "manifest": obj.to_dict(),
+        }
+        copy = self.store.run_dir(asset, context.run_id) / "manifest.json"
+        write_json(copy, payload)
+        write_json(manifest_file(self.store.root_path(), asset), payload)
+        context.add_output_metadata({"manifest": dg.MetadataValue.path(str(copy))})
+
+    def load_input(self, context: dg.InputContext) -> Manifest:
+        path = manifest_file(self.store.root_path(), context.asset_key.to_python_identifier())
+        if not path.is_file():
+            raise dg.Failure(
+                f"no stored manifest for {context.asset_key.to_user_string()} at {path}: materialize it first"
+            )
+        return read_manifest(path)
+
+
+def latest_manifest(store: ArtifactStore, asset: str) -> Manifest | None:
+    """The manifest of the latest materialization of ``asset`` (before this run writes a new one)."""
+    path = manifest_file(store.root_path(), asset)
+    try:
+        return read_manifest(path) if path.is_file() else None
+    except (OSError, ValueError, KeyError, AttributeError, ImportError):
+        return None  # written by an older version of the code: treated as no previous run
+
+
+# ------------------------------------------------------------------------------------------ around a stage
+def to_metadata(values: dict[str, Any]) -> dict[str, dg.MetadataValue | Any]:
+    """Turn a manifest's :meth:`~embed_assets.stages.common.Manifest.metadata` into Dagster metadata values."""
+    from embed_assets.defs.metadata import md_table
+
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue  # not every metadata sink accepts null
+        if isinstance(value, Table):
+            out[key] = md_table(value.rows, value.columns, max_rows=value.max_rows)
+        elif isinstance(value, Markdown):
+            out[key] = dg.MetadataValue.md(value.text)
+        elif isinstance(value, PathRef):
+            out[key] = dg.MetadataValue.path(value.path)
+        elif isinstance(value, Url):
+            out[key] = dg.MetadataValue.url(value.url)
+        elif isinstance(value, JsonValue | dict | list):
+            out[key] = dg.MetadataValue.json(value.value if isinstance(value, JsonValue) else value)
+        else:
+            out[key] = value
+    return out
+
+
+def check_result(gate: Gate, asset: str) -> dg.AssetCheckResult:
+    """An asset-check result for one of the stage's gates."""
+    return dg.AssetCheckResult(
+        check_name=gate.name,
+        asset_key=asset,
+        passed=bool(gate.passed),
+        severity=dg.AssetCheckSeverity.WARN if gate.severity == "warn" else dg.AssetCheckSeverity.ERROR,
+        description=gate.message or None,
+        metadata=to_metadata(gate.metadata),
+    )
+
+
+def emit(manifest: Manifest, asset: str, data_version: str | None = None) -> Iterator[Any]:
+    """Yield the asset's output (metadata included) and one check result per gate the stage ran."""
+    yield dg.Output(
+        manifest,
+        data_version=dg.DataVersion(data_version) if data_version else None,
+        metadata=to_metadata(manifest.metadata()),
+    )
+    for gate in manifest.gates():
+        yield check_result(gate, asset)
+
+
+@contextmanager
+def stage_errors() -> Iterator[None]:
+    """Turn a stage's :class:`~embed_assets.stages.common.StageError` into a Dagster failure (its message and
+    what it saw, as metadata) instead of a stack trace."""
+    try:
+        yield
+    except StageError as e:
+        raise dg.Failure(description=str(e), metadata=to_metadata(e.metadata)) from e

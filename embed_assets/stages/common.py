@@ -1,0 +1,210 @@
+"""What every stage function shares: where it writes, how it reports, the model it works with, and the typed
+manifest it returns.
+
+A stage function is Dagster-free: ``run(inputs..., settings, ctx) -> Manifest``. The Dagster assets
+(``embed_assets/defs/``), the benchmarks and the CLIs all call the same functions; an asset only resolves its
+config and resources into these arguments and turns the manifest's :meth:`Manifest.metadata` into Dagster
+metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
+
+from embed_assets.models import BUNDLED_MODEL
+
+M = TypeVar("M", bound="Manifest")
+
+
+class StageLog(Protocol):
+    """The part of a logger a stage uses (``logging.Logger`` and Dagster's ``context.log`` both fit)."""
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> Any: ...
+
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class StageError(RuntimeError):
+    """A stage cannot produce its output; ``metadata`` says what it saw (shown with the failure)."""
+
+    def __init__(self, message: str, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.metadata = metadata or {}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where a stage writes its artifacts and where it reports progress.
+
+    Attributes:
+        root: The artifact root (``$EMBED_ASSETS_HOME``): one folder per stage and run, plus ``cache/``.
+        run_id: The orchestrator's run id (a Dagster run id, or ``local-…`` for scripts).
+        log: Progress and warnings (one line each).
+    """
+
+    root: Path
+    run_id: str
+    log: StageLog = field(default_factory=lambda: logging.getLogger("embed_assets"))
+
+    @classmethod
+    def local(cls, root: str | Path, run_id: str | None = None, log: StageLog | None = None) -> StageContext:
+        """A context for scripts and benchmarks (a fresh ``local-…`` run id unless given)."""
+        return cls(
+            Path(root).resolve(),
+            run_id or f"local-{uuid.uuid4().hex[:12]}",
+            log or logging.getLogger("embed_assets"),
+        )
+
+    def out_dir(self, stage: str) -> Path:
+        """A folder for one stage's output in this run (earlier runs' outputs stay readable)."""
+        path = self.root / stage / self.run_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def cache_dir(self, name: str) -> Path:
+        """A cache shared by runs (SDG answers, embeddings, trainer checkpoints)."""
+        path = self.root / "cache" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The base model a pipeline adapts, and how to address it.
+
+    Attributes:
+        base_model: ``bundled:all-MiniLM-L6-v2`` (offline default), a local folder or a Hugging Face id.
+        query_prompt: Prefix for queries (e.g. ``"query: "`` for e5 models).
+        passage_prompt: Prefix for passages.
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:n]"``.
+    """
+
+    base_model: str = BUNDLED_MODEL
+    query_prompt: str = ""
+    passage_prompt: str = ""
+    device: str = "auto"
+
+    def path(self) -> str:
+        """A local path or hub id that ``SentenceTransformer`` loads."""
+        from embed_assets.models import resolve_model_path
+
+        return resolve_model_path(self.base_model)
+
+    def torch_device(self) -> str:
+        from embed_assets.models import pick_device
+
+        return pick_device(self.device)
+
+    def prompts(self) -> tuple[str | None, str | None]:
+        """``(query_prompt, passage_prompt)`` with empty prompts as ``None`` (sentence-transformers' spelling)."""
+        return self.query_prompt or None, self.passage_prompt or None
+
+
+# ------------------------------------------------------------------------------------- metadata values
+@dataclass(frozen=True)
+class Table:
+    """Rows for a table in the UI (the orchestrator renders it; ``max_rows`` are shown)."""
+
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    max_rows: int = 10
+
+
+@dataclass(frozen=True)
+class Markdown:
+    text: str
+
+
+@dataclass(frozen=True)
+class PathRef:
+    path: str
+
+
+@dataclass(frozen=True)
+class Url:
+    url: str
+
+
+@dataclass(frozen=True)
+class JsonValue:
+    value: Any
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The outcome of a check a stage runs on its own output (parity, quality, leakage).
+
+    Attributes:
+        name: Check name (the Dagster asset check of the same name).
+        passed: Whether it passed.
+        message: One sentence a person can act on.
+        severity: ``"error"`` (a failure is a problem) or ``"warn"`` (advisory).
+        blocking: A failed blocking gate stops what is downstream.
+        metadata: Numbers behind the verdict.
+    """
+
+    name: str
+    passed: bool
+    message: str = ""
+    severity: Literal["error", "warn"] = "error"
+    blocking: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- manifests
+@dataclass
+class Manifest:
+    """Base of every stage's typed output: a dataclass of JSON-able fields (paths as strings).
+
+    The Dagster IO manager stores it as readable JSON (:meth:`to_json`), downstream stages read it back with
+    :meth:`from_dict`; :meth:`metadata` is what a person sees in the UI.
+    """
+
+    #: Fields left out of the UI metadata by default (large lists, internal ids).
+    hidden: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str)
+
+    @classmethod
+    def from_dict(cls: type[M], data: dict[str, Any]) -> M:
+        """Rebuild a manifest (nested dataclasses included) from :meth:`to_dict` output."""
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(cls).validate_python(data)
+
+    def gates(self) -> list[Gate]:
+        """The checks this stage ran (none by default)."""
+        return []
+
+    def metadata(self) -> dict[str, Any]:
+        """What the UI shows: every scalar field not in :attr:`hidden` (overridden for richer views)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in self.hidden and isinstance(getattr(self, f.name), str | int | float | bool)
+        }
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (cache keys, data versions)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(*paths: str | None) -> str:
+    """Hash of the files' bytes: a data version that changes exactly when the content does."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if path:
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]

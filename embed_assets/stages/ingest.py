@@ -1,0 +1,247 @@
+"""Stage 1 — ingest and chunk: a folder of documents becomes content-hashed passages.
+
+:func:`read_documents` (asset ``corpus``) scans the folder, rejecting unusable files with a reason;
+:func:`chunk_documents` (asset ``corpus_chunks``) cuts every document into sentence-based passages of at most
+``passage_max_length`` tokens of the base model's tokenizer. ``chunk_id`` is a hash of the text, so a passage
+keeps its id across runs as long as its text does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from embed_assets.stages.common import (
+    Manifest,
+    Markdown,
+    ModelSpec,
+    PathRef,
+    StageContext,
+    Table,
+    fingerprint,
+)
+
+#: The bundled sample corpus (Python Language Reference topics, PSF License v2).
+SAMPLE_CORPUS = str(Path(__file__).resolve().parents[2] / "sample_corpus")
+#: Upper edges of the token-length histogram in the ``corpus_chunks`` metadata.
+TOKEN_BINS = (32, 64, 128, 256, 384, 512)
+
+
+class CorpusSettings(BaseModel):
+    """Which files of a folder make the corpus."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(default=SAMPLE_CORPUS, description="Folder of documents, read recursively.")
+    extensions: list[str] = Field(default=[".txt", ".md"], description="File suffixes to read.")
+    exclude_globs: list[str] = Field(
+        default=["README.md", "LICENSE*"],
+        description="File-name patterns to skip (not reported as rejected).",
+    )
+    max_file_bytes: int = Field(
+        default=5_000_000, gt=0, description="Larger files are rejected with a reason."
+    )
+
+
+class ChunkSettings(BaseModel):
+    """How documents are cut into passages (the passage length has its one owner here)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sentences_per_chunk: int = Field(default=5, ge=1, description="Consecutive sentences per passage.")
+    passage_max_length: int = Field(
+        default=512, ge=16, description="Max tokens per passage (model tokenizer)."
+    )
+
+
+@dataclass
+class CorpusManifest(Manifest):
+    """The scanned corpus: ``path`` holds one JSON line per document (id, text, hash, bytes)."""
+
+    path: str
+    root: str
+    n_docs: int
+    n_bytes: int
+    data_version: str
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    documents: list[dict[str, Any]] = field(default_factory=list)  # id, bytes, hash (no text)
+    seconds: float = 0.0
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "documents": self.n_docs,
+            "bytes": self.n_bytes,
+            "rejected_files": len(self.rejected),
+            "rejected": Table(["path", "reason"], self.rejected, max_rows=50),
+            "preview": Table(["doc_id", "bytes", "hash"], self.documents),
+            "corpus_root": PathRef(self.root),
+            "corpus_hash": self.data_version,
+            "artifact_path": PathRef(self.path),
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class ChunksManifest(Manifest):
+    """The passages: ``path`` is a Parquet file of chunk_id, doc_id, text, sentence span, n_tokens."""
+
+    path: str
+    n_chunks: int
+    n_docs: int
+    corpus_root: str
+    data_version: str
+    duplicates_dropped: int = 0
+    unchanged_since_last_run: int = 0
+    tokens_mean: float = 0.0
+    tokens_max: int = 0
+    token_histogram: list[int] = field(default_factory=list)  # passages per TOKEN_BINS bucket
+    preview: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "chunks": self.n_chunks,
+            "documents": self.n_docs,
+            "duplicate_chunks_dropped": self.duplicates_dropped,
+            "chunks_unchanged_since_last_run": self.unchanged_since_last_run,
+            "chunks_new": self.n_chunks - self.unchanged_since_last_run,
+            "tokens_mean": self.tokens_mean,
+            "tokens_max": self.tokens_max,
+            "token_histogram": Markdown(histogram_md(self.token_histogram, TOKEN_BINS)),
+            "preview": Table(["chunk_id", "doc_id", "n_tokens", "text"], self.preview),
+            "artifact_path": PathRef(self.path),
+            "seconds": self.seconds,
+        }
+
+    def load(self) -> list[Any]:
+        """The chunks as :class:`embed_assets.records.Chunk` objects."""
+        return load_chunks(self.path)
+
+
+def load_chunks(path: str) -> list[Any]:
+    """Read a chunks Parquet file (this stage's, or passages that came with user data)."""
+    from embed_assets.records import Chunk
+    from embed_assets.storage import read_parquet
+
+    return [Chunk.from_dict(r) for r in read_parquet(path)]
+
+
+def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifest:
+    """Scan the corpus folder.
+
+    Args:
+        settings: Folder, extensions, excludes, size limit.
+        ctx: Where to write ``documents.jsonl``.
+
+    Returns:
+        A :class:`CorpusManifest`; rejected files are listed with their reason (and logged).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        embed_assets.corpus.EmptyCorpusError: no usable document.
+    """
+    import time
+
+    from embed_assets.corpus import read_corpus
+    from embed_assets.storage import write_jsonl
+
+    start = time.monotonic()
+    scan = read_corpus(settings.path, settings.extensions, settings.exclude_globs, settings.max_file_bytes)
+    out = ctx.out_dir("corpus") / "documents.jsonl"
+    write_jsonl(out, (d.to_dict() for d in scan.documents))
+    for r in scan.rejected:
+        ctx.log.warning(f"rejected {r['path']}: {r['reason']}")
+    return CorpusManifest(
+        path=str(out),
+        root=scan.root,
+        n_docs=len(scan.documents),
+        n_bytes=scan.n_bytes,
+        data_version=scan.data_version,
+        rejected=scan.rejected,
+        documents=[{"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash} for d in scan.documents],
+        seconds=round(time.monotonic() - start, 2),
+    )
+
+
+def chunk_documents(
+    corpus: CorpusManifest,
+    settings: ChunkSettings,
+    model: ModelSpec,
+    ctx: StageContext,
+    previous: ChunksManifest | None = None,
+) -> ChunksManifest:
+    """Cut every document into passages, counting tokens with the base model's tokenizer.
+
+    Args:
+        corpus: The scanned corpus.
+        settings: Sentences per passage and the passage length limit.
+        model: The base model (its tokenizer measures passage length).
+        ctx: Where to write ``chunks.parquet``.
+        previous: The last run's chunks, to report how many passages are unchanged.
+
+    Returns:
+        A :class:`ChunksManifest`; its ``data_version`` is a hash of the sorted chunk ids.
+    """
+    import time
+
+    from embed_assets.chunking import chunk_corpus, tokenizer_counter
+    from embed_assets.records import Document
+    from embed_assets.storage import read_jsonl, write_parquet
+
+    start = time.monotonic()
+    docs = [Document(**d) for d in read_jsonl(corpus.path)]
+    chunks, dups = chunk_corpus(
+        docs, settings.sentences_per_chunk, settings.passage_max_length, tokenizer_counter(model.path())
+    )
+    out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
+    write_parquet(out, [c.to_dict() for c in chunks])
+    before = _chunk_ids(previous)
+    lengths = [c.n_tokens for c in chunks]
+    return ChunksManifest(
+        path=str(out),
+        n_chunks=len(chunks),
+        n_docs=len({c.doc_id for c in chunks}),
+        corpus_root=corpus.root,
+        data_version=fingerprint(sorted(c.chunk_id for c in chunks)),
+        duplicates_dropped=dups,
+        unchanged_since_last_run=sum(c.chunk_id in before for c in chunks),
+        tokens_mean=round(sum(lengths) / max(len(lengths), 1), 1),
+        tokens_max=max(lengths, default=0),
+        token_histogram=bucket_counts(lengths, TOKEN_BINS),
+        preview=[c.to_dict() for c in chunks[:10]],
+        seconds=round(time.monotonic() - start, 2),
+    )
+
+
+def _chunk_ids(previous: ChunksManifest | None) -> set[str]:
+    """Chunk ids of an earlier run (empty when there is none or its file is gone)."""
+    if previous is None:
+        return set()
+    try:
+        return {c.chunk_id for c in previous.load()}
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return set()
+
+
+def bucket_counts(values: list[int], bins: tuple[int, ...]) -> list[int]:
+    """How many values fall at or below each upper edge of ``bins`` (and above the last)."""
+    import bisect
+
+    counts = [0] * (len(bins) + 1)
+    for v in values:
+        counts[bisect.bisect_left(bins, v)] += 1
+    return counts
+
+
+def histogram_md(counts: list[int], bins: tuple[int, ...]) -> str:
+    """A Markdown histogram of :func:`bucket_counts` output."""
+    labels = [f"≤{b}" for b in bins] + [f">{bins[-1]}"]
+    peak = max(counts) or 1
+    lines = ["| tokens | passages | |", "|---|---|---|"]
+    lines += [
+        f"| {lab} | {c} | {'█' * round(20 * c / peak)} |" for lab, c in zip(labels, counts, strict=True)
+    ]
+    return "\n".join(lines)

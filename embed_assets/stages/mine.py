@@ -1,0 +1,163 @@
+"""Stage 4 — hard negatives: for every training query, passages the base model ranks high that are not its
+positives (:func:`embed_assets.mining.mine_hard_negatives`, sentence-transformers' semantics).
+
+Candidates are the passages of non-test documents (test passages are never training data, not even as
+negatives). Embeddings are cached per text, so a re-run encodes only new passages and queries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from embed_assets.stages.common import (
+    Manifest,
+    ModelSpec,
+    PathRef,
+    StageContext,
+    Table,
+    file_digest,
+    fingerprint,
+)
+from embed_assets.stages.ingest import ChunksManifest
+from embed_assets.stages.sdg import PairsManifest, passage_pool
+from embed_assets.stages.split import SplitManifest
+
+
+class MiningSettings(BaseModel):
+    """How many negatives, from which ranks, and which candidates are too close to a positive."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hard_negatives_to_mine: int = Field(default=5, ge=1, description="Negatives kept per query.")
+    range_min: int = Field(default=0, ge=0, description="Skip the top range_min candidates.")
+    range_max: int | None = Field(default=None, description="Consider only the top range_max candidates.")
+    relative_margin: float | None = Field(
+        default=0.05, description="'perc' margin: drop candidates scoring above (1 - m) × min positive score."
+    )
+    absolute_margin: float | None = Field(
+        default=None, description="Drop candidates above positive − margin."
+    )
+    sampling_strategy: Literal["top", "random"] = Field(
+        default="top", description="'top' (hardest) or 'random' within the range."
+    )
+    use_faiss: Literal["auto", "yes", "no"] = Field(
+        default="auto", description="'auto', 'yes' or 'no' (exact matmul search)."
+    )
+    batch_size: int = Field(default=64, ge=1, description="Encoding batch size.")
+
+    @model_validator(mode="after")
+    def _check(self) -> MiningSettings:
+        if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
+            raise ValueError(f"relative_margin must be in [0, 1), got {self.relative_margin}")
+        if self.absolute_margin is not None and not 0 <= self.absolute_margin < 2:
+            raise ValueError(f"absolute_margin must be in [0, 2) (cosine scale), got {self.absolute_margin}")
+        if self.range_max is not None and self.range_max <= self.range_min:
+            raise ValueError(
+                f"range_max ({self.range_max}) must be greater than range_min ({self.range_min})"
+            )
+        return self
+
+
+@dataclass
+class MinedManifest(Manifest):
+    """Mined rows: ``path`` is JSON Lines of query, positive, negatives (hardest first) and scores."""
+
+    path: str
+    n_rows: int
+    candidate_passages: int
+    device: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    preview: list[dict[str, Any]] = field(default_factory=list)
+    data_version: str = ""
+    seconds: float = 0.0
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            **self.stats,
+            "mining_seconds_total": self.seconds,
+            "candidate_passages": self.candidate_passages,
+            "device": self.device,
+            "preview": Table(["query", "hardest_negative", "pos_score", "neg_score"], self.preview),
+            "artifact_path": PathRef(self.path),
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        from embed_assets.storage import read_jsonl
+
+        return read_jsonl(self.path)
+
+
+def mine_negatives(
+    chunks: ChunksManifest,
+    pairs: PairsManifest,
+    split: SplitManifest,
+    settings: MiningSettings,
+    model: ModelSpec,
+    ctx: StageContext,
+) -> MinedManifest:
+    """Mine hard negatives for the training split with the base model.
+
+    Args:
+        chunks: The corpus passages.
+        pairs: The pairs (user data may bring extra passages).
+        split: The split (its test documents are excluded from the candidates).
+        settings: Mining settings.
+        model: The base model and its prompts.
+        ctx: Where to write ``mined.jsonl``; embeddings are cached in ``ctx.cache_dir("embeddings")``.
+
+    Returns:
+        A :class:`MinedManifest`.
+    """
+    from embed_assets.mining import mine_pool
+    from embed_assets.models import load_sentence_transformer
+    from embed_assets.storage import write_jsonl
+
+    start = time.monotonic()
+    device = model.torch_device()
+    st_model = load_sentence_transformer(model.base_model, device=device)
+    test_docs = set(split.test_docs)
+    pool = [c for c in passage_pool(chunks, pairs) if c.doc_id not in test_docs]
+    query_prompt, passage_prompt = model.prompts()
+    result = mine_pool(
+        st_model,
+        split.train_records(),
+        pool,
+        ctx.cache_dir("embeddings"),
+        model_fingerprint=fingerprint(model.base_model, model.passage_prompt),
+        query_prompt=query_prompt,
+        passage_prompt=passage_prompt,
+        batch_size=settings.batch_size,
+        progress=ctx.log.info,
+        num_negatives=settings.hard_negatives_to_mine,
+        range_min=settings.range_min,
+        range_max=settings.range_max,
+        relative_margin=settings.relative_margin,
+        absolute_margin=settings.absolute_margin,
+        sampling_strategy=settings.sampling_strategy,
+        use_faiss=settings.use_faiss,
+    )
+    rows = [asdict(r) for r in result.rows]
+    out = ctx.out_dir("mined_negatives") / "mined.jsonl"
+    write_jsonl(out, rows)
+    return MinedManifest(
+        path=str(out),
+        n_rows=len(rows),
+        candidate_passages=len(pool),
+        device=device,
+        stats=result.as_metadata(),
+        preview=[
+            {
+                "query": r["query"],
+                "hardest_negative": r["negative_texts"][0] if r["negative_texts"] else "",
+                "pos_score": r["positive_score"],
+                "neg_score": r["negative_scores"][0] if r["negative_scores"] else "",
+            }
+            for r in rows[:10]
+        ],
+        data_version=file_digest(str(out)),
+        seconds=round(time.monotonic() - start, 2),
+    )

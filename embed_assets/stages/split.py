@@ -1,0 +1,251 @@
+"""Stage 3 — split: train/val/test by document, and the BEIR evaluation folder of this corpus.
+
+No test document is ever seen in training. Which documents are test is *frozen per corpus*: the first run on a
+corpus folder records its test documents under ``<root>/eval_frozen/<corpus key>.json``, and later runs on the
+same folder keep them in test, so metrics stay comparable across re-trainings. A different corpus folder gets
+its own frozen set; when frozen test documents are gone from the corpus, a new set is frozen and the reason is
+logged and shown. The evaluation folder itself (``eval_beir/`` in this run's output) always reflects the current
+passages and test queries; what changed since the last evaluation of this corpus is stated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from embed_assets.stages.common import Gate, Manifest, PathRef, StageContext, file_digest, fingerprint
+from embed_assets.stages.ingest import ChunksManifest
+from embed_assets.stages.sdg import PairsManifest, passage_pool
+
+FROZEN_DIR = "eval_frozen"
+
+
+class SplitSettings(BaseModel):
+    """Shares of documents per split and the evaluation-freeze switch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train_ratio: float = Field(default=0.8, ge=0, le=1, description="Share of documents for training.")
+    val_ratio: float = Field(default=0.1, ge=0, le=1, description="Share of documents for validation.")
+    test_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Share of documents for the BEIR test set."
+    )
+    small_data_threshold: int = Field(default=1000, ge=0, description="Below this many pairs, split 80/0/20.")
+    seed: int = Field(default=42, description="Split seed (documents are placed by a seeded hash).")
+    regenerate_eval: bool = Field(
+        default=False, description="Freeze a new test set for this corpus instead of reusing the frozen one."
+    )
+
+    @model_validator(mode="after")
+    def _ratios_sum_to_one(self) -> SplitSettings:
+        from embed_assets.prep import check_ratios
+
+        check_ratios((self.train_ratio, self.val_ratio, self.test_ratio))
+        return self
+
+
+@dataclass
+class EvalSetInfo:
+    """Where the evaluation set came from and what changed since the last evaluation of the corpus."""
+
+    status: str  # "new" | "reused"
+    reason: str
+    corpus_root: str
+    frozen_by_run: str
+    queries: int = 0
+    passages: int = 0
+    qrels: int = 0
+    passages_added: int = 0
+    passages_removed: int = 0
+    queries_added: int = 0
+    queries_removed: int = 0
+
+
+@dataclass
+class SplitManifest(Manifest):
+    """Train/val/test JSON Lines of QA records, and the BEIR folder (``eval_beir``) to evaluate on."""
+
+    train: str
+    val: str
+    test: str
+    eval_beir: str
+    train_docs: list[str]
+    val_docs: list[str]
+    test_docs: list[str]
+    n_train: int
+    n_val: int
+    n_test: int
+    ratios: list[float]
+    leakage_documents: int
+    eval_set: EvalSetInfo
+    data_version: str = ""
+    seconds: float = 0.0
+
+    def gates(self) -> list[Gate]:
+        return [
+            Gate(
+                "no_document_leakage",
+                self.leakage_documents == 0,
+                f"{self.leakage_documents} documents are in train and in val/test",
+                metadata={"documents_in_train_and_eval": self.leakage_documents},
+            )
+        ]
+
+    def metadata(self) -> dict[str, Any]:
+        e = self.eval_set
+        return {
+            "train_pairs": self.n_train,
+            "val_pairs": self.n_val,
+            "test_pairs": self.n_test,
+            "documents_train_val_test": f"{len(self.train_docs)}/{len(self.val_docs)}/{len(self.test_docs)}",
+            "ratios_used": str(tuple(self.ratios)),
+            "leakage_documents": self.leakage_documents,
+            "eval_set": e.status,
+            "eval_set_reason": e.reason,
+            "eval_frozen_reused": e.status == "reused",
+            "eval_frozen_by_run": e.frozen_by_run,
+            "eval_corpus_root": PathRef(e.corpus_root),
+            "eval_queries": e.queries,
+            "eval_corpus_passages": e.passages,
+            "eval_changes_since_last": f"passages +{e.passages_added}/-{e.passages_removed}, "
+            f"queries +{e.queries_added}/-{e.queries_removed}",
+            "eval_beir": PathRef(self.eval_beir),
+            "artifact_path": PathRef(str(Path(self.train).parent)),
+            "seconds": self.seconds,
+        }
+
+    def val_records(self) -> list[Any]:
+        from embed_assets.stages.sdg import load_pairs
+
+        return load_pairs(self.val)
+
+    def train_records(self) -> list[Any]:
+        from embed_assets.stages.sdg import load_pairs
+
+        return load_pairs(self.train)
+
+
+def frozen_record_path(root: Path, corpus_root: str) -> Path:
+    """The freeze record of one corpus folder."""
+    return root / FROZEN_DIR / f"{fingerprint(str(Path(corpus_root).resolve()))}.json"
+
+
+def split_pairs(
+    chunks: ChunksManifest, pairs: PairsManifest, settings: SplitSettings, ctx: StageContext
+) -> SplitManifest:
+    """Split the pairs by document and write the evaluation folder of this corpus.
+
+    Args:
+        chunks: The corpus passages (``corpus_root`` names the corpus whose frozen test set applies).
+        pairs: The pairs to split.
+        settings: Ratios, seed, and whether to freeze a new test set.
+        ctx: Where to write the splits, ``eval_beir/`` and the freeze record.
+
+    Returns:
+        A :class:`SplitManifest` (its ``eval_set`` says whether the test set is new or reused, and why).
+    """
+    from embed_assets.prep import split_by_document, write_eval_beir
+    from embed_assets.storage import write_json, write_jsonl
+
+    start = time.monotonic()
+    records = pairs.load()
+    record_file = frozen_record_path(ctx.root, chunks.corpus_root)
+    frozen, reason = _usable_freeze(record_file, records, settings, chunks.corpus_root)
+    split = split_by_document(
+        records,
+        ratios=(settings.train_ratio, settings.val_ratio, settings.test_ratio),
+        small_data_threshold=settings.small_data_threshold,
+        seed=settings.seed,
+        frozen_test_docs=frozen["test_docs"] if frozen else (),
+    )
+    out = ctx.out_dir("split_sets")
+    eval_dir = out / "eval_beir"
+    counts = write_eval_beir(eval_dir, split.test, passage_pool(chunks, pairs))
+    changes = _changes(frozen.get("last_eval_dir") if frozen else None, eval_dir)
+    info = EvalSetInfo(
+        status="reused" if frozen else "new",
+        reason=reason,
+        corpus_root=chunks.corpus_root,
+        frozen_by_run=frozen["created_by_run"] if frozen else ctx.run_id,
+        queries=counts["queries"],
+        passages=counts["corpus"],
+        qrels=counts["qrels"],
+        **changes,
+    )
+    record = (
+        dict(frozen)
+        if frozen
+        else {
+            "corpus_root": chunks.corpus_root,
+            "test_docs": split.docs["test"],
+            "created_by_run": ctx.run_id,
+        }
+    )
+    record.update(last_eval_dir=str(eval_dir), last_eval_run=ctx.run_id)
+    write_json(record_file, record)
+    ctx.log.info(
+        f"eval set {info.status} for corpus {chunks.corpus_root} ({reason}): {counts['queries']} queries over "
+        f"{counts['corpus']} passages in {eval_dir}"
+    )
+    paths = {}
+    for name in ("train", "val", "test"):
+        paths[name] = str(out / f"{name}.jsonl")
+        write_jsonl(paths[name], (r.to_dict() for r in getattr(split, name)))
+    return SplitManifest(
+        **paths,
+        eval_beir=str(eval_dir),
+        train_docs=split.docs["train"],
+        val_docs=split.docs["val"],
+        test_docs=split.docs["test"],
+        n_train=len(split.train),
+        n_val=len(split.val),
+        n_test=len(split.test),
+        ratios=list(split.ratios),
+        leakage_documents=split.leakage(),
+        eval_set=info,
+        data_version=file_digest(
+            *paths.values(), str(eval_dir / "corpus.jsonl"), str(eval_dir / "qrels" / "test.tsv")
+        ),
+        seconds=round(time.monotonic() - start, 2),
+    )
+
+
+def _usable_freeze(
+    record_file: Path, records: list[Any], settings: SplitSettings, corpus_root: str
+) -> tuple[dict[str, Any] | None, str]:
+    """The frozen test set to keep, or ``None`` with the reason a new one is frozen."""
+    from embed_assets.storage import read_json
+
+    if settings.regenerate_eval:
+        return None, "regenerate_eval is set"
+    if not record_file.is_file():
+        return None, f"first evaluation set for corpus {corpus_root}"
+    frozen = read_json(record_file)
+    docs = {r.doc_id for r in records}
+    gone = [d for d in frozen["test_docs"] if d not in docs]
+    if gone:
+        return None, (
+            f"{len(gone)} of the {len(frozen['test_docs'])} frozen test documents are no longer in the corpus "
+            f"(e.g. {gone[0]!r})"
+        )
+    return frozen, f"frozen by run {frozen['created_by_run']} for corpus {frozen['corpus_root']}"
+
+
+def _changes(previous_dir: str | None, current_dir: Path) -> dict[str, int]:
+    """Passages and queries added/removed since the previous evaluation folder of the corpus."""
+    from embed_assets.beir_io import load_beir_folder
+
+    if not previous_dir or not Path(previous_dir, "corpus.jsonl").is_file():
+        return {}
+    old_corpus, old_queries, _ = load_beir_folder(previous_dir, split="test")
+    new_corpus, new_queries, _ = load_beir_folder(current_dir, split="test")
+    return {
+        "passages_added": len(new_corpus.keys() - old_corpus.keys()),
+        "passages_removed": len(old_corpus.keys() - new_corpus.keys()),
+        "queries_added": len(new_queries.keys() - old_queries.keys()),
+        "queries_removed": len(old_queries.keys() - new_queries.keys()),
+    }
