@@ -7,24 +7,37 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# `dg` compares it with the project's .venv.
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+#: Exact versions and hashes of every dependency but torch (`make lock` refreshes it from pyproject.toml).
+LOCK := requirements.lock
 
-.PHONY: install run test test-fast lint dev serve stop-service bench clean
+.PHONY: install run test test-fast lint lock dev serve stop-service bench clean
 
-install: $(VENV)/.installed  ## create .venv: torch CPU first (pinned), then the project with dev extras
+install: $(VENV)/.installed  ## create .venv: torch CPU first (pinned), then the locked dependencies, then the project
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+lock:  ## re-resolve requirements.lock (pyproject.toml + dev extra, Python 3.11, Linux x86_64, with hashes)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --no-emit-package torch \
+		--override lock-overrides.txt --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command "make lock" -o $(LOCK)
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
 run: install $(DAGSTER_HOME)/dagster.yaml  ## materialize every asset on the bundled corpus, model and offline generator
-	$(BIN)/dagster job execute -m embed_assets.definitions -j embed_pipeline
+	$(BIN)/dagster job execute -m embed_assets.definitions -j embed_pipeline; status=$$?; \
+		$(BIN)/python -m embed_assets.summary; exit $$status
 
 test: install  ## the whole test suite, slow end-to-end tests included (what CI runs)
 	$(BIN)/pytest -q

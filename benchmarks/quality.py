@@ -1,30 +1,33 @@
-"""Quality benchmark: does the pipeline's data prep + mining + fine-tuning measurably improve retrieval?
+"""Quality benchmark: does the product, with its defaults, make a retriever better on data nobody tuned to?
 
-For every BEIR-format dataset folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv``,
-``qrels/test.tsv`` with document-disjoint train/test qrels), through the same library functions the assets call:
+For every BEIR dataset folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv``, ``qrels/test.tsv``)
+under ``../shared/datasets`` (or ``$EMBED_ASSETS_SHARED/datasets``), the pipeline runs through **the same stage
+functions and defaults the assets use** (``embed_assets.stages``): the corpus as passages
+(:func:`~embed_assets.stages.ingest.chunks_from_beir`), pairs, the split with the dataset's official test qrels
+as the golden set (``SplitSettings.eval_path``: its documents never reach training), mining, training,
+evaluation. The reported numbers are the golden (official test) metrics, base vs fine-tuned, at the same window,
+with a paired-bootstrap 95 % interval.
 
-* **base**: the base model, evaluated on the dataset's own test qrels over the full corpus;
-* **supervised**: the train qrels as bring-your-own pairs (query → relevant passage text, loaded with
-  :func:`embed_assets.byod.load_user_pairs`), hard negatives mined with :func:`embed_assets.mining.mine_hard_negatives`
-  (base model, 'perc' margin 0.05, top 5, candidates = passages of non-test documents, as ``mined_negatives``),
-  then :func:`embed_assets.training.train` (MNRL over mined + in-batch negatives);
-* **corpus-only (SDG)**: no labels: the passages of the train-split documents go through the offline
-  inverse-cloze generator (:class:`embed_assets.sdg.offline.InverseClozeGenerator`), then the same mining and
-  training.
+Rows per dataset:
 
-Both fine-tuned models are evaluated exactly like the base (:func:`embed_assets.metrics.encode_and_search` +
-:func:`embed_assets.metrics.evaluate`, BEIR's conventions), at the same ``--eval-max-seq-length`` (default: the
-base model's), so a model trained on shorter sequences is not penalized by a shorter evaluation window.
-The ``Δ nDCG@10`` column carries a paired-bootstrap 95 % interval over test queries.
+* ``supervised``: the train qrels as your own pairs (``generator="user_data"``); pairs whose passage is a
+  passage of a test document are dropped with a notice (published splits often share passages).
+* ``corpus-only``: no labels at all, the product's default offline SDG over the corpus.
+* ablations (``--ablations``): the same with one setting changed (see :data:`ABLATIONS`).
+* ``peer``: the plain sentence-transformers script a user would write by hand on the same pairs
+  (``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss``, ``NO_DUPLICATES``, no mined negatives),
+  with the product run's epochs, batch, learning rate, weight decay, warmup and windows; scored with pytrec_eval
+  on the same test qrels over the full corpus.
 
-A passage's document is its id without the last ``-suffix`` (``covidqa-630-000`` → ``covidqa-630``,
-``xquad-a3-p2`` → ``xquad-a3``); test documents are those with a passage in the test qrels, and no passage of a
-test document is ever a training positive, negative or SDG source.
+One configuration for all datasets; nothing here sets a hyperparameter of the product. ``--max-train-pairs``
+caps the pairs per dataset and mode (seeded sample; default 2,000, more than either shared set has) and
+``--budget quick`` runs a fast smoke version (300 pairs, supervised and corpus-only only).
 
 Usage::
 
-    HF_HUB_OFFLINE=1 python benchmarks/quality.py                        # every dataset under ../shared/datasets
-    python benchmarks/quality.py --datasets ../shared/datasets/xquad-de --lr 2e-5 --output /tmp/q.md
+    python benchmarks/quality.py                                   # every dataset, defaults
+    python benchmarks/quality.py --datasets ../shared/datasets/xquad-de --budget quick
+    python benchmarks/quality.py --ablations mnrl,no_hard_negatives --output /tmp/q.md --json /tmp/q.json
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,103 +52,56 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-import numpy as np
-
-from embed_assets.beir_io import load_beir_folder
-from embed_assets.byod import load_user_pairs
-from embed_assets.metrics import (
-    document_text,
-    encode_and_search,
-    evaluate,
-    paired_bootstrap,
-    per_query_ndcg,
-)
-from embed_assets.mining import mine_hard_negatives
-from embed_assets.models import BUNDLED_MODEL, load_sentence_transformer
-from embed_assets.records import Chunk, QARecord, content_hash
-from embed_assets.sdg.offline import InverseClozeGenerator, InverseClozeSettings
-from embed_assets.storage import write_jsonl
-from embed_assets.training import TrainSettings, train, training_rows
+from embed_assets.models import BUNDLED_MODEL
+from embed_assets.stages.common import ModelSpec, StageContext
 
 # ../shared/datasets beside the checkout (as in CI), unless EMBED_ASSETS_SHARED points elsewhere.
 DATASETS_ROOT = (
     Path(os.environ.get("EMBED_ASSETS_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "datasets"
 )
-K_VALUES = (1, 5, 10, 100)
-MODES = ("supervised", "sdg")
+MODES = ("supervised", "corpus-only")
+#: Ablation rows: name -> ({stage: {setting: value}}, which modes it applies to). Each changes one thing of the
+#: product's defaults; the stage names are the settings classes' stages (sdg, split, mine, train, evaluate).
+ABLATIONS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
+    "no_hard_negatives": ({"train": {"negatives_per_row": 0}}, MODES),
+}
+QUICK_PAIRS = 300
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line.
-
-    Args:
-        argv: Arguments (default ``sys.argv[1:]``).
-
-    Returns:
-        The parsed namespace.
-    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--datasets",
-        nargs="*",
-        type=Path,
-        default=None,
-        help=f"BEIR folders (default: every folder under {DATASETS_ROOT} with train and test qrels)",
+        "--datasets", nargs="*", type=Path, default=None, help=f"BEIR folders (default: {DATASETS_ROOT}/*)"
     )
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: supervised,sdg")
-    p.add_argument("--model", default=BUNDLED_MODEL, help="base_model setting (bundled, folder or hub id)")
-    p.add_argument(
-        "--max-train-pairs",
-        type=int,
-        default=384,
-        help="QA pairs (queries) kept for training per dataset and mode, seeded sample (0 = all)",
-    )
-    p.add_argument("--max-seq-length", type=int, default=128, help="training sequence length")
-    p.add_argument(
-        "--eval-max-seq-length",
-        type=int,
-        default=0,
-        help="evaluation sequence length for base and fine-tuned alike (0 = the base model's)",
-    )
-    p.add_argument("--epochs", type=int, default=1, help="training epochs (0 = by data size, as the asset)")
-    p.add_argument(
-        "--lr",
-        type=_floats,
-        default=[5e-5],
-        help="peak learning rate; comma-separated values train one model each on the same mined rows",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="training batch (in-batch negatives)")
-    p.add_argument(
-        "--negatives-per-row", type=int, default=1, help="hardest mined negatives per training row"
-    )
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps")
-    p.add_argument("--hard-negatives-to-mine", type=int, default=5, help="mining: negatives kept per query")
-    p.add_argument("--relative-margin", type=float, default=0.05, help="mining: 'perc' margin")
-    p.add_argument("--queries-per-chunk", type=int, default=2, help="SDG: inverse-cloze queries per passage")
-    p.add_argument("--encode-batch-size", type=int, default=64, help="encoding batch size (eval, mining)")
-    p.add_argument("--seed", type=int, default=42, help="seed for sampling pairs, training and SDG")
-    p.add_argument(
-        "--work-dir", type=Path, default=None, help="where models are written (default: a temp dir)"
-    )
-    p.add_argument("--keep-models", action="store_true", help="keep the fine-tuned models in --work-dir")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: supervised,corpus-only")
+    p.add_argument("--ablations", default="", help=f"comma-separated ablation rows: {', '.join(ABLATIONS)}")
+    p.add_argument("--no-peer", action="store_true", help="skip the plain sentence-transformers script")
+    p.add_argument("--model", default=BUNDLED_MODEL, help="base_model (bundled, folder or hub id)")
+    p.add_argument("--max-train-pairs", type=int, default=2000, help="pairs per dataset and mode (0 = all)")
+    p.add_argument("--budget", choices=("full", "quick"), default="full", help="quick: a fast smoke run")
+    p.add_argument("--seed", type=int, default=42, help="seed of the pair sample")
+    p.add_argument("--work-dir", type=Path, default=None, help="artifacts (default: a temporary folder)")
     p.add_argument("--output", type=Path, default=None, help="also write the Markdown report here")
     p.add_argument("--json", type=Path, default=None, help="also write every number as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.budget == "quick":
+        args.max_train_pairs = min(args.max_train_pairs or QUICK_PAIRS, QUICK_PAIRS)
+        args.no_peer = True
+    unknown = [a for a in _names(args.ablations) if a not in ABLATIONS]
+    if unknown:
+        p.error(f"unknown ablation(s) {unknown}; known: {sorted(ABLATIONS)}")
+    return args
 
 
-# ------------------------------------------------------------------------------------------- datasets
-def doc_of(passage_id: str) -> str:
-    """A passage's document: its id without the last ``-suffix``."""
-    return passage_id.rsplit("-", 1)[0] if "-" in passage_id else passage_id
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def find_datasets(root: Path = DATASETS_ROOT) -> list[Path]:
     """BEIR folders under ``root`` that have both train and test qrels."""
+    if not root.is_dir():
+        return []
     return sorted(
         d
         for d in root.iterdir()
@@ -154,272 +111,301 @@ def find_datasets(root: Path = DATASETS_ROOT) -> list[Path]:
     )
 
 
-@dataclass
-class Dataset:
-    name: str
-    corpus: dict[str, dict[str, str]]
-    test_queries: dict[str, str]
-    test_qrels: dict[str, dict[str, int]]
-    train_queries: dict[str, str]
-    train_qrels: dict[str, dict[str, int]]
-    test_docs: set[str]
-
-    @classmethod
-    def load(cls, folder: Path) -> Dataset:
-        corpus, test_queries, test_qrels = load_beir_folder(folder, split="test")
-        _, train_queries, train_qrels = load_beir_folder(folder, split="train")
-        test_docs = {doc_of(pid) for rels in test_qrels.values() for pid, r in rels.items() if r > 0}
-        train_docs = {doc_of(pid) for rels in train_qrels.values() for pid, r in rels.items() if r > 0}
-        if test_docs & train_docs:
-            raise ValueError(
-                f"{folder}: train and test qrels share documents {sorted(test_docs & train_docs)[:5]}"
-            )
-        return cls(folder.name, corpus, test_queries, test_qrels, train_queries, train_qrels, test_docs)
-
-    def train_passage_ids(self) -> list[str]:
-        """Passages of the non-test documents: the only ones training may see."""
-        return [pid for pid in self.corpus if doc_of(pid) not in self.test_docs]
-
-
-@dataclass
-class Pool:
-    """Training-side passages as the pipeline's chunks: ``chunk_id`` = content hash of the encoded text."""
-
-    chunks: list[Chunk]  # text = the passage text (what SDG reads)
-    encoded: dict[str, str]  # chunk_id -> title + text (what the model encodes, as in BEIR eval)
-    corpus_index: dict[str, int]  # chunk_id -> row of the corpus embedding matrix
-
-    @classmethod
-    def build(cls, data: Dataset) -> Pool:
-        position = {pid: i for i, pid in enumerate(data.corpus)}
-        chunks, encoded, index = [], {}, {}
-        for pid in data.train_passage_ids():
-            text = document_text(data.corpus[pid])
-            cid = content_hash(text)
-            if cid in encoded:  # identical passage text: the first id wins (as mining de-duplicates)
-                continue
-            encoded[cid] = text
-            index[cid] = position[pid]
-            chunks.append(
-                Chunk(
-                    chunk_id=cid, doc_id=doc_of(pid), text=data.corpus[pid]["text"], sent_start=0, sent_end=0
-                )
-            )
-        return cls(chunks, encoded, index)
-
-
-# ---------------------------------------------------------------------------------------- pair sources
-def supervised_records(data: Dataset, pool: Pool, work: Path) -> list[QARecord]:
-    """The train qrels as a bring-your-own JSONL (query, positive passage texts, doc_id), loaded by byod."""
-    path = work / f"{data.name}-train-pairs.jsonl"
-    rows = []
-    for qid, rels in data.train_qrels.items():
-        pids = [pid for pid, r in rels.items() if r > 0 and pid in data.corpus]
-        if pids and qid in data.train_queries:
-            positives = [document_text(data.corpus[pid]) for pid in pids]
-            rows.append({"query": data.train_queries[qid], "positives": positives, "doc_id": doc_of(pids[0])})
-    write_jsonl(path, rows)
-    as_chunks = [Chunk(c.chunk_id, c.doc_id, pool.encoded[c.chunk_id], 0, 0) for c in pool.chunks]
-    records, extra = load_user_pairs(path, corpus=as_chunks)
-    if extra:
-        raise RuntimeError(f"{len(extra)} train positives are not passages of train documents")
-    return records
-
-
-def sdg_records(pool: Pool, queries_per_chunk: int, seed: int) -> list[QARecord]:
-    """Corpus only: inverse-cloze pseudo-queries from the passages of the train documents."""
-    generator = InverseClozeGenerator(InverseClozeSettings(queries_per_chunk=queries_per_chunk, seed=seed))
-    return generator.generate(pool.chunks).records
-
-
-def sample(records: list[QARecord], limit: int, seed: int) -> list[QARecord]:
-    if limit <= 0 or len(records) <= limit:
-        return records
-    picked = random.Random(seed).sample(range(len(records)), limit)
-    return [records[i] for i in sorted(picked)]
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def evaluate_model(model: Any, data: Dataset, batch_size: int) -> tuple[dict[str, float], dict, np.ndarray]:
-    run, corpus_emb = encode_and_search(
-        model, data.test_queries, data.corpus, top_k=max(K_VALUES), batch_size=batch_size
-    )
-    return evaluate(data.test_qrels, run, k_values=K_VALUES), run, corpus_emb
-
-
+# ------------------------------------------------------------------------------------------ one dataset
 @dataclass
 class Result:
     dataset: str
-    mode: str
-    lr: float = 0.0
+    row: str  # "supervised", "corpus-only", "<mode>/<ablation>", "peer"
     pairs: int = 0
-    rows: int = 0
-    steps: int = 0
+    train_rows: int = 0
     ndcg_base: float = 0.0
     ndcg_tuned: float = 0.0
+    ci: tuple[float, float] = (0.0, 0.0)
     recall_base: float = 0.0
     recall_tuned: float = 0.0
-    ndcg_ci: tuple[float, float] = (0.0, 0.0)
-    seconds: dict[str, float] = field(default_factory=dict)
-    metrics_tuned: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: str = ""
+    chosen: dict[str, Any] = field(default_factory=dict)
 
 
-def run_dataset(
-    folder: Path, args: argparse.Namespace, work: Path, log, on_result=None
-) -> tuple[dict[str, float], list[Result]]:
-    """Base eval, then each mode's prep → mining → training → eval on one dataset."""
-    t0 = time.monotonic()
-    data = Dataset.load(folder)
-    pool = Pool.build(data)
-    base_model = load_sentence_transformer(args.model, device="cpu")
-    eval_len = args.eval_max_seq_length or base_model.max_seq_length
-    base_model.max_seq_length = eval_len
-    log(
-        f"[{data.name}] {len(data.corpus)} passages ({len(pool.chunks)} of train documents), "
-        f"{len(data.test_queries)} test / {len(data.train_queries)} train queries; eval max_seq_length {eval_len}"
-    )
-    t = time.monotonic()
-    base_metrics, base_run, corpus_emb = evaluate_model(base_model, data, args.encode_batch_size)
-    base_eval_s = time.monotonic() - t
-    log(
-        f"[{data.name}] base nDCG@10 {base_metrics['NDCG@10']:.4f} R@10 {base_metrics['Recall@10']:.4f} ({base_eval_s:.0f}s)"
-    )
-    base_per_query = per_query_ndcg(data.test_qrels, base_run, 10)
-    pool_ids = [c.chunk_id for c in pool.chunks]
-    pool_texts = [pool.encoded[c] for c in pool_ids]
-    # The base eval already embedded every passage (same model, same text, same length): mining reuses them.
-    pool_emb = corpus_emb[[pool.corpus_index[c] for c in pool_ids]]
+def settings_for(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every stage's settings: the product defaults with ``overrides`` applied (validated)."""
+    from embed_assets.stages.evaluate import EvalSettings
+    from embed_assets.stages.mine import MiningSettings
+    from embed_assets.stages.sdg import SDGSettings
+    from embed_assets.stages.split import SplitSettings
+    from embed_assets.stages.train import TrainSettings
 
-    results = []
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        t = time.monotonic()
-        if mode == "supervised":
-            records = supervised_records(data, pool, work)
-        elif mode == "sdg":
-            records = sdg_records(pool, args.queries_per_chunk, args.seed)
-        else:
-            raise ValueError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
-        records = sample(records, args.max_train_pairs, args.seed)
-        mined = mine_hard_negatives(
-            [r.query for r in records],
-            [r.positive_chunk_ids for r in records],
-            pool_ids,
-            pool_texts,
-            base_model,
-            num_negatives=args.hard_negatives_to_mine,
-            relative_margin=args.relative_margin,
-            sampling_strategy="top",
-            batch_size=args.encode_batch_size,
-            corpus_embeddings=pool_emb,
+    classes = {
+        "sdg": SDGSettings,
+        "split": SplitSettings,
+        "mine": MiningSettings,
+        "train": TrainSettings,
+        "evaluate": EvalSettings,
+    }
+    return {name: cls(**overrides.get(name, {})) for name, cls in classes.items()}
+
+
+def supervised_pairs_file(
+    folder: Path, chunks: Any, out: Path, log: Callable[[str], None]
+) -> tuple[Path, int]:
+    """The train qrels as a bring-your-own JSONL; pairs touching a test document are dropped (with a notice)."""
+    from embed_assets.beir_io import load_beir_folder
+    from embed_assets.metrics import document_text
+    from embed_assets.storage import write_jsonl
+
+    corpus, train_queries, train_qrels = load_beir_folder(folder, split="train")
+    _, _, test_qrels = load_beir_folder(folder, split="test")
+    doc_of = {c.source_id: c.doc_id for c in chunks.load()}
+    test_docs = {doc_of[pid] for rels in test_qrels.values() for pid, r in rels.items() if r > 0}
+    rows, dropped = [], 0
+    for qid, rels in train_qrels.items():
+        pids = [pid for pid, r in rels.items() if r > 0]
+        if any(doc_of[pid] in test_docs for pid in pids):
+            dropped += 1
+            continue
+        rows.append(
+            {
+                "query": train_queries[qid],
+                "positives": [document_text(corpus[pid]) for pid in pids],
+                "doc_id": doc_of[pids[0]],
+            }
         )
-        rows = training_rows([asdict(r) for r in mined.rows], args.negatives_per_row)
-        prep_s = round(time.monotonic() - t, 1)
+    if dropped:
         log(
-            f"[{data.name}/{mode}] {len(records)} pairs → {len(rows)} rows "
-            f"({mined.stats.n_dropped_no_negatives} without enough negatives)"
+            f"notice: {dropped} of {len(train_qrels)} train queries judge a passage of a test document "
+            "(the published splits share documents); those pairs are dropped so no test document is trained on"
         )
-        for lr in args.lr:
-            res = Result(
-                data.name,
-                mode,
-                lr,
-                pairs=len(records),
-                rows=len(rows),
-                ndcg_base=base_metrics["NDCG@10"],
-                recall_base=base_metrics["Recall@10"],
-            )
-            res.seconds.update(base_eval=round(base_eval_s, 1), prep_and_mining=prep_s)
-            tag = f"[{data.name}/{mode}/lr={lr:g}]"
-            settings = TrainSettings(
-                epochs=args.epochs,
-                negatives_per_row=args.negatives_per_row,
-                batch_size=args.batch_size,
-                learning_rate=lr,
-                warmup_ratio=args.warmup_ratio,
-                max_seq_length=args.max_seq_length,
-                save_steps=10**9,  # no intermediate trainer checkpoints: they cost minutes on CPU
-                logging_steps=5,
-                seed=args.seed,
-            )
-            out_dir = work / f"{data.name}-{mode}-lr{lr:g}-model"
-            t = time.monotonic()
-            trainer_dir = tempfile.mkdtemp(prefix=f"{data.name}-{mode}-", dir=work)
-            # The trainer prints its log dicts on stdout; keep stdout for the report.
-            with contextlib.redirect_stdout(sys.stderr):
-                report = train(
-                    args.model,
-                    rows,
-                    trainer_dir,
-                    out_dir,
-                    settings,
-                    device="cpu",
-                    progress=lambda line, tag=tag: log(f"{tag} {line}"),
-                )
-            res.steps = report.steps
-            res.seconds["train"] = round(time.monotonic() - t, 1)
-            shutil.rmtree(trainer_dir, ignore_errors=True)
+    write_jsonl(out, rows)
+    return out, dropped
 
-            t = time.monotonic()
-            tuned = load_sentence_transformer(str(out_dir), device="cpu")
-            tuned.max_seq_length = eval_len  # same evaluation window as the base model
-            tuned_metrics, tuned_run, _ = evaluate_model(tuned, data, args.encode_batch_size)
-            res.seconds["tuned_eval"] = round(time.monotonic() - t, 1)
-            res.ndcg_tuned, res.recall_tuned = tuned_metrics["NDCG@10"], tuned_metrics["Recall@10"]
-            res.metrics_tuned = tuned_metrics
-            _, lo, hi = paired_bootstrap(
-                base_per_query, per_query_ndcg(data.test_qrels, tuned_run, 10), n=1000, seed=0
-            )
-            res.ndcg_ci = (lo, hi)
-            log(
-                f"{tag} nDCG@10 {res.ndcg_base:.4f} → {res.ndcg_tuned:.4f} "
-                f"({100 * (res.ndcg_tuned - res.ndcg_base):+.1f} pts), "
-                f"R@10 {res.recall_base:.4f} → {res.recall_tuned:.4f}"
-            )
-            results.append(res)
-            if on_result is not None:
-                on_result(res)
-            if not args.keep_models:
-                shutil.rmtree(out_dir, ignore_errors=True)
-    return {"seconds": round(time.monotonic() - t0, 1), **base_metrics}, results
+
+def sample_pairs(pairs: Any, limit: int, seed: int, ctx: StageContext) -> Any:
+    """A seeded sample of at most ``limit`` pairs (the same manifest type, pointing at the sample)."""
+    from embed_assets.stages.sdg import load_pairs
+    from embed_assets.storage import write_jsonl
+
+    records = load_pairs(pairs.path)
+    if limit <= 0 or len(records) <= limit:
+        return pairs
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    path = ctx.out_dir("synthetic_qa") / f"qa-sample-{limit}.jsonl"
+    write_jsonl(path, (records[i].to_dict() for i in keep))
+    return type(pairs)(**{**asdict(pairs), "path": str(path), "n_pairs": limit})
+
+
+def run_product(
+    folder: Path,
+    chunks: Any,
+    mode: str,
+    overrides: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    root: Path,
+    log: Callable[[str], None],
+) -> tuple[Result, Any]:
+    """One product run (pairs → split with the official test set as golden → mine → train → evaluate)."""
+    from embed_assets.stages.evaluate import evaluate_checkpoint
+    from embed_assets.stages.mine import mine_negatives
+    from embed_assets.stages.sdg import generate_pairs
+    from embed_assets.stages.split import split_pairs
+    from embed_assets.stages.train import train_checkpoint
+
+    start = time.monotonic()
+    ctx = StageContext.local(root, run_id=f"{mode}-{time.strftime('%H%M%S')}", log=_logger(log))
+    model = ModelSpec(args.model, device="auto")
+    notes = ""
+    settings = settings_for(overrides)
+    sdg = settings["sdg"]
+    if mode == "supervised":
+        path, dropped = supervised_pairs_file(folder, chunks, root / "train-pairs.jsonl", log)
+        sdg = sdg.model_copy(update={"generator": "user_data", "user_data_path": str(path)})
+        notes = f"{dropped} train queries on test documents dropped" if dropped else ""
+    pairs = sample_pairs(generate_pairs(chunks, sdg, model, ctx), args.max_train_pairs, args.seed, ctx)
+    split_settings = settings["split"].model_copy(update={"eval_path": str(folder), "eval_split": "test"})
+    split = split_pairs(chunks, pairs, split_settings, ctx)
+    mined = mine_negatives(chunks, pairs, split, settings["mine"], model, ctx)
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its log dicts; stdout is the report
+        checkpoint = train_checkpoint(chunks, pairs, split, mined, settings["train"], model, ctx)
+    metrics = evaluate_checkpoint(split, checkpoint, settings["evaluate"], model, ctx)
+    golden = metrics.primary
+    assert golden.name == "golden", "the official test set must be the primary evaluation set"
+    result = Result(
+        dataset=folder.name,
+        row=mode,
+        pairs=pairs.n_pairs,
+        train_rows=checkpoint.train_rows,
+        ndcg_base=golden.base["NDCG@10"],
+        ndcg_tuned=golden.finetuned["NDCG@10"],
+        ci=(golden.bootstrap.ci95_low, golden.bootstrap.ci95_high),
+        recall_base=golden.base["Recall@10"],
+        recall_tuned=golden.finetuned["Recall@10"],
+        seconds=round(time.monotonic() - start, 1),
+        notes=notes,
+        chosen={
+            k: checkpoint.report.get(k)
+            for k in ("epochs", "steps", "learning_rate")
+            if k in checkpoint.report
+        },
+    )
+    return result, (split, checkpoint, metrics, settings["train"])
+
+
+def run_peer(folder: Path, chunks: Any, product: tuple, args: argparse.Namespace, root: Path, log) -> Result:
+    """The plain script: MNRL on the same pairs with the product run's training settings, no mined negatives."""
+    import pytrec_eval
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Args
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.training_args import BatchSamplers
+
+    from embed_assets.beir_io import load_beir_folder
+    from embed_assets.metrics import document_text
+    from embed_assets.models import resolve_model_path
+    from embed_assets.storage import read_jsonl
+
+    start = time.monotonic()
+    _, checkpoint, metrics, train = product
+    rows = read_jsonl(root / "train-pairs.jsonl")
+    pairs = [{"anchor": r["query"], "positive": p} for r in rows for p in r["positives"]]
+    if args.max_train_pairs and len(pairs) > args.max_train_pairs:
+        pairs = random.Random(args.seed).sample(pairs, args.max_train_pairs)
+    model = SentenceTransformer(resolve_model_path(args.model), device="cpu")
+    window = model.max_seq_length
+    model.max_seq_length = train.max_seq_length
+    epochs = int(checkpoint.report.get("epochs") or train.resolved_epochs(len(pairs)))
+    lr = float(checkpoint.report.get("learning_rate") or train.learning_rate)
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=Args(
+            output_dir=str(root / "peer-work"),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=train.batch_size,
+            learning_rate=lr,
+            warmup_steps=float(train.warmup_ratio),
+            weight_decay=train.weight_decay,
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=train.seed,
+        ),
+        train_dataset=Dataset.from_list(pairs),
+        loss=MultipleNegativesRankingLoss(model),
+    )
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train()
+    model.max_seq_length = window  # evaluated at the same window as the product's models
+    corpus, queries, qrels = load_beir_folder(folder, split="test")
+    ids = list(corpus)
+    c_emb = model.encode([document_text(corpus[i]) for i in ids], batch_size=64, normalize_embeddings=True)
+    q_ids = list(queries)
+    q_emb = model.encode([queries[q] for q in q_ids], batch_size=64, normalize_embeddings=True)
+    scores = q_emb @ c_emb.T
+    run = {}
+    for qi, qid in enumerate(q_ids):
+        top = scores[qi].argsort()[::-1][:100]
+        run[qid] = {ids[j]: float(scores[qi, j]) for j in top}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10"}).evaluate(run)
+    tuned = sum(per_query[q]["ndcg_cut_10"] for q in qrels) / len(qrels)
+    recall = sum(per_query[q]["recall_10"] for q in qrels) / len(qrels)
+    base_per_query = _per_query_base(metrics)
+    from embed_assets.metrics import paired_bootstrap
+
+    _, lo, hi = paired_bootstrap(
+        base_per_query, {q: per_query[q]["ndcg_cut_10"] for q in qrels}, n=1000, seed=0
+    )
+    shutil.rmtree(root / "peer-work", ignore_errors=True)
+    return Result(
+        dataset=folder.name,
+        row="peer (plain ST MNRL script)",
+        pairs=len(pairs),
+        train_rows=len(pairs),
+        ndcg_base=metrics.primary.base["NDCG@10"],
+        ndcg_tuned=tuned,
+        ci=(lo, hi),
+        recall_base=metrics.primary.base["Recall@10"],
+        recall_tuned=recall,
+        seconds=round(time.monotonic() - start, 1),
+        notes=f"epochs {epochs}, lr {lr:g}, batch {train.batch_size}",
+    )
+
+
+def _per_query_base(metrics: Any) -> dict[str, float]:
+    """The base model's per-query nDCG@10 on the golden set, keyed by the dataset's query ids."""
+    from embed_assets.beir_io import load_beir_folder
+    from embed_assets.metrics import per_query_ndcg
+
+    golden = metrics.primary
+    _, _, qrels = load_beir_folder(golden.beir, split="test")
+    run = json.loads((Path(metrics.path).parent / "golden_run_base.json").read_text())
+    return per_query_ndcg(qrels, run, 10)
+
+
+def _logger(log: Callable[[str], None]) -> logging.Logger:
+    logger = logging.getLogger("bench.quality")
+    if not logger.handlers:
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                log(record.getMessage())
+
+        logger.addHandler(_Handler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def run_dataset(folder: Path, args: argparse.Namespace, work: Path, log, on_result) -> None:
+    from embed_assets.stages.ingest import chunks_from_beir
+
+    root = work / folder.name
+    ctx = StageContext.local(root, run_id="corpus", log=_logger(log))
+    chunks = chunks_from_beir(folder, ctx)
+    log(f"[{folder.name}] {chunks.n_chunks} passages of {chunks.n_docs} documents")
+    product = None
+    for mode in _names(args.modes):
+        if mode not in MODES:
+            raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+        result, outputs = run_product(folder, chunks, mode, {}, args, root / mode, log)
+        on_result(result)
+        if mode == "supervised":
+            product = outputs
+        for name in _names(args.ablations):
+            overrides, modes = ABLATIONS[name]
+            if mode in modes:
+                ablated, _ = run_product(folder, chunks, mode, overrides, args, root / f"{mode}-{name}", log)
+                ablated.row = f"{mode} / {name}"
+                on_result(ablated)
+    if product is not None and not args.no_peer:
+        on_result(run_peer(folder, chunks, product, args, root / "supervised", log))
 
 
 # ------------------------------------------------------------------------------------------------ report
 def markdown(results: list[Result], args: argparse.Namespace, total_s: float) -> str:
     lines = [
-        "| dataset | mode | lr | pairs | rows | steps | nDCG@10 base | nDCG@10 tuned | Δ nDCG@10 (pts) [95% CI] "
-        "| R@10 base | R@10 tuned | Δ R@10 (pts) | prep+mine s | train s | eval s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | row | pairs | train rows | nDCG@10 base | nDCG@10 tuned | Δ nDCG@10 (pts) [95% CI] "
+        "| R@10 base | R@10 tuned | chosen | s | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in results:
-        d_ndcg = 100 * (r.ndcg_tuned - r.ndcg_base)
-        lo, hi = (100 * x for x in r.ndcg_ci)
+        lo, hi = (100 * x for x in r.ci)
+        chosen = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.chosen.items())
         lines.append(
-            f"| {r.dataset} | {r.mode} | {r.lr:g} | {r.pairs} | {r.rows} | {r.steps} | {r.ndcg_base:.4f} | {r.ndcg_tuned:.4f} "
-            f"| {d_ndcg:+.1f} [{lo:+.1f}, {hi:+.1f}] | {r.recall_base:.4f} | {r.recall_tuned:.4f} "
-            f"| {100 * (r.recall_tuned - r.recall_base):+.1f} | {r.seconds.get('prep_and_mining', 0):.0f} "
-            f"| {r.seconds.get('train', 0):.0f} | {r.seconds.get('base_eval', 0) + r.seconds.get('tuned_eval', 0):.0f} |"
+            f"| {r.dataset} | {r.row} | {r.pairs} | {r.train_rows} | {r.ndcg_base:.4f} | {r.ndcg_tuned:.4f} "
+            f"| {100 * (r.ndcg_tuned - r.ndcg_base):+.1f} [{lo:+.1f}, {hi:+.1f}] | {r.recall_base:.4f} "
+            f"| {r.recall_tuned:.4f} | {chosen} | {r.seconds:.0f} | {r.notes} |"
         )
-    settings = (
-        f"model `{args.model}`, max_train_pairs {args.max_train_pairs}, epochs {args.epochs}, lr {','.join(f'{x:g}' for x in args.lr)}, "
-        f"batch {args.batch_size}, negatives/row {args.negatives_per_row} (of {args.hard_negatives_to_mine} mined, "
-        f"relative margin {args.relative_margin}), train max_seq_length {args.max_seq_length}, eval max_seq_length "
-        f"{args.eval_max_seq_length or 'base model default'}, warmup {args.warmup_ratio}, SDG queries/passage "
-        f"{args.queries_per_chunk}, seed {args.seed}, device cpu, torch threads {_threads()}"
-    )
     lines += [
         "",
-        f"Settings: {settings}.",
-        "Δ CI: paired bootstrap over test queries (1000 draws). `eval s` = the base model's evaluation (done once "
-        "per dataset, repeated on each of its rows) + the fine-tuned model's; times are wall-clock seconds.",
+        f"Product defaults throughout (one configuration for every dataset); model `{args.model}`; "
+        f"max_train_pairs {args.max_train_pairs or 'all'}, budget {args.budget}, device cpu. Golden set = the "
+        "dataset's `qrels/test.tsv` over its full corpus; Δ CI: paired bootstrap over test queries (1000 draws); "
+        "`s` = wall seconds of the row (pairs, mining, training, evaluation).",
         f"Total wall time: {total_s / 60:.1f} min.",
     ]
     return "\n".join(lines)
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -441,19 +427,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = args.work_dir
         work.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
-    bases: dict[str, dict[str, float]] = {}
 
     def save(final: bool = False) -> str:
-        """Write the report so far (after every model, so an interrupted run keeps what it measured)."""
+        """Write the report so far (after every row, so an interrupted run keeps what it measured)."""
         report = markdown(results, args, time.monotonic() - start)
         if not final:
-            report += f"\n\n_Partial: {len(results)} result(s) so far._"
+            report += f"\n\n_Partial: {len(results)} row(s) so far._"
         if args.output:
             args.output.write_text(report + "\n")
         if args.json:
             payload = {
                 "settings": {k: str(v) for k, v in vars(args).items()},
-                "base": bases,
                 "results": [asdict(r) for r in results],
                 "complete": final,
             }
@@ -462,11 +446,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def on_result(result: Result) -> None:
         results.append(result)
+        lo, hi = (100 * x for x in result.ci)
+        log(
+            f"[{result.dataset}/{result.row}] nDCG@10 {result.ndcg_base:.4f} -> {result.ndcg_tuned:.4f} "
+            f"({100 * (result.ndcg_tuned - result.ndcg_base):+.1f} [{lo:+.1f}, {hi:+.1f}])"
+        )
         save()
 
     try:
         for folder in datasets:
-            bases[folder.name], _ = run_dataset(folder, args, work, log, on_result=on_result)
+            run_dataset(folder, args, work, log, on_result)
     finally:
         if work_ctx is not None:
             work_ctx.cleanup()

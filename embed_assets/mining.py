@@ -92,7 +92,10 @@ class MiningStats:
     n_corpus_unique: int = 0
     n_rows: int = 0
     n_dropped_no_negatives: int = 0
-    n_rows_partial: int = 0
+    n_rows_partial: int = (
+        0  # kept with fewer negatives than asked (``min_negatives`` below ``num_negatives``)
+    )
+    n_rows_without_negatives: int = 0  # kept with none: in-batch negatives only
     false_negative_drops: int = 0
     absolute_margin_drops: int = 0
     relative_margin_drops: int = 0
@@ -606,7 +609,9 @@ def _build_rows(
                 stats.n_dropped_no_negatives += 1
                 continue
             stats.n_rows_partial += int(len(kept) < len(index_list[q]))
-            gaps.append(pos_score - neg_sc[0])
+            stats.n_rows_without_negatives += int(not kept)
+            if neg_sc:
+                gaps.append(pos_score - neg_sc[0])
             rows.append(
                 MinedRow(
                     query=query,
@@ -627,6 +632,8 @@ def _build_rows(
         stats.margin_max = float(np.max(gaps))
         stats.positive_score_mean = float(np.mean([r.positive_score for r in rows]))
         stats.negative_score_mean = float(np.mean([s for r in rows for s in r.negative_scores]))
+    elif rows:
+        stats.positive_score_mean = float(np.mean([r.positive_score for r in rows]))
     return rows
 
 
@@ -670,6 +677,7 @@ def mine_hard_negatives(
     progress: Progress | None = None,
     query_embeddings: np.ndarray | None = None,
     keep_partial: bool = False,
+    min_negatives: int | None = None,
 ) -> MiningResult:
     """Mine hard negatives for (query, positives) pairs from a corpus.
 
@@ -705,6 +713,8 @@ def mine_hard_negatives(
         query_embeddings: Precomputed query embeddings aligned with ``queries`` (skips encoding queries).
         keep_partial: Keep rows with fewer than ``num_negatives`` (but ≥ 1) negatives (ST's triplet output);
             by default such rows are dropped so every row has exactly ``num_negatives`` (ST's n-tuple output).
+        min_negatives: Keep rows with at least this many negatives (overrides ``keep_partial``; ``0`` keeps every
+            row, those without a surviving candidate then train on in-batch negatives only).
 
     Returns:
         A :class:`MiningResult`.
@@ -780,7 +790,7 @@ def mine_hard_negatives(
         positive_scores,
         neg_scores,
         neg_indices,
-        required=1 if keep_partial else num_negatives,
+        required=min_negatives if min_negatives is not None else (1 if keep_partial else num_negatives),
         unroll=unroll_multi_hop,
         stats=stats,
     )
@@ -797,6 +807,7 @@ def mine_hard_negatives(
         "seed": seed,
         "unroll_multi_hop": unroll_multi_hop,
         "keep_partial": keep_partial,
+        "min_negatives": min_negatives,
         "similarity": similarity,
     }
     _report(

@@ -43,6 +43,7 @@ class Chunk:
     sent_start: int  # index of the first sentence of the chunk within its document
     sent_end: int  # exclusive
     n_tokens: int = 0
+    source_id: str = ""  # the passage's id in the collection it came from (a BEIR corpus), if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -44,28 +44,42 @@ def training_rows(
 ) -> list[dict[str, str]]:
     """Turn mined rows into the column layout MNRL expects: anchor, positive, negative_1..k.
 
-    Every row must carry the same number of negatives (the mining stage drops rows that have fewer).
+    A row keeps up to ``negatives_per_row`` of its hardest negatives; a row with fewer (the margin left fewer
+    candidates) keeps what it has, down to none (in-batch negatives only). :func:`train` batches rows with the
+    same number of negatives together.
 
     Args:
         mined: Rows with ``query``, ``positive_text`` and ``negative_texts`` (hardest first).
         negatives_per_row: Keep at most this many of the hardest negatives (each one costs a forward and
-            backward pass per row; in-batch negatives come for free).
+            backward pass per row; in-batch negatives come for free). ``None``: all of them.
 
     Returns:
         Rows for ``datasets.Dataset.from_list``.
     """
-    if not mined:
-        return []
-    k = min(len(r["negative_texts"]) for r in mined)
-    if negatives_per_row is not None:
-        k = min(k, negatives_per_row)
     rows = []
     for r in mined:
         row = {"anchor": r["query"], "positive": r["positive_text"]}
-        for i, neg in enumerate(r["negative_texts"][:k], start=1):
+        for i, neg in enumerate(r["negative_texts"][:negatives_per_row], start=1):
             row[f"negative_{i}"] = neg
         rows.append(row)
     return rows
+
+
+def _datasets(rows: Sequence[dict[str, str]]) -> Any:
+    """One ``datasets.Dataset`` per number of negatives (a batch needs the same columns in every row).
+
+    Returns:
+        A single dataset when every row has the same columns, else ``{"negatives_<k>": dataset}``, which the
+        trainer samples proportionally to the datasets' sizes.
+    """
+    from datasets import Dataset
+
+    groups: dict[int, list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(len(row) - 2, []).append(row)
+    if len(groups) == 1:
+        return Dataset.from_list(list(rows))
+    return {f"negatives_{k}": Dataset.from_list(groups[k]) for k in sorted(groups, reverse=True)}
 
 
 def _precision(setting: str, device: str) -> str:
@@ -114,7 +128,6 @@ def train(
     Returns:
         A :class:`TrainReport`.
     """
-    from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
     from sentence_transformers.training_args import BatchSamplers
 
@@ -126,7 +139,7 @@ def train(
     model = load_sentence_transformer(base_model, device=device)
     base_window = model.max_seq_length
     set_max_seq_length(model, settings.max_seq_length, base_model)
-    dataset = Dataset.from_list(list(rows))
+    dataset = _datasets(rows)
     if settings.loss == "cached_mnrl":
         loss = losses.CachedMultipleNegativesRankingLoss(
             model, mini_batch_size=settings.cached_mini_batch_size
@@ -152,7 +165,8 @@ def train(
     prompts = None
     if query_prompt or passage_prompt:
         prompts = {"anchor": query_prompt}
-        prompts.update({c: passage_prompt for c in dataset.column_names if c != "anchor"})
+        columns = {c for row in rows for c in row}
+        prompts.update({c: passage_prompt for c in sorted(columns) if c != "anchor"})
 
     epochs = settings.resolved_epochs(len(rows))
     precision = _precision(settings.mixed_precision, device)

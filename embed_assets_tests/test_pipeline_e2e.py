@@ -27,6 +27,10 @@ def _run_config(corpus: Path) -> dict:
     }
 
 
+def metrics_window(instance: dg.DagsterInstance) -> int:
+    return _metadata(instance, "beir_metrics")["eval_max_seq_length"].value
+
+
 def _metadata(instance: dg.DagsterInstance, asset: str) -> dict:
     event = instance.get_latest_materialization_event(dg.AssetKey(asset))
     assert event is not None, f"{asset} was not materialized"
@@ -84,6 +88,19 @@ def test_pipeline_end_to_end(pipeline_run) -> None:
     emb = model.encode(["What does the with statement do?"], normalize_embeddings=True)
     assert emb.shape == (1, 384)
     assert _metadata(instance, "checkpoint")["device"].value == "cpu"
+
+    # Base and fine-tuned were evaluated at one window, the base model's (training ran at 64 tokens).
+    assert metrics_window(instance) == result.output_for_node("beir_metrics").eval_max_seq_length == 256
+
+    # The model card states facts and metrics, and quotes no text of the corpus.
+    card = (Path(ckpt.model_dir) / "README.md").read_text()
+    assert "base_model: bundled:all-MiniLM-L6-v2" in card and "| generated_test |" in card
+    from embed_assets.stages.sdg import load_pairs
+
+    pairs = load_pairs(result.output_for_node("synthetic_qa").path)
+    assert not [p.query for p in pairs if p.query in card]
+    chunks = result.output_for_node("corpus_chunks").load()
+    assert not [c.text[:80] for c in chunks if c.text[:80] in card]
 
     # The ONNX model embeds like the checkpoint.
     onnx_dir = result.output_for_node("onnx_model").onnx_dir

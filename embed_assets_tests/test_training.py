@@ -22,24 +22,48 @@ def _rows(corpus: Path, n: int = 24) -> list[dict[str, str]]:
         {
             "query": r.query,
             "positive_text": next(c.text for c in chunks if c.chunk_id == r.positive_chunk_ids[0]),
-            "negative_texts": [texts[(i + 3) % len(texts)], texts[(i + 7) % len(texts)]],
+            # Every third row kept no negative after the margin: it trains on in-batch negatives only.
+            "negative_texts": []
+            if i % 3 == 2
+            else [texts[(i + 3) % len(texts)], texts[(i + 7) % len(texts)]],
         }
         for i, r in enumerate(records)
     ]
     return training_rows(mined)
 
 
-def test_training_rows_layout() -> None:
+def test_training_rows_keep_what_each_row_has() -> None:
+    """A row with fewer mined negatives keeps its row (fewer negatives, or none: in-batch only)."""
+    mined = [
+        {"query": "q", "positive_text": "p", "negative_texts": ["a", "b", "c"]},
+        {"query": "q2", "positive_text": "p2", "negative_texts": ["d"]},
+        {"query": "q3", "positive_text": "p3", "negative_texts": []},
+    ]
+    assert training_rows(mined, negatives_per_row=2) == [
+        {"anchor": "q", "positive": "p", "negative_1": "a", "negative_2": "b"},
+        {"anchor": "q2", "positive": "p2", "negative_1": "d"},
+        {"anchor": "q3", "positive": "p3"},
+    ]
+    assert training_rows(mined, negatives_per_row=0) == [
+        {"anchor": q, "positive": p} for q, p in (("q", "p"), ("q2", "p2"), ("q3", "p3"))
+    ]
+
+
+def test_rows_with_different_negatives_train_as_one_dataset_per_count() -> None:
+    from embed_assets.training import _datasets
+
     rows = training_rows(
         [
-            {"query": "q", "positive_text": "p", "negative_texts": ["a", "b", "c"]},
+            {"query": "q", "positive_text": "p", "negative_texts": ["a", "b"]},
             {"query": "q2", "positive_text": "p2", "negative_texts": ["d", "e"]},
+            {"query": "q3", "positive_text": "p3", "negative_texts": []},
         ]
     )
-    assert rows == [
-        {"anchor": "q", "positive": "p", "negative_1": "a", "negative_2": "b"},
-        {"anchor": "q2", "positive": "p2", "negative_1": "d", "negative_2": "e"},
-    ]
+    datasets = _datasets(rows)
+    assert sorted(datasets) == ["negatives_0", "negatives_2"]
+    assert datasets["negatives_2"].column_names == ["anchor", "positive", "negative_1", "negative_2"]
+    assert datasets["negatives_0"]["anchor"] == ["q3"]
+    assert _datasets(rows[:2]).num_rows == 2  # one layout: one plain dataset
 
 
 @pytest.mark.slow

@@ -4,11 +4,8 @@ Dagster metadata and asset-check results)."""
 
 from __future__ import annotations
 
-import importlib
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -23,6 +20,9 @@ from embed_assets.stages.common import (
     StageError,
     Table,
     Url,
+    latest_manifest_at,
+    manifest_file,
+    read_manifest,
 )
 
 GROUP = "embed_pipeline"
@@ -48,19 +48,6 @@ GPU_STEP: dict[str, Any] = {"tags": GPU_TAGS, "op_tags": GPU_OP_TAGS, "pool": GP
 
 
 # --------------------------------------------------------------------------------------- manifest storage
-def manifest_file(root: Path, asset: str) -> Path:
-    """Where the latest manifest of ``asset`` is stored under the artifact root."""
-    return root / "manifests" / f"{asset}.json"
-
-
-def read_manifest(path: Path) -> Manifest:
-    """Load a stored manifest (its class is recorded next to its fields)."""
-    payload = json.loads(path.read_text(encoding="utf-8"))
-    module, _, name = payload["manifest_type"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls.from_dict(payload["manifest"])
-
-
 class ManifestIOManager(dg.ConfigurableIOManager):
     """Stores each asset's manifest as readable JSON: ``<root>/manifests/<asset>.json`` (the latest, which
     downstream steps read) and a copy in the run's folder of the asset (``<asset>/<run_id>/manifest.json``)."""
@@ -93,11 +80,7 @@ class ManifestIOManager(dg.ConfigurableIOManager):
 
 def latest_manifest(store: ArtifactStore, asset: str) -> Manifest | None:
     """The manifest of the latest materialization of ``asset`` (before this run writes a new one)."""
-    path = manifest_file(store.root_path(), asset)
-    try:
-        return read_manifest(path) if path.is_file() else None
-    except (OSError, ValueError, KeyError, AttributeError, ImportError):
-        return None  # written by an older version of the code: treated as no previous run
+    return latest_manifest_at(store.root_path(), asset)
 
 
 # ------------------------------------------------------------------------------------------ around a stage
@@ -137,14 +120,26 @@ def check_result(gate: Gate, asset: str) -> dg.AssetCheckResult:
 
 
 def emit(manifest: Manifest, asset: str, data_version: str | None = None) -> Iterator[Any]:
-    """Yield the asset's output (metadata included) and one check result per gate the stage ran."""
+    """Yield the asset's output (metadata included) and one check result per gate the stage ran.
+
+    A failed blocking gate then fails the step with the gate's own message (which gate, by how much, how to
+    override), after the output and the check results are recorded: the asset is materialized (its numbers are
+    facts), nothing downstream of it runs, and the run fails.
+    """
     yield dg.Output(
         manifest,
         data_version=dg.DataVersion(data_version) if data_version else None,
         metadata=to_metadata(manifest.metadata()),
     )
-    for gate in manifest.gates():
+    gates = manifest.gates()
+    for gate in gates:
         yield check_result(gate, asset)
+    stopped = [g for g in gates if g.blocking and not g.passed and g.severity == "error"]
+    if stopped:
+        raise dg.Failure(
+            description="; ".join(f"blocking gate {g.name} failed: {g.message}" for g in stopped),
+            metadata={g.name: dg.MetadataValue.json(g.metadata) for g in stopped},
+        )
 
 
 @contextmanager

@@ -20,9 +20,17 @@ class EvalConfig(EvalSettings, dg.Config):
     check_specs=[
         dg.AssetCheckSpec(
             "finetuned_not_worse_than_base",
+            blocking=True,
             asset="beir_metrics",
             description="Fails when fine-tuned nDCG@10 is below the base beyond bootstrap noise (95% CI).",
-        )
+        ),
+        dg.AssetCheckSpec(
+            "no_forgetting",
+            blocking=True,
+            asset="beir_metrics",
+            description="Fails when the fine-tuned model loses more than guard_margin nDCG@10 beyond noise on "
+            "a general-domain set (the forgetting guard).",
+        ),
     ],
     **GPU_STEP,
 )

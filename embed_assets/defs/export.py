@@ -12,7 +12,6 @@ from embed_assets.stages.export import (
     build_engine,
     export_checkpoint,
 )
-from embed_assets.stages.split import SplitManifest
 from embed_assets.stages.train import CheckpointManifest
 
 
@@ -31,6 +30,7 @@ class TensorRTConfig(TensorRTSettings, dg.Config):
     check_specs=[
         dg.AssetCheckSpec(
             "onnx_fp32_parity",
+            blocking=True,
             asset="onnx_model",
             description="min cosine ≥ 0.999 and metrics within tolerance",
         ),
@@ -45,13 +45,12 @@ def onnx_model(
     context: dg.AssetExecutionContext,
     config: ExportConfig,
     store: ArtifactStore,
-    split_sets: SplitManifest,
     checkpoint: CheckpointManifest,
     beir_metrics: MetricsManifest,
 ):
     """The checkpoint as ONNX (fp32 + int8; pooling and normalization in the graph, dynamic axes), gated by
     parity with the checkpoint: cosine, and BEIR metrics within NIM's tolerance (0.03 at @1, 0.01 at @5+)."""
-    manifest = export_checkpoint(split_sets, checkpoint, beir_metrics, config, store.stage_context(context))
+    manifest = export_checkpoint(checkpoint, beir_metrics, config, store.stage_context(context))
     yield from emit(manifest, "onnx_model")
 
 

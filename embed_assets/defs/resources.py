@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field, field_validator
 
 from embed_assets.models import BUNDLED_MODEL
-from embed_assets.stages.common import ModelSpec, StageContext
+from embed_assets.stages.common import ModelSpec, StageContext, artifact_root
 from embed_assets.stages.sdg import LLMEndpoint
 
 
@@ -22,13 +21,7 @@ class ArtifactStore(dg.ConfigurableResource):
     )
 
     def root_path(self) -> Path:
-        root = self.root or os.environ.get("EMBED_ASSETS_HOME", "")
-        if not root:
-            home = os.environ.get("DAGSTER_HOME")
-            root = str(Path(home) / "embed_assets") if home else ".embed_assets"
-        path = Path(root).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return artifact_root(self.root)
 
     def run_dir(self, asset: str, run_id: str) -> Path:
         """A fresh folder for one asset's output in one run (older runs' outputs stay readable)."""

@@ -7,7 +7,6 @@ from embed_assets.defs.resources import ArtifactStore
 from embed_assets.stages.evaluate import MetricsManifest
 from embed_assets.stages.export import OnnxManifest
 from embed_assets.stages.serve import ServiceManifest, ServiceSettings, serve_model
-from embed_assets.stages.split import SplitManifest
 
 
 class ServiceConfig(ServiceSettings, dg.Config):
@@ -21,6 +20,7 @@ class ServiceConfig(ServiceSettings, dg.Config):
     check_specs=[
         dg.AssetCheckSpec(
             "served_metrics_parity",
+            blocking=True,
             asset="nim_service",
             description="BEIR metrics measured through the endpoint within NIM's tolerance of the checkpoint's.",
         )
@@ -30,7 +30,6 @@ def nim_service(
     context: dg.AssetExecutionContext,
     config: ServiceConfig,
     store: ArtifactStore,
-    split_sets: SplitManifest,
     beir_metrics: MetricsManifest,
     onnx_model: OnnxManifest,
 ):
@@ -39,7 +38,6 @@ def nim_service(
     previous = latest_manifest(store, "nim_service")
     with stage_errors():
         manifest = serve_model(
-            split_sets,
             beir_metrics,
             onnx_model,
             config,

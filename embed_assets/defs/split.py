@@ -19,7 +19,10 @@ class SplitConfig(SplitSettings, dg.Config):
     code_version="1",
     check_specs=[
         dg.AssetCheckSpec(
-            "no_document_leakage", asset="split_sets", description="No document in train and in val/test."
+            "no_document_leakage",
+            blocking=True,
+            asset="split_sets",
+            description="No document in train and in val/test.",
         )
     ],
 )

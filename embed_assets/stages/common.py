@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import uuid
@@ -208,3 +209,40 @@ def file_digest(*paths: str | None) -> str:
         if path:
             digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------- stored manifests
+def manifest_file(root: Path, asset: str) -> Path:
+    """Where the latest manifest of ``asset`` is stored under the artifact root."""
+    return root / "manifests" / f"{asset}.json"
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Load a stored manifest (its class is recorded next to its fields)."""
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    module, _, name = payload["manifest_type"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls.from_dict(payload["manifest"])
+
+
+def latest_manifest_at(root: Path, asset: str) -> Manifest | None:
+    """The latest stored manifest of ``asset`` under the artifact root ``root`` (``None``: none readable)."""
+    path = manifest_file(root, asset)
+    try:
+        return read_manifest(path) if path.is_file() else None
+    except (OSError, ValueError, KeyError, AttributeError, ImportError):
+        return None  # written by an older version of the code: treated as no previous run
+
+
+def artifact_root(root: str = "") -> Path:
+    """The artifact root: ``root``, else ``$EMBED_ASSETS_HOME``, else ``$DAGSTER_HOME/embed_assets``, else
+    ``./.embed_assets`` (created)."""
+    import os
+
+    chosen = root or os.environ.get("EMBED_ASSETS_HOME", "")
+    if not chosen:
+        home = os.environ.get("DAGSTER_HOME")
+        chosen = str(Path(home) / "embed_assets") if home else ".embed_assets"
+    path = Path(chosen).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path

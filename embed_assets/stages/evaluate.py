@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from embed_assets.stages.common import Gate, Manifest, Markdown, ModelSpec, PathRef, StageContext
 from embed_assets.stages.split import SplitManifest
 from embed_assets.stages.train import CheckpointManifest, MLflowInfo
+
+#: The general-domain guard set shipped with the package (see its README for source and license).
+BUNDLED_GUARD = Path(__file__).resolve().parents[1] / "data" / "guard"
+#: Metrics the model card shows per model and evaluation set.
+CARD_METRICS = ("NDCG@10", "Recall@10")
 
 
 class EvalSettings(BaseModel):
@@ -35,6 +41,20 @@ class EvalSettings(BaseModel):
     noise_bootstrap_samples: int = Field(
         default=1000, ge=100, description="Paired bootstrap draws for the check."
     )
+    allow_regression: bool = Field(
+        default=False,
+        description="Let a fine-tuned model that is worse than the base beyond noise through the quality gate "
+        "(the check still fails, as a warning, and the override is recorded); by default it stops the run "
+        "before anything is exported or served.",
+    )
+    guard_path: str = Field(
+        default="",
+        description="Forgetting guard: a general-domain BEIR folder on which the fine-tuned model may not lose "
+        "more than guard_margin nDCG@10 beyond noise ('' = off).",
+    )
+    guard_margin: float = Field(
+        default=0.01, ge=0, le=1, description="Allowed nDCG@10 loss on the guard set (0.01 = 1 point)."
+    )
 
 
 @dataclass
@@ -47,49 +67,169 @@ class Bootstrap:
 
 
 @dataclass
-class MetricsManifest(Manifest):
-    """Metrics of both models (``path``: metrics.json; the run files sit beside it)."""
+class SetMetrics:
+    """Both models on one evaluation set (``generated_test``: the split's test queries; ``golden``: yours)."""
 
-    path: str
+    name: str
+    beir: str
     base: dict[str, float]
     finetuned: dict[str, float]
     deltas: list[dict[str, Any]]
     bootstrap: Bootstrap
+    queries: int
+    passages: int
+
+
+@dataclass
+class MetricsManifest(Manifest):
+    """Metrics of both models on every evaluation set (``path``: metrics.json; run files beside it).
+
+    The *primary* set (your golden set when given, else the generated test split) is what the quality gate,
+    the export parity checks and the served-parity check use.
+    """
+
+    path: str
+    sets: list[SetMetrics]
     eval_max_seq_length: int
-    eval_queries: int
-    eval_passages: int
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
-    table_md: str = ""
     mlflow: MLflowInfo = field(default_factory=MLflowInfo)
+    allow_regression: bool = False
+    guard_margin: float = 0.01
+
+    @property
+    def primary(self) -> SetMetrics:
+        return next((s for s in self.sets if s.name == "golden"), self.sets[0])
+
+    @property
+    def base(self) -> dict[str, float]:
+        return self.primary.base
+
+    @property
+    def finetuned(self) -> dict[str, float]:
+        return self.primary.finetuned
+
+    @property
+    def bootstrap(self) -> Bootstrap:
+        return self.primary.bootstrap
+
+    @property
+    def eval_beir(self) -> str:
+        """The BEIR folder of the primary set (parity checks evaluate there)."""
+        return self.primary.beir
+
+    @property
+    def guard(self) -> SetMetrics | None:
+        return next((s for s in self.sets if s.name == "guard"), None)
 
     def gates(self) -> list[Gate]:
-        b = self.bootstrap
-        return [
+        p = self.primary
+        b = p.bootstrap
+        passed = b.ci95_high >= 0
+        message = f"on {p.name}: fine-tuned nDCG@10 {_vs(p)}"
+        if not passed:
+            message += (
+                " — worse than the base beyond noise, so nothing downstream is exported or served; "
+                + (
+                    "allowed through by allow_regression: true"
+                    if self.allow_regression
+                    else "to ship it anyway set ops.beir_metrics.config.allow_regression: true"
+                )
+            )
+        gates = [
             Gate(
                 "finetuned_not_worse_than_base",
-                b.ci95_high >= 0,
-                f"fine-tuned nDCG@10 {b.delta:+.4f} vs base (95% CI [{b.ci95_low:+.4f}, {b.ci95_high:+.4f}])",
-                metadata={"ndcg@10_delta": b.delta, "ci95_low": b.ci95_low, "ci95_high": b.ci95_high},
+                passed,
+                message,
+                severity="warn" if self.allow_regression and not passed else "error",
+                blocking=True,
+                metadata={
+                    "eval_set": p.name,
+                    "ndcg@10_delta": b.delta,
+                    "ci95_low": b.ci95_low,
+                    "ci95_high": b.ci95_high,
+                    "allow_regression": self.allow_regression,
+                },
             )
         ]
+        g = self.guard
+        if g is None:
+            gates.append(
+                Gate(
+                    "no_forgetting",
+                    True,
+                    "not evaluated: the forgetting guard is off (guard_path is empty)",
+                    severity="warn",
+                    metadata={"evaluated": False},
+                )
+            )
+        else:
+            kept = g.bootstrap.ci95_high >= -self.guard_margin
+            message = f"on the guard set {g.beir}: fine-tuned nDCG@10 {_vs(g)}"
+            if not kept:
+                message += (
+                    f" — loses more than {100 * self.guard_margin:.1f} points beyond noise outside the domain; "
+                    + (
+                        "allowed through by allow_regression: true"
+                        if self.allow_regression
+                        else "lower the learning rate or the epochs, let model merging keep more of the base, "
+                        "or set ops.beir_metrics.config.allow_regression: true"
+                    )
+                )
+            gates.append(
+                Gate(
+                    "no_forgetting",
+                    kept,
+                    message,
+                    severity="warn" if self.allow_regression and not kept else "error",
+                    blocking=True,
+                    metadata={
+                        "guard_set": g.beir,
+                        "ndcg@10_delta": g.bootstrap.delta,
+                        "ci95_low": g.bootstrap.ci95_low,
+                        "ci95_high": g.bootstrap.ci95_high,
+                        "margin": self.guard_margin,
+                        "allow_regression": self.allow_regression,
+                    },
+                )
+            )
+        return gates
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        from embed_assets.metrics import markdown_table
+
+        meta: dict[str, Any] = {
             "ndcg@10_base": self.base["NDCG@10"],
             "ndcg@10_finetuned": self.finetuned["NDCG@10"],
             "ndcg@10_delta": self.finetuned["NDCG@10"] - self.base["NDCG@10"],
             "recall@10_finetuned": self.finetuned["Recall@10"],
-            "metrics": Markdown(self.table_md),
+            "primary_eval_set": self.primary.name,
+        }
+        for s in self.sets:
+            suffix = "" if s.name == "generated_test" else f"_{s.name}"
+            meta[f"metrics{suffix}"] = Markdown(markdown_table(s.deltas))
+            if suffix:
+                meta[f"ndcg@10_base{suffix}"] = s.base["NDCG@10"]
+                meta[f"ndcg@10_finetuned{suffix}"] = s.finetuned["NDCG@10"]
+            meta[f"eval_queries{suffix}"] = s.queries
+        return {
+            **meta,
             "eval_max_seq_length": self.eval_max_seq_length,
-            "eval_queries": self.eval_queries,
-            "eval_passages": self.eval_passages,
+            "eval_passages": self.primary.passages,
             "device": self.device,
             "seconds_base": self.seconds.get("base", 0.0),
             "seconds_finetuned": self.seconds.get("finetuned", 0.0),
             "artifact_path": PathRef(self.path),
             **self.mlflow.metadata(),
         }
+
+
+def _vs(s: SetMetrics) -> str:
+    b = s.bootstrap
+    return (
+        f"{s.finetuned['NDCG@10']:.4f} vs base {s.base['NDCG@10']:.4f} ({100 * b.delta:+.1f} points, "
+        f"95% CI [{100 * b.ci95_low:+.1f}, {100 * b.ci95_high:+.1f}])"
+    )
 
 
 def evaluate_checkpoint(
@@ -100,68 +240,104 @@ def evaluate_checkpoint(
     ctx: StageContext,
     tracker: Any | None = None,
 ) -> MetricsManifest:
-    """Evaluate the base model and the checkpoint on the split's BEIR folder.
+    """Evaluate the base model and the checkpoint on the split's test set (and your golden set, if given).
 
     Args:
-        split: Holds ``eval_beir`` (corpus, test queries, qrels).
+        split: Holds ``eval_beir`` (the generated test split) and ``golden`` (your golden set, optional).
         checkpoint: The fine-tuned model.
         settings: Cut-offs, window, bootstrap draws.
         model: The base model and its prompts.
-        ctx: Where to write ``metrics.json`` and the run files.
+        ctx: Where to write ``metrics.json`` and the run files; passage embeddings are cached per text in
+            ``ctx.cache_dir("embeddings")`` (the base model's are shared with mining and with later runs).
         tracker: An :class:`embed_assets.tracking.MLflowTracker` (the checkpoint's run gets the table), or ``None``.
 
     Returns:
-        A :class:`MetricsManifest` (its gate: fine-tuned not worse than base beyond noise).
+        A :class:`MetricsManifest` (its gate: fine-tuned not worse than base beyond noise, on the primary set).
     """
     from embed_assets.beir_io import load_beir_folder
-    from embed_assets.metrics import compare, markdown_table, paired_bootstrap, per_query_ndcg
+    from embed_assets.metrics import compare, paired_bootstrap, per_query_ndcg
+    from embed_assets.model_card import update_card
     from embed_assets.storage import write_json
 
-    corpus, queries, qrels = load_beir_folder(split.eval_beir, split="test")
+    folders = {"generated_test": split.eval_beir}
+    if split.golden:
+        folders["golden"] = split.golden.beir
+    if settings.guard_path:
+        folders["guard"] = resolve_guard(settings.guard_path)
+    data = {name: load_beir_folder(folder, split="test") for name, folder in folders.items()}
     device = model.torch_device()
     window = settings.eval_max_seq_length or base_window(model)
-    results, runs, seconds = {}, {}, {}
-    for name, path in (("base", model.base_model), ("finetuned", checkpoint.model_dir)):
-        start = time.monotonic()
-        results[name], runs[name] = evaluate_model(
-            path, corpus, queries, qrels, settings, model, window, device
-        )
-        seconds[name] = round(time.monotonic() - start, 2)
-    rows = compare(results["base"], results["finetuned"])
     out = ctx.out_dir("beir_metrics")
-    write_json(
-        out / "metrics.json", {"base": results["base"], "finetuned": results["finetuned"], "deltas": rows}
-    )
-    write_json(out / "run_finetuned.json", runs["finetuned"])
-    write_json(out / "run_base.json", runs["base"])
-    boot = Bootstrap(
-        *paired_bootstrap(
-            per_query_ndcg(qrels, runs["base"], 10),
-            per_query_ndcg(qrels, runs["finetuned"], 10),
-            n=settings.noise_bootstrap_samples,
-            seed=0,
+    results: dict[str, dict[str, Any]] = {name: {} for name in folders}
+    runs: dict[str, dict[str, Any]] = {name: {} for name in folders}
+    seconds = {}
+    for side, path in (("base", model.base_model), ("finetuned", checkpoint.model_dir)):
+        start = time.monotonic()
+        for name, (corpus, queries, qrels) in data.items():
+            results[name][side], runs[name][side] = evaluate_model(
+                path, corpus, queries, qrels, settings, model, window, device, ctx.cache_dir("embeddings")
+            )
+            prefix = "" if name == "generated_test" else f"{name}_"
+            write_json(out / f"{prefix}run_{side}.json", runs[name][side])
+        seconds[side] = round(time.monotonic() - start, 2)
+    sets = []
+    for name, (corpus, queries, qrels) in data.items():
+        base, tuned = results[name]["base"], results[name]["finetuned"]
+        boot = Bootstrap(
+            *paired_bootstrap(
+                per_query_ndcg(qrels, runs[name]["base"], 10),
+                per_query_ndcg(qrels, runs[name]["finetuned"], 10),
+                n=settings.noise_bootstrap_samples,
+                seed=0,
+            )
         )
-    )
+        sets.append(
+            SetMetrics(
+                name, folders[name], base, tuned, compare(base, tuned), boot, len(queries), len(corpus)
+            )
+        )
+        ctx.log.info(
+            f"{name}: nDCG@10 base {base['NDCG@10']:.4f} -> fine-tuned {tuned['NDCG@10']:.4f} "
+            f"({100 * boot.delta:+.1f} points, 95% CI [{100 * boot.ci95_low:+.1f}, {100 * boot.ci95_high:+.1f}]) "
+            f"on {len(queries)} queries at {window} tokens"
+        )
     manifest = MetricsManifest(
         path=str(out / "metrics.json"),
-        base=results["base"],
-        finetuned=results["finetuned"],
-        deltas=rows,
-        bootstrap=boot,
+        sets=sets,
         eval_max_seq_length=window,
-        eval_queries=len(queries),
-        eval_passages=len(corpus),
         device=device,
         seconds=seconds,
-        table_md=markdown_table(rows),
+        allow_regression=settings.allow_regression,
+        guard_margin=settings.guard_margin,
     )
-    ctx.log.info(
-        f"nDCG@10 base {manifest.base['NDCG@10']:.4f} -> fine-tuned {manifest.finetuned['NDCG@10']:.4f} "
-        f"({100 * boot.delta:+.1f} points, 95% CI [{100 * boot.ci95_low:+.1f}, {100 * boot.ci95_high:+.1f}]) "
-        f"on {len(queries)} queries at {window} tokens"
+    write_json(
+        manifest.path, {s.name: {"base": s.base, "finetuned": s.finetuned, "deltas": s.deltas} for s in sets}
     )
     manifest.mlflow = _log_to_mlflow(tracker, checkpoint, manifest, ctx)
+    update_card(
+        checkpoint.model_dir,
+        metrics={
+            s.name: {
+                side: {k: v for k, v in getattr(s, side).items() if k in CARD_METRICS}
+                for side in ("base", "finetuned")
+            }
+            for s in sets
+        },
+        gates={g.name: {"passed": g.passed, "result": g.message} for g in manifest.gates()},
+    )
     return manifest
+
+
+def resolve_guard(guard_path: str) -> str:
+    """The guard set's BEIR folder: ``"bundled"`` is the general-domain set shipped with the package."""
+    if guard_path == "bundled":
+        return str(BUNDLED_GUARD)
+    if not Path(guard_path, "corpus.jsonl").is_file():
+        raise FileNotFoundError(
+            f"guard_path {guard_path!r} is not a BEIR folder (no corpus.jsonl); use 'bundled', a BEIR folder, "
+            "or '' to turn the forgetting guard off"
+        )
+    return guard_path
 
 
 def base_window(model: ModelSpec) -> int:
@@ -181,13 +357,39 @@ def evaluate_model(
     model: ModelSpec,
     window: int,
     device: str,
+    cache_dir: str | Path | None = None,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """One model's metrics and run file at ``window`` tokens."""
-    from embed_assets.metrics import encode_and_search, evaluate
+    """One model's metrics and run file at ``window`` tokens.
+
+    Args:
+        path: The model (folder, bundled name or hub id).
+        corpus: ``{id: {"title", "text"}}``.
+        queries: ``{id: text}``.
+        qrels: Judgments.
+        settings: Cut-offs and batch size.
+        model: Prompts.
+        window: Tokens per text.
+        device: Torch device.
+        cache_dir: Per-text embedding cache for the passages (keyed by the model's weights and window).
+
+    Returns:
+        ``(metrics, run)``.
+    """
+    from embed_assets.embedding_cache import EmbeddingCache, model_fingerprint
+    from embed_assets.metrics import document_text, encode_and_search, evaluate
     from embed_assets.models import load_sentence_transformer
 
     st_model = load_sentence_transformer(path, device=device, max_seq_length=window)
     query_prompt, passage_prompt = model.prompts()
+    corpus_emb = None
+    if cache_dir is not None:
+        cache = EmbeddingCache(cache_dir, model_fingerprint(st_model), prompt=passage_prompt, task="document")
+        corpus_emb = cache.encode(
+            st_model,
+            [document_text(d) for d in corpus.values()],
+            list(corpus),
+            batch_size=settings.batch_size,
+        )
     run, _ = encode_and_search(
         st_model,
         queries,
@@ -196,6 +398,7 @@ def evaluate_model(
         batch_size=settings.batch_size,
         query_prompt=query_prompt,
         corpus_prompt=passage_prompt,
+        corpus_embeddings=corpus_emb,
     )
     return evaluate(qrels, run, k_values=settings.k_values), run
 
@@ -217,19 +420,27 @@ def _log_to_mlflow(
             )
         tracker.set_tags(run_id, {"dagster/beir_metrics_run_id": ctx.run_id})
         b = manifest.bootstrap
+        from embed_assets.metrics import markdown_table
+
         tracker.log_beir(
             run_id,
             manifest.base,
             manifest.finetuned,
-            manifest.deltas,
-            manifest.table_md,
+            manifest.primary.deltas,
+            markdown_table(manifest.primary.deltas),
             extra={
                 "ndcg_at_10_delta_mean": b.delta,
                 "ndcg_at_10_delta_ci95_low": b.ci95_low,
                 "ndcg_at_10_delta_ci95_high": b.ci95_high,
-                "eval_queries": manifest.eval_queries,
-                "eval_passages": manifest.eval_passages,
+                "eval_queries": manifest.primary.queries,
+                "eval_passages": manifest.primary.passages,
                 "eval_max_seq_length": manifest.eval_max_seq_length,
+                **{
+                    f"{s.name}/{side}/NDCG_at_10": getattr(s, side)["NDCG@10"]
+                    for s in manifest.sets
+                    if s is not manifest.primary
+                    for side in ("base", "finetuned")
+                },
             },
             source=f"dagster run {ctx.run_id}",
         )

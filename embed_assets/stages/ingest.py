@@ -216,6 +216,55 @@ def chunk_documents(
     )
 
 
+def chunks_from_beir(folder: str | Path, ctx: StageContext, doc_id_from: str = "id_prefix") -> ChunksManifest:
+    """A BEIR corpus as this pipeline's passages (for benchmarks, or a user whose corpus is already cut).
+
+    Each passage becomes one chunk whose text is BEIR's encoding of it (``title + " " + text``), whose
+    ``source_id`` is its BEIR id, and whose document is, with ``doc_id_from="id_prefix"``, the id without its
+    last ``-suffix`` (``covidqa-630-000`` → ``covidqa-630``), so the split keeps a document's passages together;
+    ``"id"`` makes every passage its own document. Identical texts are kept once (first id wins).
+
+    Args:
+        folder: A BEIR folder (only ``corpus.jsonl`` is read).
+        ctx: Where to write ``chunks.parquet``.
+        doc_id_from: ``"id_prefix"`` or ``"id"``.
+
+    Returns:
+        A :class:`ChunksManifest` (``corpus_root`` = the folder).
+    """
+    import time
+
+    from embed_assets.beir_io import CORPUS_FILE, _load_corpus
+    from embed_assets.metrics import document_text
+    from embed_assets.records import Chunk, content_hash
+    from embed_assets.storage import write_parquet
+
+    if doc_id_from not in ("id_prefix", "id"):
+        raise ValueError(f"doc_id_from must be 'id_prefix' or 'id', got {doc_id_from!r}")
+    start = time.monotonic()
+    root = Path(folder).resolve()
+    chunks, seen = [], set()
+    for pid, doc in _load_corpus(root / CORPUS_FILE).items():
+        text = document_text(doc)
+        cid = content_hash(text)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        doc_id = pid.rsplit("-", 1)[0] if doc_id_from == "id_prefix" and "-" in pid else pid
+        chunks.append(Chunk(cid, doc_id, text, 0, 0, n_tokens=len(text.split()), source_id=pid))
+    out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
+    write_parquet(out, [c.to_dict() for c in chunks])
+    return ChunksManifest(
+        path=str(out),
+        n_chunks=len(chunks),
+        n_docs=len({c.doc_id for c in chunks}),
+        corpus_root=str(root),
+        data_version=fingerprint(sorted(seen)),
+        preview=[c.to_dict() for c in chunks[:10]],
+        seconds=round(time.monotonic() - start, 2),
+    )
+
+
 def _chunk_ids(previous: ChunksManifest | None) -> set[str]:
     """Chunk ids of an earlier run (empty when there is none or its file is gone)."""
     if previous is None:

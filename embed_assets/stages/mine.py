@@ -33,6 +33,13 @@ class MiningSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     hard_negatives_to_mine: int = Field(default=5, ge=1, description="Negatives kept per query.")
+    min_negatives: int = Field(
+        default=0,
+        ge=0,
+        description="Keep a query's rows when at least this many negatives survive the margin (0: every row; "
+        "those without any train on in-batch negatives). The queries the base model ranks worst are the ones "
+        "the margin empties, so dropping them drops the most useful rows.",
+    )
     range_min: int = Field(default=0, ge=0, description="Skip the top range_min candidates.")
     range_max: int | None = Field(default=None, description="Consider only the top range_max candidates.")
     relative_margin: float | None = Field(
@@ -133,6 +140,7 @@ def mine_negatives(
         batch_size=settings.batch_size,
         progress=ctx.log.info,
         num_negatives=settings.hard_negatives_to_mine,
+        min_negatives=min(settings.min_negatives, settings.hard_negatives_to_mine),
         range_min=settings.range_min,
         range_max=settings.range_max,
         relative_margin=settings.relative_margin,

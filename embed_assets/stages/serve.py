@@ -30,7 +30,6 @@ from embed_assets.stages.common import (
 )
 from embed_assets.stages.evaluate import MetricsManifest
 from embed_assets.stages.export import OnnxManifest, parity_md, served_parity
-from embed_assets.stages.split import SplitManifest
 
 
 class ServiceSettings(BaseModel):
@@ -90,11 +89,17 @@ class ServiceManifest(Manifest):
                 )
             ]
         worst = max((abs(r["diff"]) for r in self.parity_rows), default=0.0)
+        message = (
+            f"served metrics vs the checkpoint's: worst diff {worst:.4f} (tolerance 0.03 at @1, 0.01 above)"
+        )
+        if not self.parity_ok:
+            message += " — the endpoint does not serve what was evaluated; see the server log"
         return [
             Gate(
                 "served_metrics_parity",
                 self.parity_ok,
-                f"served metrics within tolerance of the checkpoint's (worst diff {worst:.4f})",
+                message,
+                blocking=True,
                 metadata={"worst_metric_diff": worst},
             )
         ]
@@ -124,7 +129,6 @@ class ServiceManifest(Manifest):
 
 
 def serve_model(
-    split: SplitManifest,
     metrics: MetricsManifest,
     onnx: OnnxManifest,
     settings: ServiceSettings,
@@ -134,8 +138,7 @@ def serve_model(
     """Serve (or deploy) the exported model and evaluate it through its endpoint.
 
     Args:
-        split: The evaluation set.
-        metrics: The checkpoint's metrics (parity reference).
+        metrics: The checkpoint's metrics (parity reference, on its primary evaluation set).
         onnx: The exported model.
         settings: Mode, address, variant, auth.
         ctx: Where the server log and rendered files go.
@@ -149,7 +152,7 @@ def serve_model(
     """
     out = ctx.out_dir("nim_service")
     if settings.mode != "local":
-        return _deploy(split, metrics, onnx, settings, ctx, out)
+        return _deploy(metrics, onnx, settings, ctx, out)
     from embed_assets.serving.process import start_server, stop_server
 
     variant = settings.variant
@@ -178,11 +181,11 @@ def serve_model(
         log=log_path,
         identity={**onnx.identity, "variant": variant},
     )
-    return _evaluate_endpoint(manifest, split, metrics, settings)
+    return _evaluate_endpoint(manifest, metrics, settings)
 
 
 def _evaluate_endpoint(
-    manifest: ServiceManifest, split: SplitManifest, metrics: MetricsManifest, settings: ServiceSettings
+    manifest: ServiceManifest, metrics: MetricsManifest, settings: ServiceSettings
 ) -> ServiceManifest:
     """Probe the endpoint's health and evaluate through it (the served-parity gate)."""
     import httpx
@@ -194,7 +197,7 @@ def _evaluate_endpoint(
     try:
         manifest.health = httpx.get(f"{manifest.url}/v1/health/ready", timeout=10).json()
         start = time.monotonic()
-        served, rows, ok = served_parity(client.encode, split, metrics.finetuned)
+        served, rows, ok = served_parity(client.encode, metrics)
         manifest.served_eval_seconds = round(time.monotonic() - start, 2)
         manifest.served_model = client.model
     finally:
@@ -205,7 +208,6 @@ def _evaluate_endpoint(
 
 
 def _deploy(
-    split: SplitManifest,
     metrics: MetricsManifest,
     onnx: OnnxManifest,
     settings: ServiceSettings,
@@ -236,7 +238,7 @@ def _deploy(
             f"{settings.endpoint_url}/v1/health/ready not ready after {settings.ready_timeout_s}s"
         )
     manifest.url = settings.endpoint_url
-    return _evaluate_endpoint(manifest, split, metrics, settings)
+    return _evaluate_endpoint(manifest, metrics, settings)
 
 
 def _create_time(pid: int) -> float | None:

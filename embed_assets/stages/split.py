@@ -39,6 +39,14 @@ class SplitSettings(BaseModel):
     regenerate_eval: bool = Field(
         default=False, description="Freeze a new test set for this corpus instead of reusing the frozen one."
     )
+    eval_path: str = Field(
+        default="",
+        description="Your own golden set: a BEIR folder or a query/passage CSV over the corpus. Its documents "
+        "stay out of training; beir_metrics reports it next to the generated test split and gates on it.",
+    )
+    eval_split: str = Field(
+        default="test", description="eval_path as a BEIR folder: which qrels file to read."
+    )
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> SplitSettings:
@@ -66,6 +74,17 @@ class EvalSetInfo:
 
 
 @dataclass
+class GoldenInfo:
+    """The user's golden set as resolved against the corpus (``beir``: its BEIR folder over all passages)."""
+
+    source: str
+    beir: str
+    queries: int
+    qrels: int
+    documents: int
+
+
+@dataclass
 class SplitManifest(Manifest):
     """Train/val/test JSON Lines of QA records, and the BEIR folder (``eval_beir``) to evaluate on."""
 
@@ -82,6 +101,7 @@ class SplitManifest(Manifest):
     ratios: list[float]
     leakage_documents: int
     eval_set: EvalSetInfo
+    golden: GoldenInfo | None = None
     data_version: str = ""
     seconds: float = 0.0
 
@@ -91,6 +111,7 @@ class SplitManifest(Manifest):
                 "no_document_leakage",
                 self.leakage_documents == 0,
                 f"{self.leakage_documents} documents are in train and in val/test",
+                blocking=True,
                 metadata={"documents_in_train_and_eval": self.leakage_documents},
             )
         ]
@@ -114,6 +135,16 @@ class SplitManifest(Manifest):
             "eval_changes_since_last": f"passages +{e.passages_added}/-{e.passages_removed}, "
             f"queries +{e.queries_added}/-{e.queries_removed}",
             "eval_beir": PathRef(self.eval_beir),
+            **(
+                {
+                    "golden_source": PathRef(self.golden.source),
+                    "golden_queries": self.golden.queries,
+                    "golden_documents": self.golden.documents,
+                    "golden_beir": PathRef(self.golden.beir),
+                }
+                if self.golden
+                else {}
+            ),
             "artifact_path": PathRef(str(Path(self.train).parent)),
             "seconds": self.seconds,
         }
@@ -148,11 +179,14 @@ def split_pairs(
     Returns:
         A :class:`SplitManifest` (its ``eval_set`` says whether the test set is new or reused, and why).
     """
+    from embed_assets.golden import load_golden
     from embed_assets.prep import split_by_document, write_eval_beir
     from embed_assets.storage import write_json, write_jsonl
 
     start = time.monotonic()
     records = pairs.load()
+    pool = passage_pool(chunks, pairs)
+    golden = load_golden(settings.eval_path, pool, settings.eval_split) if settings.eval_path else None
     record_file = frozen_record_path(ctx.root, chunks.corpus_root)
     frozen, reason = _usable_freeze(record_file, records, settings, chunks.corpus_root)
     split = split_by_document(
@@ -160,11 +194,13 @@ def split_pairs(
         ratios=(settings.train_ratio, settings.val_ratio, settings.test_ratio),
         small_data_threshold=settings.small_data_threshold,
         seed=settings.seed,
-        frozen_test_docs=frozen["test_docs"] if frozen else (),
+        # The golden set's documents are test documents too: none of their passages may be trained on.
+        frozen_test_docs=set(frozen["test_docs"] if frozen else ()) | (golden.docs if golden else set()),
     )
     out = ctx.out_dir("split_sets")
     eval_dir = out / "eval_beir"
-    counts = write_eval_beir(eval_dir, split.test, passage_pool(chunks, pairs))
+    counts = write_eval_beir(eval_dir, split.test, pool)
+    golden_info = _write_golden(golden, pool, out / "golden_beir", ctx) if golden else None
     changes = _changes(frozen.get("last_eval_dir") if frozen else None, eval_dir)
     info = EvalSetInfo(
         status="reused" if frozen else "new",
@@ -207,10 +243,30 @@ def split_pairs(
         ratios=list(split.ratios),
         leakage_documents=split.leakage(),
         eval_set=info,
+        golden=golden_info,
         data_version=file_digest(
             *paths.values(), str(eval_dir / "corpus.jsonl"), str(eval_dir / "qrels" / "test.tsv")
         ),
         seconds=round(time.monotonic() - start, 2),
+    )
+
+
+def _write_golden(golden: Any, pool: list[Any], folder: Path, ctx: StageContext) -> GoldenInfo:
+    """The golden set as a BEIR folder over every passage (ids = chunk ids)."""
+    from embed_assets.beir_io import write_beir_folder
+
+    corpus = {c.chunk_id: {"title": "", "text": c.text} for c in pool}
+    write_beir_folder(folder, corpus, golden.queries, golden.qrels, split="test")
+    ctx.log.info(
+        f"golden set {golden.source}: {len(golden.queries)} queries over {len(golden.docs)} documents "
+        "(kept out of training)"
+    )
+    return GoldenInfo(
+        source=golden.source,
+        beir=str(folder),
+        queries=len(golden.queries),
+        qrels=sum(len(r) for r in golden.qrels.values()),
+        documents=len(golden.docs),
     )
 
 

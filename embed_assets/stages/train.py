@@ -70,6 +70,12 @@ class TrainSettings(BaseModel):
     save_steps: int = Field(default=50, ge=1, description="Checkpoint every N steps (resume point).")
     logging_steps: int = Field(default=5, ge=1, description="Loss logged every N steps.")
     seed: int = Field(default=42, description="Training seed.")
+    model_card_examples: int = Field(
+        default=0,
+        ge=0,
+        description="Training pairs quoted in the model card (README.md). 0 keeps corpus text out of the card, "
+        "so publishing the model does not publish the corpus.",
+    )
     num_gpus: int = Field(
         default=1,
         ge=1,
@@ -207,6 +213,7 @@ def train_checkpoint(
     Raises:
         StageError: MLflow could not be reached before training (with how to turn tracking off).
     """
+    from embed_assets.model_card import write_card
     from embed_assets.tracking import plot_training_curves
     from embed_assets.training import last_complete_checkpoint, training_rows
     from embed_assets.training_cli import distributed_processes
@@ -261,6 +268,7 @@ def train_checkpoint(
         run_dir / "training_curves.png",
         title=f"checkpoint {ctx.run_id[:8]}",
     )
+    write_card(out, card_facts(chunks, pairs, rows, val, settings, model, report))
     summary = {k: v for k, v in report.as_metadata().items() if k not in ("model_dir", "resumed_from")}
     return CheckpointManifest(
         model_dir=str(out),
@@ -275,6 +283,48 @@ def train_checkpoint(
         train_rows=len(rows),
         mlflow=_log_result(tracker, run_id, summary, report.steps, png, out, ctx),
     )
+
+
+def card_facts(
+    chunks: ChunksManifest,
+    pairs: PairsManifest,
+    rows: list[dict[str, str]],
+    val: dict[str, Any] | None,
+    settings: TrainSettings,
+    model: ModelSpec,
+    report: Any,
+) -> dict[str, Any]:
+    """What the model card states about the training: counts and hashes, never corpus text (unless opted in)."""
+    facts: dict[str, Any] = {
+        "base_model": model.base_model,
+        "data": {
+            "passages": chunks.n_chunks,
+            "documents": chunks.n_docs,
+            "passages_sha256": chunks.data_version,
+            "pairs": pairs.n_pairs,
+            "pairs_generator": pairs.generator,
+            "pairs_sha256": pairs.data_version,
+            "training_rows": len(rows),
+            "validation_queries": len(val["queries"]) if val else 0,
+        },
+        "training": {
+            "loss": settings.loss,
+            "epochs": report.epochs,
+            "steps": report.steps,
+            "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate,
+            "negatives_per_row": settings.negatives_per_row,
+            "train_max_seq_length": settings.max_seq_length,
+            "query_prompt": model.query_prompt,
+            "passage_prompt": model.passage_prompt,
+            "device": report.device,
+        },
+    }
+    if settings.model_card_examples:
+        facts["examples"] = [
+            {"anchor": r["anchor"], "positive": r["positive"]} for r in rows[: settings.model_card_examples]
+        ]
+    return facts
 
 
 def _open_run(

@@ -1,0 +1,123 @@
+"""The stage functions called directly, as the benchmarks and scripts call them (no Dagster)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from embed_assets.byod import DataValidationError
+from embed_assets.models import BUNDLED_MODEL
+from embed_assets.stages.common import ModelSpec, StageContext
+from embed_assets.stages.evaluate import EvalSettings, evaluate_checkpoint
+from embed_assets.stages.ingest import ChunkSettings, CorpusSettings, chunk_documents, read_documents
+from embed_assets.stages.sdg import SDGSettings, generate_pairs
+from embed_assets.stages.split import SplitSettings, split_pairs
+from embed_assets.stages.train import CheckpointManifest
+
+MODEL = ModelSpec(BUNDLED_MODEL, device="cpu")
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, tiny_corpus: Path):
+    """Chunks and inverse-cloze pairs of the tiny corpus."""
+    ctx = StageContext.local(tmp_path / "artifacts", run_id="run-1")
+    corpus = read_documents(CorpusSettings(path=str(tiny_corpus)), ctx)
+    chunks = chunk_documents(corpus, ChunkSettings(passage_max_length=256), MODEL, ctx)
+    pairs = generate_pairs(chunks, SDGSettings(), MODEL, ctx)
+    return ctx, chunks, pairs
+
+
+def _golden_csv(tmp_path: Path, chunks, rows: list[tuple[str, str]]) -> Path:
+    path = tmp_path / "golden.csv"
+    lines = ["Question,Answer", *(f'"{q}","{a}"' for q, a in rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _spans(chunks, n: int) -> list[tuple[str, str]]:
+    """(question, answer span) pairs whose answers are sentences of distinct documents' passages."""
+    out, docs = [], set()
+    for c in chunks.load():
+        if c.doc_id in docs:
+            continue
+        sentence = next((s for s in c.text.split(". ") if len(s.split()) >= 8 and '"' not in s), None)
+        if sentence:
+            docs.add(c.doc_id)
+            out.append((f"What does the reference say about {' '.join(sentence.split()[:4])}?", sentence))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_golden_set_errors_name_file_and_line(tmp_path: Path, prepared) -> None:
+    ctx, chunks, pairs = prepared
+    good = _spans(chunks, 2)
+    bad = _golden_csv(
+        tmp_path,
+        chunks,
+        [good[0], ("", good[1][1]), ("What is a quokka?", "Quokkas live on Rottnest Island."), good[0]],
+    )
+    with pytest.raises(DataValidationError) as info:
+        split_pairs(chunks, pairs, SplitSettings(eval_path=str(bad)), ctx)
+    assert info.value.errors == [
+        f"{bad}:3: field 'question' is empty",
+        f"{bad}:4: field 'answer' matches no passage of the corpus",
+        f"{bad}:5: duplicate row: query {good[0][0][:60]!r} and this passage appear earlier",
+    ]
+
+
+@pytest.mark.slow  # encodes the corpus with two models
+def test_golden_set_is_kept_out_of_training_and_evaluated(tmp_path: Path, prepared) -> None:
+    import pytrec_eval
+
+    from embed_assets.beir_io import load_beir_folder
+    from embed_assets.models import load_sentence_transformer
+
+    ctx, chunks, pairs = prepared
+    golden = _golden_csv(tmp_path, chunks, _spans(chunks, 3))
+    split = split_pairs(chunks, pairs, SplitSettings(eval_path=str(golden)), ctx)
+    assert split.golden is not None and split.golden.queries == 3 and split.golden.documents == 3
+    _, _, qrels = load_beir_folder(split.golden.beir, split="test")
+    doc_of = {c.chunk_id: c.doc_id for c in chunks.load()}
+    golden_docs = {doc_of[cid] for rels in qrels.values() for cid in rels}
+    assert golden_docs <= set(split.test_docs) and not golden_docs & set(split.train_docs + split.val_docs)
+
+    # A "fine-tuned" model that is the base model saved with a 32-token window: evaluated at the base window,
+    # it must score exactly like the base model (same weights, same window), on both sets.
+    tuned = tmp_path / "tuned"
+    st = load_sentence_transformer(BUNDLED_MODEL)
+    st.max_seq_length = 32
+    st.save(str(tuned))
+    checkpoint = CheckpointManifest(
+        model_dir=str(tuned),
+        base_model=BUNDLED_MODEL,
+        run_id="run-1",
+        device="cpu",
+        num_processes=1,
+        work_dir="",
+        report={},
+        curves_png="",
+    )
+    metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(), MODEL, ctx)
+    assert metrics.eval_max_seq_length == 256  # the base model's window, for both models
+    assert [s.name for s in metrics.sets] == ["generated_test", "golden"] and metrics.primary.name == "golden"
+    for s in metrics.sets:
+        assert s.finetuned == s.base, f"{s.name}: same weights at the same window must give the same metrics"
+    assert metrics.gates()[0].passed and "golden" in metrics.gates()[0].message
+
+    # The golden metrics equal an independent pytrec_eval computation on the run file the stage wrote.
+    run = json.loads((Path(metrics.path).parent / "golden_run_finetuned.json").read_text())
+    scores = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    ndcg = sum(scores[q]["ndcg_cut_10"] for q in qrels) / len(qrels)
+    assert metrics.primary.finetuned["NDCG@10"] == pytest.approx(ndcg, abs=1e-9)
+    recall = sum(scores[q]["recall_100"] for q in qrels) / len(qrels)
+    assert metrics.primary.finetuned["Recall@100"] == pytest.approx(recall, abs=1e-9)
+
+    # At its own 32-token window the same model would have scored differently: the window matters.
+    from embed_assets.stages.evaluate import evaluate_model
+
+    corpus, queries, gen_qrels = load_beir_folder(split.eval_beir, split="test")
+    at_32, _ = evaluate_model(str(tuned), corpus, queries, gen_qrels, EvalSettings(), MODEL, 32, "cpu")
+    assert at_32 != metrics.sets[0].finetuned
