@@ -48,8 +48,8 @@ class Fault:
     Attributes:
         kind: ``"malformed"`` (truncated JSON), ``"garbage"`` (prose), ``"schema"`` (JSON violating the
             schema), ``"status"`` (HTTP ``status``, optional ``retry_after`` header), ``"slow"`` (sleep
-            ``delay_s`` then answer normally), ``"endless"`` (generate one word every ``delay_s`` for up
-            to 30 s: streamed, it stops when the client goes away; not streamed, it runs to the end),
+            ``delay_s`` then answer normally), ``"endless"`` (generate one word every ``delay_s`` for
+            ``duration_s``: streamed, it stops when the client goes away; not streamed, it runs to the end),
             ``"envelope"`` (200 with a non-JSON body), ``"interrupt"`` (a stream that ends with
             ``[DONE]`` but no ``finish_reason``, as llama-cpp-python's interrupted requests do).
         step: Only for this step (``None``: any step).
@@ -68,6 +68,7 @@ class Fault:
     status: int = 500
     retry_after: str | None = None
     delay_s: float = 0.0
+    duration_s: float = 30.0  # "endless": how long generation goes on at most
     body: str | None = None  # error message for "status"; "{auth}" is replaced by the Authorization header
 
     def applies(self, step: str, repair: bool, prompt: str) -> bool:
@@ -518,8 +519,8 @@ class OpenAIStub:
     def _endless(
         self, h: BaseHTTPRequestHandler, body: dict[str, Any], record: CallRecord, fault: Fault
     ) -> None:
-        """Generate one word per ``delay_s`` for up to 30 s (a model that rambles until its context is full)."""
-        deadline = time.monotonic() + 30.0
+        """Generate one word per ``delay_s`` for ``duration_s`` (a model that rambles until its context is full)."""
+        deadline = time.monotonic() + fault.duration_s
         streamed = bool(body.get("stream"))
         try:
             if streamed:

@@ -670,3 +670,264 @@ def test_render_and_retry_after():
     assert _retry_after("2") == 2.0 and _retry_after(None) is None and _retry_after("soon") is None
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert _retry_after("100000") == 600.0
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+
+
+class ListLog(logging.Logger):
+    """A logger that keeps (level, message) pairs, as the Dagster asset's context.log would show them."""
+
+    def __init__(self) -> None:
+        super().__init__("test-sdg", logging.DEBUG)
+        self.lines: list[tuple[int, str]] = []
+
+    def _log(self, level, msg, args, *rest, **kwargs) -> None:  # type: ignore[override]
+        self.lines.append((level, str(msg) % args if args else str(msg)))
+
+    def at(self, level: int) -> list[str]:
+        return [m for lv, m in self.lines if lv == level]
+
+
+def test_every_settings_field_is_classified_for_the_fingerprint():
+    from embed_assets.sdg.llm import _NOT_OUTPUT_FIELDS, _OUTPUT_FIELDS
+
+    assert not set(_OUTPUT_FIELDS) & set(_NOT_OUTPUT_FIELDS)
+    assert set(_OUTPUT_FIELDS) | set(_NOT_OUTPUT_FIELDS) == set(SDGSettings.model_fields)
+
+
+def test_settings_reject_unknown_and_out_of_range_values():
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        SDGSettings(max_tokens=512)  # the old single budget: now per step
+    with pytest.raises(ValueError, match="generator"):
+        SDGSettings(generator="gpt")
+    with pytest.raises(ValueError, match="user_data_path"):
+        SDGSettings(generator="user_data")
+    with pytest.raises(ValueError, match="min_complexity"):
+        SDGSettings(min_complexity=6)
+
+
+def test_model_check_fails_naming_the_served_models(embedder):
+    with OpenAIStub(served_models=["llama-3.1-8b", "qwen2.5-7b"], strict_models=True) as stub:
+        gen = make_gen(stub, embedder, None, api_key="", model="stub-model", judge_model="qwen2.5-7b")
+        with pytest.raises(LLMConfigError) as info:
+            run_generation(gen, make_chunks(DOCS), None)
+    message = str(info.value)
+    assert "does not serve model(s) 'stub-model'" in message
+    assert "it serves: 'llama-3.1-8b', 'qwen2.5-7b'" in message
+    assert stub.count() == 0  # nothing was generated with a model that is not there
+
+
+def test_model_check_passes_and_notices_servers_that_ignore_model_names(embedder):
+    chunks = make_chunks({"bread.md": DOCS["bread.md"]})
+    with OpenAIStub(served_models=["stub-model"], strict_models=True) as strict:
+        log = ListLog()
+        gen = make_gen(strict, embedder, None, api_key="", log=log)
+        result = run_generation(gen, chunks, None)
+        assert result.records and gen.endpoint_check.ignores_model_names is False
+        assert gen.endpoint_check.served_models == ["stub-model"]
+        assert [c.status for c in strict.checks] == [404] and log.at(logging.WARNING) == []
+        assert result.stats.check_requests == 2
+
+    with OpenAIStub(served_models=["stub-model"]) as lenient:  # answers any name, like llama.cpp
+        log = ListLog()
+        gen = make_gen(lenient, embedder, None, api_key="", log=log)
+        run_generation(gen, chunks, None)
+        assert gen.endpoint_check.ignores_model_names is True
+        (warning,) = log.at(logging.WARNING)
+        assert "ignores model names" in warning and "it lists 'stub-model'" in warning
+
+    with OpenAIStub() as unlisted:  # no /v1/models route
+        log = ListLog()
+        gen = make_gen(unlisted, embedder, None, api_key="", log=log)
+        run_generation(gen, chunks, None)
+        assert gen.endpoint_check.served_models is None
+        assert any("does not list its models" in w for w in log.at(logging.WARNING))
+        # the check runs once per generator, not once per unit
+        run_generation(gen, make_chunks({"tidal.md": DOCS["tidal.md"]}), None)
+        assert unlisted.model_list_requests == 1 and len(unlisted.checks) == 1
+
+
+def test_context_overflow_shrinks_the_completion_budget(embedder):
+    """OpenAI/vLLM style: prompt + max_tokens must fit. The retry asks for what the context leaves."""
+    chunks = make_chunks({"bread.md": DOCS["bread.md"]})
+    with OpenAIStub(context_length=1200) as stub:
+        log = ListLog()
+        result = make_gen(
+            stub, embedder, None, log=log, max_tokens_extraction=5000, max_tokens_qa=300, max_tokens_judge=300
+        ).generate(chunks)
+    stats = result.stats
+    assert result.records and stats.dropped == Counter()
+    first, second = [c for c in stub.calls if c.step == "artifact_extraction"]
+    assert first.status == 400 and second.status == 200
+    prompt = sum(len(m["content"].split()) for m in first.body["messages"])
+    assert first.body["max_tokens"] == 5000 and second.body["max_tokens"] == 1200 - prompt - 16
+    assert stats.context_overflows == 1 and stats.max_tokens_shrunk == 1 and stats.bundles_split == 0
+    assert stats.calls_made == stub.count() == 4 and stats.calls_failed == 1
+    assert any("context overflow, max_tokens 5000 -> " in m for m in log.at(logging.INFO))
+
+
+def test_prompt_too_long_for_the_context_splits_the_bundle(embedder):
+    """llama-cpp-python style: only the prompt must fit (max_tokens is clamped); a bundle whose prompt is
+    too long is cut in halves until each fits, and every chunk still gets its pairs."""
+    chunks = make_chunks({"mining.md": DOCS["mining.md"]})
+    with OpenAIStub() as probe:  # how long the prompts of one-chunk bundles are
+        make_gen(probe, embedder, None, bundle_size=1, num_pairs=2).generate(chunks)
+    fits_one = max(sum(len(m["content"].split()) for m in c.body["messages"]) for c in probe.calls) + 1
+    with OpenAIStub(context_length=fits_one, context_style="llama_cpp") as stub:
+        result = make_gen(stub, embedder, None, bundle_size=3, num_pairs=2).generate(chunks)
+    stats = result.stats
+    assert any(len(c.segments) == 3 and c.status == 400 for c in stub.calls)  # the whole bundle did not fit
+    answered_qa = [c for c in stub.calls if c.step == "qa_generation" and c.status == 200]
+    assert answered_qa and {len(c.segments) for c in answered_qa} <= {1, 2}  # its halves did
+    assert stats.bundles_split >= 1 and stats.context_overflows >= 1 and stats.max_tokens_shrunk == 0
+    assert stats.failed_chunk_ids == [] and stats.chunks_generated == 3
+    assert {cid for r in result.records for cid in r.positive_chunk_ids} == {c.chunk_id for c in chunks}
+    assert stats.calls_made == stub.count()
+
+
+def test_a_single_chunk_too_long_for_the_context_is_dropped_with_the_servers_words(embedder):
+    chunks = make_chunks({"bread.md": DOCS["bread.md"]})
+    with OpenAIStub(context_length=100, context_style="llama_cpp") as stub:
+        log = ListLog()
+        result = make_gen(stub, embedder, None, log=log).generate(chunks)
+    assert result.records == [] and result.stats.dropped == Counter({"context_overflow": 1})
+    assert "maximum context length is 100 tokens" in result.stats.drop_examples["context_overflow"]
+    assert stub.count() == 1  # no retry can help: the prompt itself is too long
+    (warning,) = [w for w in log.at(logging.WARNING) if w.startswith("SDG dropped")]
+    assert warning.startswith(
+        "SDG dropped the bundle of bread.md (1 chunk) [context_overflow]: artifact_extraction: "
+    )
+
+
+def test_repair_prompt_is_bounded_whatever_the_answer(stub, embedder):
+    def rambling(segments, n):  # 60 pairs with an invalid field: a long answer that fails validation
+        return [
+            {"question": f"Question {i} " + "very " * 40, "answer": "a", "query_type": "rambling",
+             "reasoning_type": "factual", "complexity": 3, "segment_ids": [1]}
+            for i in range(60)
+        ]  # fmt: skip
+
+    stub.qa_builder = rambling
+    result = make_gen(stub, embedder, None, repair_excerpt_chars=600, max_tokens_qa=0).generate(
+        make_chunks({"bread.md": DOCS["bread.md"]})
+    )
+    first = next(c for c in stub.calls if c.step == "qa_generation" and not c.repair)
+    repair = next(c for c in stub.calls if c.repair).body["messages"][-1]["content"]
+    answer_chars = len(json.dumps({"pairs": rambling({}, 0)}))
+    assert answer_chars > 15_000
+    assert len(repair) < 600 + 600 + len(load_repair_template()) + 800  # excerpt + error + template + schema
+    assert "characters left out" in repair and "... and " in repair  # excerpt cut, errors capped
+    assert len(repair) < len(first.body["messages"][-1]["content"])
+    assert result.stats.dropped["invalid_json"] == 1  # the stub cannot repair an answer it did not script
+
+
+def load_repair_template() -> str:
+    from embed_assets.sdg.llm import load_prompt
+
+    return load_prompt("repair")
+
+
+def test_answer_cut_off_at_max_tokens_gets_a_shorter_repair(stub, embedder):
+    result = make_gen(stub, embedder, None, max_tokens_qa=12).generate(
+        make_chunks({"bread.md": DOCS["bread.md"]})
+    )
+    first = next(c for c in stub.calls if c.step == "qa_generation" and not c.repair)
+    repair = next(c for c in stub.calls if c.repair)
+    text = repair.body["messages"][-1]["content"]
+    assert first.body["max_tokens"] == 12 and repair.body["max_tokens"] == 12
+    assert "finish_reason=length" in text and "cut off at the length limit" in text
+    assert result.stats.calls_cut_off == 1 and result.stats.dropped["invalid_json"] == 1
+
+
+def test_client_timeout_closes_the_stream_and_the_server_stops(stub, embedder):
+    stub.faults.append(Fault("endless", step="artifact_extraction", delay_s=0.02, times=None))
+    gen = make_gen(stub, embedder, None, timeout_s=0.5, max_retries=1)
+    start = time.monotonic()
+    result = gen.generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    assert time.monotonic() - start < 5
+    assert result.stats.dropped == Counter({"request_failed": 1})
+    assert result.stats.calls_timed_out == 2
+    for call in stub.calls:
+        time.sleep(0.1) if not call.ended_at else None
+        assert call.client_left and call.ended_at - call.at < 1.5  # stopped generating when the client left
+        assert 0 < call.words_generated < 75
+
+
+def test_without_streaming_the_server_keeps_generating_after_a_timeout(stub, embedder):
+    """What streaming is for: a non-streamed request that timed out keeps the server busy to the end."""
+    stub.faults.append(Fault("endless", step="artifact_extraction", delay_s=0.02, duration_s=2.0, times=1))
+    gen = make_gen(stub, embedder, None, timeout_s=0.5, max_retries=0, stream=False)
+    result = gen.generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    assert result.stats.dropped == Counter({"request_failed": 1})
+    call = stub.calls[0]
+    deadline = time.monotonic() + 5
+    while not call.ended_at and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert call.ended_at - call.at >= 1.9 and call.words_generated > 75  # ran to its end, unread
+
+
+def test_interrupted_stream_is_retried(stub, embedder):
+    stub.faults.append(Fault("interrupt", step="qa_generation", times=1))
+    result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    assert result.records and result.stats.dropped == Counter()
+    assert result.stats.calls_failed == 1 and stub.count("qa_generation") == 2
+
+
+def test_system_prompt_as_user(stub, embedder):
+    make_gen(stub, embedder, None, system_prompt_as_user=True).generate(
+        make_chunks({"bread.md": DOCS["bread.md"]})
+    )
+    for call in stub.calls:
+        (message,) = call.body["messages"]
+        assert message["role"] == "user"
+        assert (
+            message["content"].startswith("You are a meticulous assistant") and "TASK: " in message["content"]
+        )
+
+
+def test_drop_table_rows_and_merge():
+    from embed_assets.sdg.runner import merge_stats
+
+    a, b = SDGStats(), SDGStats()
+    a.drop("quality", "overall 3 < 7: 'Why?'")
+    b.drop("quality", "overall 2 < 7: 'How?'", n=2)
+    b.drop("invalid_json", "x" * 1000)
+    merge_stats(a, b)
+    assert a.drop_table() == [
+        {"reason": "quality", "count": 3, "example": "overall 3 < 7: 'Why?'"},
+        {"reason": "invalid_json", "count": 1, "example": "x" * 299 + "…"},
+    ]
+    assert a.as_metadata()["dropped_quality"] == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (  # llama-cpp-python 0.3.36 and OpenAI
+            '{"error": {"message": "This model\'s maximum context length is 2048 tokens. However, you requested '
+            "2592 tokens (2080 in the messages, 512 in the completion). Please reduce the length of the messages "
+            'or completion.", "type": "invalid_request_error", "param": "messages", "code": '
+            '"context_length_exceeded"}}',
+            (2048, 2080),
+        ),
+        (  # vLLM >= 0.8
+            '{"object": "error", "message": "\'max_tokens\' or \'max_completion_tokens\' is too large: 2000. This '
+            "model's maximum context length is 2048 tokens and your request has 600 input tokens (2000 > 2048 - "
+            '600).", "type": "BadRequestError", "code": 400}',
+            (2048, 600),
+        ),
+        (  # llama.cpp llama-server
+            '{"error": {"code": 400, "message": "the request exceeds the available context size, try increasing '
+            'it", "type": "exceed_context_size_error", "n_prompt_tokens": 2592, "n_ctx": 2048}}',
+            (2048, 2592),
+        ),
+        ('{"error": {"message": "temperature must be <= 2"}}', None),
+    ],
+)
+def test_context_overflow_messages_of_real_servers(body, expected):
+    from embed_assets.sdg.llm import parse_context_overflow
+
+    found = parse_context_overflow(400, body)
+    assert (None if found is None else (found.context_tokens, found.prompt_tokens)) == expected
+    assert parse_context_overflow(500, body) is None

@@ -193,7 +193,7 @@ def _previous_chunk_ids(context: dg.AssetExecutionContext) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- SDG
-def _make_generator(config: SDGConfig, llm: LLMResource, model: EmbeddingModel):
+def _make_generator(config: SDGConfig, llm: LLMResource, model: EmbeddingModel, log=None):
     if config.generator == "inverse_cloze":
         from embed_assets.sdg.offline import InverseClozeGenerator, InverseClozeSettings
 
@@ -202,27 +202,11 @@ def _make_generator(config: SDGConfig, llm: LLMResource, model: EmbeddingModel):
                 config.queries_per_chunk, config.min_query_words, config.max_query_words, config.seed
             )
         )
-    from embed_assets.sdg.llm import LLMGenerator, LLMSettings
+    from embed_assets.sdg.llm import LLMEndpoint, LLMQAGenerator
 
-    settings = LLMSettings(
-        base_url=llm.base_url,
-        model=llm.model,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        timeout_s=config.timeout_s,
-        max_parallel_requests=config.max_parallel_requests,
-        num_pairs=config.num_pairs,
-        max_artifacts_per_type=config.max_artifacts_per_type,
-        bundle_size=config.bundle_size,
-        quality_threshold=config.quality_threshold,
-        dedup_threshold=config.dedup_threshold,
-        max_retries=config.max_retries,
-        json_mode=config.json_mode,
-        extraction_model=config.extraction_model or None,
-        judge_model=config.judge_model or None,
-    )
     # The model *name* (not its resolved path) keeps the cache fingerprint stable across venvs.
-    return LLMGenerator(settings, api_key=llm.api_key, embed_model=model.base_model)
+    endpoint = LLMEndpoint(llm.base_url, llm.model, llm.api_key)
+    return LLMQAGenerator(config, endpoint, embed_model=model.base_model, log=log)
 
 
 @dg.asset(
@@ -258,7 +242,7 @@ def synthetic_qa(
             from embed_assets.sdg.cache import SDGCache
             from embed_assets.sdg.runner import run_generation
 
-            generator = _make_generator(config, llm, model)
+            generator = _make_generator(config, llm, model, log=context.log)
             result = run_generation(
                 generator,
                 _load_chunks(corpus_chunks),
@@ -269,16 +253,23 @@ def synthetic_qa(
             stats_meta = result.stats.as_metadata()
             if hasattr(generator, "close"):
                 generator.close()  # the LLM generator's HTTP connection pool
-            stats_meta["estimated_cost_usd"] = round(
-                result.stats.prompt_tokens * config.usd_per_1m_prompt_tokens / 1e6
-                + result.stats.completion_tokens * config.usd_per_1m_completion_tokens / 1e6,
-                4,
+            stats_meta["estimated_cost_usd"] = config.estimated_cost_usd(
+                result.stats.prompt_tokens, result.stats.completion_tokens
             )
+            drops = result.stats.drop_table()
+            for row in drops:  # every drop reason in the event log, with one example
+                context.log.warning(
+                    f"synthetic_qa dropped {row['count']} × {row['reason']}, e.g. {row['example']}"
+                )
+            if drops:
+                stats_meta["drops"] = md_table(
+                    drops, ["reason", "count", "example"], max_rows=50, max_chars=300
+                )
         write_jsonl(manifest["path"], (r.to_dict() for r in records))
     if not records:
         raise dg.Failure(
             description="synthetic_qa produced no pairs",
-            metadata={k: v for k, v in stats_meta.items() if isinstance(v, int)},
+            metadata={k: v for k, v in stats_meta.items() if isinstance(v, (int, dg.MetadataValue))},
         )
     manifest.update({"n_pairs": len(records), "generator": generator_name})
     preview = [

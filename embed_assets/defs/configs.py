@@ -7,6 +7,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field, field_validator, model_validator
 
+from embed_assets.sdg.settings import SDGSettings
+
 #: The bundled sample corpus (Python Language Reference topics, PSF License v2).
 SAMPLE_CORPUS = str(Path(__file__).resolve().parents[2] / "sample_corpus")
 
@@ -30,65 +32,8 @@ class ChunkingConfig(dg.Config):
     )
 
 
-class SDGConfig(dg.Config):
-    generator: str = Field(
-        default="inverse_cloze",
-        description="'inverse_cloze' (offline default, no LLM), 'llm' (OpenAI-compatible endpoint of the "
-        "llm resource) or 'user_data' (bring your own pairs from user_data_path).",
-    )
-    user_data_path: str = Field(
-        default="", description="For generator='user_data': Question,Answer CSV, pairs JSONL or triplets."
-    )
-    queries_per_chunk: int = Field(default=2, ge=1, description="inverse_cloze: pseudo-queries per passage.")
-    min_query_words: int = Field(default=6, ge=1, description="inverse_cloze: shortest usable sentence.")
-    max_query_words: int = Field(default=16, ge=3, description="inverse_cloze: queries are cropped to this.")
-    num_pairs: int = Field(default=7, ge=1, description="llm: QA pairs asked per document or bundle.")
-    max_artifacts_per_type: int = Field(default=2, ge=1, description="llm: artifacts kept per type.")
-    bundle_size: int = Field(
-        default=4, ge=1, description="llm: chunks of one document per prompt (3 calls each)."
-    )
-    quality_threshold: float = Field(
-        default=7.0, ge=0, le=10, description="llm: judge 'overall' to keep a pair."
-    )
-    dedup_threshold: float = Field(
-        default=0.9, gt=0, le=1, description="llm: question cosine above = duplicate."
-    )
-    max_parallel_requests: int = Field(default=4, ge=1, description="llm: concurrent requests.")
-    temperature: float = Field(default=0.6, ge=0, le=2, description="llm: sampling temperature.")
-    top_p: float = Field(default=0.95, gt=0, le=1, description="llm: nucleus sampling.")
-    timeout_s: float = Field(default=120.0, gt=0, description="llm: per-request timeout in seconds.")
-    max_retries: int = Field(
-        default=5, ge=0, description="llm: retries on 429/5xx/timeouts (exponential backoff)."
-    )
-    json_mode: bool = Field(
-        default=False, description="llm: ask for response_format=json_object (helps small local models)."
-    )
-    extraction_model: str = Field(
-        default="", description="llm: model for artifact extraction (default: the resource's)."
-    )
-    judge_model: str = Field(
-        default="", description="llm: model for the quality judge (default: the resource's)."
-    )
-    seed: int = Field(default=42, description="Seed of the offline generator.")
-    usd_per_1m_prompt_tokens: float = Field(
-        default=0.0, ge=0, description="llm: price, for the cost estimate."
-    )
-    usd_per_1m_completion_tokens: float = Field(
-        default=0.0, ge=0, description="llm: price, for the cost estimate."
-    )
-
-    @field_validator("generator")
-    @classmethod
-    def _known_generator(cls, v: str) -> str:
-        if v not in ("inverse_cloze", "llm", "user_data"):
-            raise ValueError(f"generator must be 'inverse_cloze', 'llm' or 'user_data', got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _user_data_needs_path(self) -> SDGConfig:
-        if self.generator == "user_data" and not self.user_data_path:
-            raise ValueError("generator='user_data' needs user_data_path (CSV or JSONL of your pairs)")
-        return self
+class SDGConfig(SDGSettings, dg.Config):
+    """The synthetic_qa run config: every field, default, description and validator is SDGSettings'."""
 
 
 class SplitConfig(dg.Config):

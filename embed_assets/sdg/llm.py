@@ -912,7 +912,7 @@ class LLMQAGenerator:
         return render(
             self._prompts["repair"],
             step=step,
-            error=_short(self._explain(error, completion), 600),
+            error=_short(self._explain(error, completion), 800),
             excerpt=excerpt(completion.content, self.settings.repair_excerpt_chars),
             hint=hint,
             schema=schema_text(SCHEMAS[step]),

@@ -219,7 +219,7 @@ def validate_answer(value: Any, model: type[_Answer]) -> _Answer:
     try:
         return model.model_validate(value)
     except ValidationError as e:
-        raise AnswerError("the JSON does not match the schema: " + "; ".join(describe_errors(e))) from None
+        raise AnswerError("the JSON does not match the schema: " + "; ".join(describe_errors(e, 5))) from None
 
 
 def parse_answer(text: str, model: type[_Answer]) -> _Answer:
