@@ -42,7 +42,7 @@ $(LLAMACPP_VENV)/.installed:
 	touch $@
 
 test-llm: install $(LLAMACPP_VENV)/.installed  ## LLM SDG through Dagster against a real llama.cpp server (slow; builds llama-cpp-python once, ~12 min)
-	EMBED_ASSETS_LLAMACPP_PYTHON=$(abspath $(LLAMACPP_VENV))/bin/python $(BIN)/pytest -q -m slow embed_assets_tests/test_sdg_llamacpp.py
+	EMBED_ASSETS_LLAMACPP_PYTHON=$(abspath $(LLAMACPP_VENV))/bin/python $(BIN)/pytest -q -s embed_assets_tests/test_sdg_llamacpp.py
 
 lint: install
 	$(BIN)/ruff check embed_assets embed_assets_tests benchmarks

@@ -15,7 +15,8 @@ It is a real HTTP server (``http.server`` in a thread, free port on 127.0.0.1) a
 Faults are scripted with :class:`Fault` (malformed JSON, garbage, schema violations, HTTP statuses with
 ``Retry-After``, slow answers, endless generation, broken envelopes), and ``fail_after`` turns every request
 after the first N into a 500 (an outage). ``context_length`` makes it reject prompts that do not fit, like
-OpenAI/vLLM (prompt + max_tokens) or llama-cpp-python (prompt alone; max_tokens is clamped). Answers longer
+OpenAI/vLLM (prompt + max_tokens) or llama-cpp-python (prompt alone; max_tokens is clamped; a streamed request
+gets an empty 200 event stream, a plain one the HTTP 400). Answers longer
 than ``max_tokens`` words are cut off with ``finish_reason: "length"``. Every request is recorded
 (:class:`CallRecord`) so tests can count calls per step and per segment text; the generator's model-name probe
 is recorded apart, in ``checks``.
@@ -349,6 +350,10 @@ class OpenAIStub:
             self._send(h, fault.status, {"error": {"message": message}}, headers)
             return
         overflow = self._overflow(body)
+        if overflow is not None and body.get("stream") and self.context_style == "llama_cpp":
+            self._start_stream(h)  # llama-cpp-python: the stream has started; the error ends it, silently
+            record.fault = "empty_stream"
+            return
         if overflow is not None:
             record.status = 400
             self._send(h, 400, overflow)

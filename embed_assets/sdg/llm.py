@@ -21,6 +21,8 @@ Protocol (what a real server needs, not only the scripted stub):
   is generated on its own; a single chunk that still does not fit is dropped (``context_overflow``).
 - Requests are streamed (SSE) by default: on a client timeout the connection is closed, which makes
   servers such as llama.cpp, vLLM and Ollama stop generating instead of finishing an answer nobody reads.
+  A stream that ends before its first event is asked once more without streaming, because
+  llama-cpp-python reports errors (a context overflow) only on non-streamed requests.
 - At start, ``GET /v1/models`` checks that the configured models are served (an error names the served
   ones) and a 1-token request for a non-existent model tells whether the server ignores model names (it
   then answers every request with whatever it loaded: logged as a warning).
@@ -196,6 +198,10 @@ class ContextOverflow(StepFailed):
 
     def __init__(self, message: str) -> None:
         super().__init__("context_overflow", message)
+
+
+class _EmptyStream(Exception):
+    """A 200 event stream that ended before its first event (how llama-cpp-python reports errors in streams)."""
 
 
 class _Retryable(Exception):
@@ -956,9 +962,8 @@ class LLMQAGenerator:
         while True:
             wait_s: float | None = None
             with self._slots:
-                stats.calls_made += 1
                 try:
-                    completion = self._send(body, step, model)
+                    completion = self._attempt(body, step, model, stats)
                 except _Retryable as r:
                     stats.calls_failed += 1
                     stats.calls_timed_out += int(r.timed_out)
@@ -988,6 +993,22 @@ class LLMQAGenerator:
                 )
             self._sleep(wait_s if wait_s is not None else self._backoff(attempt))
             attempt += 1
+
+    def _attempt(self, body: dict[str, Any], step: str, model: str, stats: SDGStats) -> _Completion:
+        """One request; a stream that ends before its first event is asked once more without streaming.
+
+        llama-cpp-python starts an event stream (HTTP 200) before it looks at the prompt, so a prompt that
+        exceeds its context ends the stream silently; the same request without streaming gets the HTTP 400
+        ``context_length_exceeded`` that the overflow handling needs.
+        """
+        stats.calls_made += 1
+        try:
+            return self._send(body, step, model)
+        except _EmptyStream:
+            stats.calls_failed += 1
+            stats.calls_made += 1
+            plain = {k: v for k, v in body.items() if k != "stream_options"}
+            return self._send({**plain, "stream": False}, step, model)
 
     @staticmethod
     def _shrunk_budget(ov: _Overflow, current: int | None) -> int | None:
@@ -1031,12 +1052,14 @@ class LLMQAGenerator:
         parts: list[str] = []
         finish: str | None = None
         usage: dict[str, Any] = {}
+        events = 0
         for line in resp.iter_lines():
             if time.monotonic() > deadline:
                 raise httpx.ReadTimeout("stream deadline")
             if not line.startswith("data:"):
                 continue  # comments (": ping"), event names, blank separators
             data = line[5:].strip()
+            events += 1
             if data == "[DONE]":
                 break
             try:
@@ -1056,6 +1079,8 @@ class LLMQAGenerator:
                 delta = choice.get("delta") or {}
                 parts.append(str(delta.get("content") or ""))
                 finish = choice.get("finish_reason") or finish
+        if events == 0:
+            raise _EmptyStream
         if finish is None:
             # llama-cpp-python ends a stream early (no finish_reason) when it interrupts it for another request
             raise _Retryable("the stream ended without a finish_reason (interrupted by the server?)")
