@@ -210,7 +210,7 @@ class _Retryable(Exception):
         self.problem, self.wait_s, self.timed_out = problem, wait_s, timed_out
 
 
-@dataclass
+@dataclass(eq=False)  # exceptions stay hashable
 class _Overflow(Exception):
     """A context-overflow answer; the numbers are ``None`` when the server's message does not give them."""
 
@@ -707,6 +707,11 @@ class LLMQAGenerator:
                 stats.bundles_split += 1
                 half = (len(bundle) + 1) // 2
                 self._log.info(f"SDG bundle of {where} split in halves: {e}")
+                unjudged = stats.pairs_generated - sum(stats.dropped.values())
+                if unjudged > 0:  # the judge's prompt overflowed: the halves generate their own pairs
+                    stats.drop(
+                        "superseded_by_split", f"{where}: {unjudged} pair(s) not judged: {e}", n=unjudged
+                    )
                 first, second = self._run_bundle(bundle[:half]), self._run_bundle(bundle[half:])
                 # the calls of the too-large bundle stay counted, with the halves' outcomes
                 return [_BundleOutcome([], [], stats, failed=False), *first, *second]
