@@ -937,3 +937,43 @@ def test_context_overflow_messages_of_real_servers(body, expected):
     found = parse_context_overflow(400, body)
     assert (None if found is None else (found.context_tokens, found.prompt_tokens)) == expected
     assert parse_context_overflow(500, body) is None
+
+
+def test_pairs_of_a_bundle_split_at_the_judge_are_dropped_with_a_reason(embedder):
+    """When only the judge's prompt overflows, the bundle's pairs are not judged: they are dropped as
+    ``superseded_by_split`` (counted, with an example) and each half generates and judges its own."""
+
+    def wordy(segments, n):  # long answers make the judge's listing the longest prompt of a bundle
+        return [
+            {"question": f"What does segment {sid} say about topic {k}?", "answer": f"{text} " * 6,
+             "query_type": "contextual", "reasoning_type": "factual", "complexity": 3, "segment_ids": [sid]}
+            for k, (sid, text) in enumerate(sorted(segments.items()) * 2)
+        ][:n]  # fmt: skip
+
+    chunks = make_chunks({"tidal.md": DOCS["tidal.md"]})
+
+    def prompt_words(stub: OpenAIStub, step: str) -> list[int]:
+        return [
+            sum(len(m["content"].split()) for m in c.body["messages"]) for c in stub.calls if c.step == step
+        ]
+
+    with OpenAIStub() as probe:
+        probe.qa_builder = wordy
+        make_gen(probe, embedder, None, bundle_size=2, dedup_threshold=1.0).generate(chunks)
+        (judge_two,) = prompt_words(probe, "quality_judge")
+        longest_other = max(prompt_words(probe, "artifact_extraction") + prompt_words(probe, "qa_generation"))
+        probe.reset()
+        make_gen(probe, embedder, None, bundle_size=1, dedup_threshold=1.0).generate(chunks)
+        judge_one = max(prompt_words(probe, "quality_judge"))
+    assert longest_other < judge_two and judge_one < judge_two  # the precondition of this test
+
+    with OpenAIStub(context_length=judge_two, context_style="llama_cpp") as stub:
+        stub.qa_builder = wordy
+        result = make_gen(stub, embedder, None, bundle_size=2, dedup_threshold=1.0).generate(chunks)
+    stats = result.stats
+    assert stats.bundles_split == 1 and stats.bundles_total == 3 and stats.bundles_failed == 0
+    assert stats.dropped == Counter({"superseded_by_split": 3})
+    assert stats.drop_examples["superseded_by_split"].startswith(
+        "tidal.md (2 chunks): 3 pair(s) not judged: "
+    )
+    assert stats.pairs_generated == 3 + 3 + 3 and len(result.records) == 6 and stats.failed_chunk_ids == []

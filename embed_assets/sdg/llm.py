@@ -1041,8 +1041,11 @@ class LLMQAGenerator:
             if not body["stream"]:
                 return self._plain_answer(self._client.post("chat/completions", json=body), step, model)
             deadline = time.monotonic() + timeout
-            # leaving the block closes the connection, also on a timeout: the server sees the client go away
-            with self._client.stream("POST", "chat/completions", json=body) as resp:
+            # leaving the block closes the connection, also on a timeout: the server sees the client go away.
+            # One connection per stream: one that ended early (llama-cpp-python's silent errors) is not
+            # reused for the next request, which would then fail with "Server disconnected".
+            headers = {"Connection": "close"}
+            with self._client.stream("POST", "chat/completions", json=body, headers=headers) as resp:
                 if resp.status_code != 200 or "text/event-stream" not in resp.headers.get("content-type", ""):
                     resp.read()
                     return self._plain_answer(resp, step, model)
