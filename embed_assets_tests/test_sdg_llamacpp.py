@@ -53,7 +53,7 @@ LLAMA_PYTHON = _llama_python()
 #: The tests that run the server (also marked slow) need the llama-cpp-python venv.
 needs_llama = pytest.mark.skipif(
     LLAMA_PYTHON is None,
-    reason="llama-cpp-python venv not built: `make test-llm` builds it (about 12 min) and runs these tests",
+    reason="llama-cpp-python venv not built: `make test-llm` builds it (about 20 CPU-minutes) and runs these tests",
 )
 
 
