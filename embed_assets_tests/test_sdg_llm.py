@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,14 +17,15 @@ from embed_assets.sdg.base import SDGResult, SDGStats
 from embed_assets.sdg.cache import SDGCache
 from embed_assets.sdg.llm import (
     LLMConfigError,
+    LLMEndpoint,
     LLMQAGenerator,
-    LLMSettings,
     _retry_after,
     render,
     sentence_transformer_embedder,
 )
 from embed_assets.sdg.runner import ProgressMeter, run_generation
-from embed_assets.sdg.schemas import QA_SCHEMA, AnswerError, extract_json, parse_answer, validate
+from embed_assets.sdg.schemas import AnswerError, QAAnswer, extract_json, parse_answer
+from embed_assets.sdg.settings import SDGSettings
 from embed_assets_tests.openai_stub_server import Fault, OpenAIStub
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,11 +76,16 @@ def stub():
 
 
 def make_gen(
-    stub: OpenAIStub, embedder, cache: SDGCache | None, api_key: str = SECRET, **overrides
+    stub: OpenAIStub,
+    embedder,
+    cache: SDGCache | None,
+    api_key: str = SECRET,
+    model: str = "stub-model",
+    log: logging.Logger | None = None,
+    **overrides,
 ) -> LLMQAGenerator:
     values = dict(
-        base_url=stub.base_url,
-        model="stub-model",
+        generator="llm",
         num_pairs=3,
         bundle_size=2,
         max_retries=2,
@@ -87,7 +94,13 @@ def make_gen(
         timeout_s=5.0,
     )
     values.update(overrides)
-    return LLMQAGenerator(LLMSettings(**values), api_key=api_key, cache=cache, embedder=embedder)
+    return LLMQAGenerator(
+        SDGSettings(**values),
+        LLMEndpoint(stub.base_url, model, api_key),
+        cache=cache,
+        embedder=embedder,
+        log=log,
+    )
 
 
 def n_bundles(docs: dict[str, list[str]], bundle_size: int) -> int:
@@ -109,8 +122,11 @@ def test_records_have_fields_and_positive_ids(stub, embedder, tmp_path):
     stats = result.stats
 
     assert result.records, stats
-    assert stats.failed_chunk_ids == [] and stats.calls_failed == 0
+    assert stats.failed_chunk_ids == [] and stats.calls_failed == 0 and stats.bundles_failed == 0
     assert stats.calls_made == stub.count() == 3 * n_bundles(DOCS, 2)
+    assert stats.bundles_total == n_bundles(DOCS, 2)
+    # the endpoint check at start: GET /v1/models (the stub does not list models) + the model-name probe
+    assert stats.check_requests == 2 and stub.model_list_requests == 1 and len(stub.checks) == 1
     assert stats.prompt_tokens > 0 and stats.completion_tokens > 0
     assert stats.chunks_generated == len(chunks) and stats.pairs_kept == len(result.records)
     assert {c.model for c in stub.calls if c.step == "artifact_extraction"} == {"stub-model"}
@@ -151,12 +167,15 @@ def test_bundling_puts_several_chunks_of_one_document_in_one_prompt(stub, embedd
 
 
 def test_settings_reach_the_request_body(stub, embedder):
-    make_gen(stub, embedder, None, json_mode=True, max_tokens=1234).generate(
-        make_chunks({"bread.md": DOCS["bread.md"]})
-    )
+    make_gen(
+        stub, embedder, None, json_mode=True, max_tokens_extraction=1234, max_tokens_qa=0, max_tokens_judge=77
+    ).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
     body = stub.calls[0].body
     assert body["temperature"] == 0.6 and body["top_p"] == 0.95 and body["max_tokens"] == 1234
     assert body["response_format"] == {"type": "json_object"}
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    budgets = {c.step: c.body.get("max_tokens") for c in stub.calls}
+    assert budgets == {"artifact_extraction": 1234, "qa_generation": None, "quality_judge": 77}
     assert stub.calls[0].authorization == f"Bearer {SECRET}"
     assert "Generate 3 question-answer pairs" in next(
         m["content"]
@@ -176,11 +195,17 @@ def test_malformed_json_gets_one_repair_request(stub, embedder):
     result = make_gen(stub, embedder, None).generate(chunks)
     assert result.records and result.stats.failed_chunk_ids == []
     assert stub.count("qa_generation", repair=True) == 1
+    first = next(c for c in stub.calls if c.step == "qa_generation" and not c.repair)
     repair = next(c for c in stub.calls if c.repair)
+    # a fresh, small conversation: the error, the bad answer quoted, the schema; not the segments again
+    assert [m["role"] for m in repair.body["messages"]] == ["system", "user"]
     last = repair.body["messages"][-1]["content"]
-    assert last.startswith("REPAIR") and "invalid JSON" in last
-    assert repair.body["messages"][-2]["role"] == "assistant"  # the bad answer is sent back
+    assert last.startswith("REPAIR of TASK: qa_generation") and "invalid JSON" in last
+    assert '{"pairs": [{"question": "unterminated' in last
+    assert DOCS["bread.md"][0] not in last and "[Segment 1]" not in last
+    assert len(last) < len(first.body["messages"][-1]["content"])
     assert result.stats.calls_made == stub.count() == 4
+    assert result.stats.calls_invalid == 1 and result.stats.calls_repair == 1
 
 
 def test_schema_violation_is_repaired(stub, embedder):
@@ -188,7 +213,10 @@ def test_schema_violation_is_repaired(stub, embedder):
     result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
     assert result.records and result.stats.dropped == Counter()
     repair = next(c for c in stub.calls if c.repair)
-    assert "$.evaluations: expected array, got string" in repair.body["messages"][-1]["content"]
+    assert (
+        "evaluations: Input should be a valid list (got string 'none')"
+        in repair.body["messages"][-1]["content"]
+    )
 
 
 def test_persistent_garbage_is_a_recorded_drop_not_a_crash(stub, embedder, tmp_path):
@@ -199,9 +227,13 @@ def test_persistent_garbage_is_a_recorded_drop_not_a_crash(stub, embedder, tmp_p
     result = run_generation(make_gen(stub, embedder, cache), chunks, cache)
     stats = result.stats
     assert stats.failed_chunk_ids == bread and stats.chunks_failed == 1
-    assert stats.dropped["invalid_json"] == 1 and stats.calls_failed == 1
+    assert stats.dropped["invalid_json"] == 1 and stats.bundles_failed == 1
+    assert stats.calls_failed == 0 and stats.calls_invalid == 2  # every request was answered, badly
     assert {r.doc_id for r in result.records} == {"mining.md", "tidal.md"}
     assert stub.count("qa_generation", repair=True) == 1  # exactly one repair, then give up
+    (row,) = stats.drop_table()
+    assert row["reason"] == "invalid_json" and row["count"] == 1
+    assert row["example"].startswith("bread.md (1 chunk): qa_generation: the answer contains no JSON object")
 
     # the failed document is retried next time (not cached); only its unfinished calls are made
     stub.reset()
@@ -225,6 +257,10 @@ def test_unknown_segment_and_low_complexity_pairs_are_dropped(stub, embedder):
     assert [r.query for r in result.records] == ["Which cable failed in 2019?"]
     assert result.stats.dropped == Counter({"unknown_segment": 1, "complexity": 1})
     assert result.stats.pairs_generated == 3 and result.stats.pairs_kept == 1
+    assert result.stats.drop_examples == {
+        "unknown_segment": "segment_ids [99] not in 1..2: 'What did the divers find on the blades?'",
+        "complexity": "complexity 1 < min_complexity 2: 'How long did production stop?'",
+    }
 
 
 def test_dedup_drops_near_duplicate_questions_within_a_document(stub, embedder):
@@ -308,7 +344,7 @@ def test_429_retry_after_is_honored(stub, embedder):
     start = time.monotonic()
     result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
     elapsed = time.monotonic() - start
-    assert result.records and result.stats.calls_failed == 0
+    assert result.records and result.stats.bundles_failed == 0 and result.stats.calls_failed == 1
     first, second = [c for c in stub.calls if c.step == "artifact_extraction"]
     assert first.status == 429 and second.status == 200
     waited = second.at - first.at
@@ -322,7 +358,8 @@ def test_5xx_is_retried(stub, embedder):
     stub.faults.append(Fault("status", status=503, step="qa_generation", times=1))
     stub.faults.append(Fault("envelope", step="quality_judge", times=1))
     result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
-    assert result.records and result.stats.calls_failed == 0
+    assert result.records and result.stats.bundles_failed == 0
+    assert result.stats.calls_failed == 3 and result.stats.dropped == Counter()
     assert stub.count("qa_generation", status=500) == 1 and stub.count("qa_generation", status=503) == 1
     assert result.stats.calls_made == stub.count() == 6
 
@@ -343,18 +380,28 @@ def test_timeout_is_retried_then_the_chunk_is_recorded_failed(stub, embedder):
     assert time.monotonic() - start < 5
     stats = result.stats
     assert stats.failed_chunk_ids == bread and stats.chunks_failed == 1
-    assert stats.dropped["request_failed"] == 1 and stats.calls_failed == 1
+    assert stats.dropped["request_failed"] == 1 and stats.bundles_failed == 1
+    assert stats.calls_failed == stats.calls_timed_out == 3  # tidal's first try, bread's two
+    assert "timed out after 0.3s (gave up after 2 attempts)" in stats.drop_examples["request_failed"]
     assert {r.doc_id for r in result.records} == {"tidal.md"}
     assert len(stub.calls_with_text(DOCS["bread.md"][0])) == 2  # first attempt + one retry
 
 
 def test_fatal_status_aborts_with_a_clear_error_without_the_key(stub, embedder, tmp_path):
-    gen = make_gen(stub, embedder, SDGCache(tmp_path), api_key="sk-wrong-SECRET-0000")
+    gen = make_gen(stub, embedder, SDGCache(tmp_path), api_key="sk-wrong-SECRET-0000", check_model=False)
     with pytest.raises(LLMConfigError) as info:
         run_generation(gen, make_chunks(DOCS), SDGCache(tmp_path))
     assert "401" in str(info.value) and "stub-model" in str(info.value)
     assert "sk-wrong-SECRET-0000" not in str(info.value)
     assert stub.calls[0].authorization == "Bearer sk-wrong-SECRET-0000"
+
+    # with the check at start (the default) the key is refused before any SDG request
+    stub.reset()
+    gen = make_gen(stub, embedder, SDGCache(tmp_path), api_key="sk-wrong-SECRET-0000")
+    with pytest.raises(LLMConfigError, match=r"HTTP 401 to GET /models.*Check the API key") as info:
+        run_generation(gen, make_chunks(DOCS), SDGCache(tmp_path))
+    assert "sk-wrong-SECRET-0000" not in str(info.value)
+    assert stub.model_list_requests == 1 and stub.count() == 0
 
 
 def test_api_key_is_sent_but_never_leaks(stub, embedder, tmp_path, caplog):
@@ -497,8 +544,9 @@ def test_prompt_or_model_change_invalidates(stub, embedder, tmp_path):
     run_generation(a, chunks, cache)
     b = make_gen(stub, embedder, cache, judge_model="other-judge")
     assert a.fingerprint != b.fingerprint
-    c = LLMQAGenerator(a.settings, embedder=embedder, embed_model="some/other-embedder")
-    assert c.fingerprint != a.fingerprint and a.settings.dedup_model == "bundled:all-MiniLM-L6-v2"
+    c = LLMQAGenerator(a.settings, a.endpoint, embedder=embedder, embed_model="some/other-embedder")
+    assert c.fingerprint != a.fingerprint and a.dedup_model == "bundled:all-MiniLM-L6-v2"
+    assert c.dedup_model == "some/other-embedder"
     stub.reset()
     result = run_generation(b, chunks, cache)
     assert [c.step for c in stub.calls] == ["quality_judge"]  # extraction and QA answers still reused
@@ -587,19 +635,32 @@ def test_answer_parsing_and_validation():
         extract_json("no json")
     with pytest.raises(AnswerError, match="invalid JSON"):
         extract_json('{"a": }')
-    bad = {"pairs": [{"question": "", "answer": "x", "query_type": "other", "reasoning_type": "factual",
+    bad = {"pairs": [{"question": " ", "answer": "x", "query_type": "other", "reasoning_type": "factual",
                       "complexity": 9, "segment_ids": ["1"]}]}  # fmt: skip
-    errors = validate(bad, QA_SCHEMA)
-    assert "$.pairs[0].question: must not be empty" in errors
-    assert any(e.startswith("$.pairs[0].query_type: 'other' is not one of") for e in errors)
-    assert "$.pairs[0].complexity: 9 is above the maximum 5" in errors
-    assert "$.pairs[0].segment_ids[0]: expected integer, got string" in errors
-    assert (
-        validate({"pairs": [{"complexity": True}]}, QA_SCHEMA)[0]
-        == "$.pairs[0]: missing required field 'question'"
-    )
-    with pytest.raises(AnswerError, match="does not match the schema"):
-        parse_answer('{"pairs": []}', QA_SCHEMA)
+    with pytest.raises(AnswerError) as info:
+        parse_answer(json.dumps(bad), QAAnswer)
+    errors = str(info.value).removeprefix("the JSON does not match the schema: ").split("; ")
+    assert errors == [
+        "pairs[0].question: String should have at least 1 character (got string ' ')",
+        "pairs[0].query_type: Input should be 'multi_hop', 'structural' or 'contextual' (got string 'other')",
+        "pairs[0].complexity: Input should be less than or equal to 5 (got integer 9)",
+        "pairs[0].segment_ids[0]: Input should be a valid integer (got string '1')",
+    ]
+    with pytest.raises(AnswerError) as info:
+        parse_answer('{"pairs": [{"complexity": true}]}', QAAnswer)
+    assert str(info.value).startswith("the JSON does not match the schema: pairs[0].question: Field required")
+    assert "pairs[0].complexity: Input should be a valid integer (got boolean True)" in str(info.value)
+    with pytest.raises(AnswerError, match="pairs: List should have at least 1 item"):
+        parse_answer('{"pairs": []}', QAAnswer)
+    good = {
+        **bad["pairs"][0],
+        "question": " Why? ",
+        "query_type": "contextual",
+        "complexity": 3,
+        "segment_ids": [2],
+    }
+    answer = parse_answer(json.dumps({"pairs": [good]}), QAAnswer)
+    assert answer.pairs[0].question == "Why?" and answer.pairs[0].segment_ids == [2]
 
 
 def test_render_and_retry_after():
@@ -609,3 +670,311 @@ def test_render_and_retry_after():
     assert _retry_after("2") == 2.0 and _retry_after(None) is None and _retry_after("soon") is None
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert _retry_after("100000") == 600.0
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+
+
+class ListLog(logging.Logger):
+    """A logger that keeps (level, message) pairs, as the Dagster asset's context.log would show them."""
+
+    def __init__(self) -> None:
+        super().__init__("test-sdg", logging.DEBUG)
+        self.lines: list[tuple[int, str]] = []
+
+    def _log(self, level, msg, args, *rest, **kwargs) -> None:  # type: ignore[override]
+        self.lines.append((level, str(msg) % args if args else str(msg)))
+
+    def at(self, level: int) -> list[str]:
+        return [m for lv, m in self.lines if lv == level]
+
+
+def test_every_settings_field_is_classified_for_the_fingerprint():
+    from embed_assets.sdg.llm import _NOT_OUTPUT_FIELDS, _OUTPUT_FIELDS
+
+    assert not set(_OUTPUT_FIELDS) & set(_NOT_OUTPUT_FIELDS)
+    assert set(_OUTPUT_FIELDS) | set(_NOT_OUTPUT_FIELDS) == set(SDGSettings.model_fields)
+
+
+def test_settings_reject_unknown_and_out_of_range_values():
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        SDGSettings(max_tokens=512)  # the old single budget: now per step
+    with pytest.raises(ValueError, match="generator"):
+        SDGSettings(generator="gpt")
+    with pytest.raises(ValueError, match="user_data_path"):
+        SDGSettings(generator="user_data")
+    with pytest.raises(ValueError, match="min_complexity"):
+        SDGSettings(min_complexity=6)
+
+
+def test_model_check_fails_naming_the_served_models(embedder):
+    with OpenAIStub(served_models=["llama-3.1-8b", "qwen2.5-7b"], strict_models=True) as stub:
+        gen = make_gen(stub, embedder, None, api_key="", model="stub-model", judge_model="qwen2.5-7b")
+        with pytest.raises(LLMConfigError) as info:
+            run_generation(gen, make_chunks(DOCS), None)
+    message = str(info.value)
+    assert "does not serve model(s) 'stub-model'" in message
+    assert "it serves: 'llama-3.1-8b', 'qwen2.5-7b'" in message
+    assert stub.count() == 0  # nothing was generated with a model that is not there
+
+
+def test_model_check_passes_and_notices_servers_that_ignore_model_names(embedder):
+    chunks = make_chunks({"bread.md": DOCS["bread.md"]})
+    with OpenAIStub(served_models=["stub-model"], strict_models=True) as strict:
+        log = ListLog()
+        gen = make_gen(strict, embedder, None, api_key="", log=log)
+        result = run_generation(gen, chunks, None)
+        assert result.records and gen.endpoint_check.ignores_model_names is False
+        assert gen.endpoint_check.served_models == ["stub-model"]
+        assert [c.status for c in strict.checks] == [404] and log.at(logging.WARNING) == []
+        assert result.stats.check_requests == 2
+
+    with OpenAIStub(served_models=["stub-model"]) as lenient:  # answers any name, like llama.cpp
+        log = ListLog()
+        gen = make_gen(lenient, embedder, None, api_key="", log=log)
+        run_generation(gen, chunks, None)
+        assert gen.endpoint_check.ignores_model_names is True
+        (warning,) = log.at(logging.WARNING)
+        assert "ignores model names" in warning and "it lists 'stub-model'" in warning
+
+    with OpenAIStub() as unlisted:  # no /v1/models route
+        log = ListLog()
+        gen = make_gen(unlisted, embedder, None, api_key="", log=log)
+        run_generation(gen, chunks, None)
+        assert gen.endpoint_check.served_models is None
+        assert any("does not list its models" in w for w in log.at(logging.WARNING))
+        # the check runs once per generator, not once per unit
+        run_generation(gen, make_chunks({"tidal.md": DOCS["tidal.md"]}), None)
+        assert unlisted.model_list_requests == 1 and len(unlisted.checks) == 1
+
+
+def test_context_overflow_shrinks_the_completion_budget(embedder):
+    """OpenAI/vLLM style: prompt + max_tokens must fit. The retry asks for what the context leaves."""
+    chunks = make_chunks({"bread.md": DOCS["bread.md"]})
+    with OpenAIStub(context_length=1200) as stub:
+        log = ListLog()
+        result = make_gen(
+            stub, embedder, None, log=log, max_tokens_extraction=5000, max_tokens_qa=300, max_tokens_judge=300
+        ).generate(chunks)
+    stats = result.stats
+    assert result.records and stats.dropped == Counter()
+    first, second = [c for c in stub.calls if c.step == "artifact_extraction"]
+    assert first.status == 400 and second.status == 200
+    prompt = sum(len(m["content"].split()) for m in first.body["messages"])
+    assert first.body["max_tokens"] == 5000 and second.body["max_tokens"] == 1200 - prompt - 16
+    assert stats.context_overflows == 1 and stats.max_tokens_shrunk == 1 and stats.bundles_split == 0
+    assert stats.calls_made == stub.count() == 4 and stats.calls_failed == 1
+    assert any("context overflow, max_tokens 5000 -> " in m for m in log.at(logging.INFO))
+
+
+def test_prompt_too_long_for_the_context_splits_the_bundle(embedder):
+    """llama-cpp-python style: only the prompt must fit (max_tokens is clamped); a bundle whose prompt is
+    too long is cut in halves until each fits, and every chunk still gets its pairs."""
+    chunks = make_chunks({"mining.md": DOCS["mining.md"]})
+    with OpenAIStub() as probe:  # how long the prompts of one-chunk bundles are
+        make_gen(probe, embedder, None, bundle_size=1, num_pairs=2).generate(chunks)
+    fits_one = max(sum(len(m["content"].split()) for m in c.body["messages"]) for c in probe.calls) + 1
+    with OpenAIStub(context_length=fits_one, context_style="llama_cpp") as stub:
+        result = make_gen(stub, embedder, None, bundle_size=3, num_pairs=2).generate(chunks)
+    stats = result.stats
+    assert any(len(c.segments) == 3 and c.status == 400 for c in stub.calls)  # the whole bundle did not fit
+    answered_qa = [c for c in stub.calls if c.step == "qa_generation" and c.status == 200 and not c.fault]
+    assert answered_qa and {len(c.segments) for c in answered_qa} <= {1, 2}  # its halves did
+    assert stats.bundles_split >= 1 and stats.context_overflows >= 1 and stats.max_tokens_shrunk == 0
+    assert stats.failed_chunk_ids == [] and stats.chunks_generated == 3
+    assert {cid for r in result.records for cid in r.positive_chunk_ids} == {c.chunk_id for c in chunks}
+    assert stats.calls_made == stub.count()
+
+
+def test_a_single_chunk_too_long_for_the_context_is_dropped_with_the_servers_words(embedder):
+    chunks = make_chunks({"bread.md": DOCS["bread.md"]})
+    with OpenAIStub(context_length=100, context_style="llama_cpp") as stub:
+        log = ListLog()
+        result = make_gen(stub, embedder, None, log=log).generate(chunks)
+    assert result.records == [] and result.stats.dropped == Counter({"context_overflow": 1})
+    assert "maximum context length is 100 tokens" in result.stats.drop_examples["context_overflow"]
+    # streamed, llama-cpp-python only ends the stream: asked once more without streaming, it says why; after
+    # that no retry can help, the prompt itself is too long
+    assert [(c.fault, c.status, c.body["stream"]) for c in stub.calls] == [
+        ("empty_stream", 200, True),
+        ("", 400, False),
+    ]
+    assert result.stats.calls_made == 2 and result.stats.context_overflows == 1
+    (warning,) = [w for w in log.at(logging.WARNING) if w.startswith("SDG dropped")]
+    assert warning.startswith(
+        "SDG dropped the bundle of bread.md (1 chunk) [context_overflow]: artifact_extraction: "
+    )
+
+
+def test_repair_prompt_is_bounded_whatever_the_answer(stub, embedder):
+    def rambling(segments, n):  # 60 pairs with an invalid field: a long answer that fails validation
+        return [
+            {"question": f"Question {i} " + "very " * 40, "answer": "a", "query_type": "rambling",
+             "reasoning_type": "factual", "complexity": 3, "segment_ids": [1]}
+            for i in range(60)
+        ]  # fmt: skip
+
+    stub.qa_builder = rambling
+    result = make_gen(stub, embedder, None, repair_excerpt_chars=600, max_tokens_qa=0).generate(
+        make_chunks({"bread.md": DOCS["bread.md"]})
+    )
+    first = next(c for c in stub.calls if c.step == "qa_generation" and not c.repair)
+    repair = next(c for c in stub.calls if c.repair).body["messages"][-1]["content"]
+    answer_chars = len(json.dumps({"pairs": rambling({}, 0)}))
+    assert answer_chars > 15_000
+    assert len(repair) < 600 + 600 + len(load_repair_template()) + 800  # excerpt + error + template + schema
+    assert "characters left out" in repair and "... and " in repair  # excerpt cut, errors capped
+    assert len(repair) < len(first.body["messages"][-1]["content"])
+    assert result.stats.dropped["invalid_json"] == 1  # the stub cannot repair an answer it did not script
+
+
+def load_repair_template() -> str:
+    from embed_assets.sdg.llm import load_prompt
+
+    return load_prompt("repair")
+
+
+def test_answer_cut_off_at_max_tokens_gets_a_shorter_repair(stub, embedder):
+    result = make_gen(stub, embedder, None, max_tokens_qa=12).generate(
+        make_chunks({"bread.md": DOCS["bread.md"]})
+    )
+    first = next(c for c in stub.calls if c.step == "qa_generation" and not c.repair)
+    repair = next(c for c in stub.calls if c.repair)
+    text = repair.body["messages"][-1]["content"]
+    assert first.body["max_tokens"] == 12 and repair.body["max_tokens"] == 12
+    assert "finish_reason=length" in text and "cut off at the length limit" in text
+    assert result.stats.calls_cut_off == 1 and result.stats.dropped["invalid_json"] == 1
+
+
+def test_client_timeout_closes_the_stream_and_the_server_stops(stub, embedder):
+    stub.faults.append(Fault("endless", step="artifact_extraction", delay_s=0.02, times=None))
+    gen = make_gen(stub, embedder, None, timeout_s=0.5, max_retries=1)
+    start = time.monotonic()
+    result = gen.generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    assert time.monotonic() - start < 5
+    assert result.stats.dropped == Counter({"request_failed": 1})
+    assert result.stats.calls_timed_out == 2
+    for call in stub.calls:
+        time.sleep(0.1) if not call.ended_at else None
+        assert call.client_left and call.ended_at - call.at < 1.5  # stopped generating when the client left
+        assert 0 < call.words_generated < 75
+
+
+def test_without_streaming_the_server_keeps_generating_after_a_timeout(stub, embedder):
+    """What streaming is for: a non-streamed request that timed out keeps the server busy to the end."""
+    stub.faults.append(Fault("endless", step="artifact_extraction", delay_s=0.02, duration_s=2.0, times=1))
+    gen = make_gen(stub, embedder, None, timeout_s=0.5, max_retries=0, stream=False)
+    result = gen.generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    assert result.stats.dropped == Counter({"request_failed": 1})
+    call = stub.calls[0]
+    deadline = time.monotonic() + 5
+    while not call.ended_at and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert call.ended_at - call.at >= 1.9 and call.words_generated > 75  # ran to its end, unread
+
+
+def test_interrupted_stream_is_retried(stub, embedder):
+    stub.faults.append(Fault("interrupt", step="qa_generation", times=1))
+    result = make_gen(stub, embedder, None).generate(make_chunks({"bread.md": DOCS["bread.md"]}))
+    assert result.records and result.stats.dropped == Counter()
+    assert result.stats.calls_failed == 1 and stub.count("qa_generation") == 2
+
+
+def test_system_prompt_as_user(stub, embedder):
+    make_gen(stub, embedder, None, system_prompt_as_user=True).generate(
+        make_chunks({"bread.md": DOCS["bread.md"]})
+    )
+    for call in stub.calls:
+        (message,) = call.body["messages"]
+        assert message["role"] == "user"
+        assert (
+            message["content"].startswith("You are a meticulous assistant") and "TASK: " in message["content"]
+        )
+
+
+def test_drop_table_rows_and_merge():
+    from embed_assets.sdg.runner import merge_stats
+
+    a, b = SDGStats(), SDGStats()
+    a.drop("quality", "overall 3 < 7: 'Why?'")
+    b.drop("quality", "overall 2 < 7: 'How?'", n=2)
+    b.drop("invalid_json", "x" * 1000)
+    merge_stats(a, b)
+    assert a.drop_table() == [
+        {"reason": "quality", "count": 3, "example": "overall 3 < 7: 'Why?'"},
+        {"reason": "invalid_json", "count": 1, "example": "x" * 299 + "…"},
+    ]
+    assert a.as_metadata()["dropped_quality"] == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (  # llama-cpp-python 0.3.36 and OpenAI
+            '{"error": {"message": "This model\'s maximum context length is 2048 tokens. However, you requested '
+            "2592 tokens (2080 in the messages, 512 in the completion). Please reduce the length of the messages "
+            'or completion.", "type": "invalid_request_error", "param": "messages", "code": '
+            '"context_length_exceeded"}}',
+            (2048, 2080),
+        ),
+        (  # vLLM >= 0.8
+            '{"object": "error", "message": "\'max_tokens\' or \'max_completion_tokens\' is too large: 2000. This '
+            "model's maximum context length is 2048 tokens and your request has 600 input tokens (2000 > 2048 - "
+            '600).", "type": "BadRequestError", "code": 400}',
+            (2048, 600),
+        ),
+        (  # llama.cpp llama-server
+            '{"error": {"code": 400, "message": "the request exceeds the available context size, try increasing '
+            'it", "type": "exceed_context_size_error", "n_prompt_tokens": 2592, "n_ctx": 2048}}',
+            (2048, 2592),
+        ),
+        ('{"error": {"message": "temperature must be <= 2"}}', None),
+    ],
+)
+def test_context_overflow_messages_of_real_servers(body, expected):
+    from embed_assets.sdg.llm import parse_context_overflow
+
+    found = parse_context_overflow(400, body)
+    assert (None if found is None else (found.context_tokens, found.prompt_tokens)) == expected
+    assert parse_context_overflow(500, body) is None
+
+
+def test_pairs_of_a_bundle_split_at_the_judge_are_dropped_with_a_reason(embedder):
+    """When only the judge's prompt overflows, the bundle's pairs are not judged: they are dropped as
+    ``superseded_by_split`` (counted, with an example) and each half generates and judges its own."""
+
+    def wordy(segments, n):  # long answers make the judge's listing the longest prompt of a bundle
+        return [
+            {"question": f"What does segment {sid} say about topic {k}?", "answer": f"{text} " * 6,
+             "query_type": "contextual", "reasoning_type": "factual", "complexity": 3, "segment_ids": [sid]}
+            for k, (sid, text) in enumerate(sorted(segments.items()) * 2)
+        ][:n]  # fmt: skip
+
+    chunks = make_chunks({"tidal.md": DOCS["tidal.md"]})
+
+    def prompt_words(stub: OpenAIStub, step: str) -> list[int]:
+        return [
+            sum(len(m["content"].split()) for m in c.body["messages"]) for c in stub.calls if c.step == step
+        ]
+
+    with OpenAIStub() as probe:
+        probe.qa_builder = wordy
+        make_gen(probe, embedder, None, bundle_size=2, dedup_threshold=1.0).generate(chunks)
+        (judge_two,) = prompt_words(probe, "quality_judge")
+        longest_other = max(prompt_words(probe, "artifact_extraction") + prompt_words(probe, "qa_generation"))
+        probe.reset()
+        make_gen(probe, embedder, None, bundle_size=1, dedup_threshold=1.0).generate(chunks)
+        judge_one = max(prompt_words(probe, "quality_judge"))
+    assert longest_other < judge_two and judge_one < judge_two  # the precondition of this test
+
+    with OpenAIStub(context_length=judge_two, context_style="llama_cpp") as stub:
+        stub.qa_builder = wordy
+        result = make_gen(stub, embedder, None, bundle_size=2, dedup_threshold=1.0).generate(chunks)
+    stats = result.stats
+    assert stats.bundles_split == 1 and stats.bundles_total == 3 and stats.bundles_failed == 0
+    assert stats.dropped == Counter({"superseded_by_split": 3})
+    assert stats.drop_examples["superseded_by_split"].startswith(
+        "tidal.md (2 chunks): 3 pair(s) not judged: "
+    )
+    # the halves have one segment each: the builder writes two pairs per segment
+    assert stats.pairs_generated == 3 + 2 + 2 and len(result.records) == 4 and stats.failed_chunk_ids == []

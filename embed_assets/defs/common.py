@@ -93,7 +93,7 @@ def to_metadata(values: dict[str, Any]) -> dict[str, dg.MetadataValue | Any]:
         if value is None:
             continue  # not every metadata sink accepts null
         if isinstance(value, Table):
-            out[key] = md_table(value.rows, value.columns, max_rows=value.max_rows)
+            out[key] = md_table(value.rows, value.columns, max_rows=value.max_rows, max_chars=value.max_chars)
         elif isinstance(value, Markdown):
             out[key] = dg.MetadataValue.md(value.text)
         elif isinstance(value, PathRef):

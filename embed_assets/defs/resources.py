@@ -9,7 +9,6 @@ from pydantic import Field, field_validator
 
 from embed_assets.models import BUNDLED_MODEL
 from embed_assets.stages.common import ModelSpec, StageContext, artifact_root
-from embed_assets.stages.sdg import LLMEndpoint
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -85,8 +84,10 @@ class LLMResource(dg.ConfigurableResource):
         default=None, description="API key; set it with EnvVar('NVIDIA_API_KEY') rather than a literal."
     )
 
-    def endpoint(self) -> LLMEndpoint:
-        """The Dagster-free endpoint the SDG stage takes."""
+    def endpoint(self):
+        """The Dagster-free :class:`embed_assets.sdg.llm.LLMEndpoint` the SDG stage takes."""
+        from embed_assets.sdg.llm import LLMEndpoint
+
         return LLMEndpoint(self.base_url, self.model, self.api_key)
 
 

@@ -14,6 +14,8 @@ Optional generator attributes understood here (none is required by the protocol)
 - ``max_parallel_units: int``: how many units may be generated concurrently (threads; default 1).
 - ``bind_cache(cache)``: receives the runner's cache, for finer-grained caching inside the generator (the LLM
   generator caches every finished call there, so a partially finished unit keeps its finished calls).
+- ``prepare() -> SDGStats | None``: called once before the first unit that is not cached (the LLM generator
+  checks its endpoint there); returned counters are added to the run's statistics, exceptions abort the run.
 
 Units whose generation reported a failed chunk are not cached, so the next run retries them.
 """
@@ -25,19 +27,15 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import fields
 
 from embed_assets.records import Chunk, QARecord
 from embed_assets.sdg.base import ProgressFn, QAGenerator, SDGResult, SDGStats
 from embed_assets.sdg.cache import SDGCache
 
-_ADDITIVE = (
-    "calls_made",
-    "calls_reused",
-    "calls_failed",
-    "prompt_tokens",
-    "completion_tokens",
-    "pairs_generated",
-    "pairs_kept",
+#: Counters a unit's stats add to the run's; the chunk counters are the runner's own bookkeeping.
+_ADDITIVE = tuple(
+    f.name for f in fields(SDGStats) if f.type in ("int", int) and not f.name.startswith("chunks_")
 )
 
 
@@ -146,10 +144,15 @@ def unit_key(unit: Sequence[Chunk]) -> str:
 
 
 def merge_stats(into: SDGStats, other: SDGStats) -> None:
-    """Add the call, token and pair counters of ``other`` to ``into`` (chunk counters are left alone)."""
+    """Add the bundle, call, token, pair and drop counters of ``other`` to ``into`` (not the chunk counters).
+
+    The first example of each drop reason is kept.
+    """
     for name in _ADDITIVE:
         setattr(into, name, getattr(into, name) + getattr(other, name))
     into.dropped.update(other.dropped)
+    for reason, example in other.drop_examples.items():
+        into.drop_examples.setdefault(reason, example)
 
 
 def run_generation(
@@ -193,6 +196,12 @@ def run_generation(
         stats.chunks_reused += len(unit)
         stats.pairs_kept += len(cached)
         meter.advance(len(unit), cached=True)
+
+    prepare = getattr(generator, "prepare", None)
+    if pending and callable(prepare):
+        checked = prepare()  # e.g. the LLM endpoint check; a fatal problem raises before any unit runs
+        if isinstance(checked, SDGStats):
+            merge_stats(stats, checked)
 
     lock = threading.Lock()
 

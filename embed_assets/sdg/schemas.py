@@ -1,17 +1,18 @@
-"""JSON schemas of the LLM answers and a small, dependency-free validator for them.
+"""The LLM answers as pydantic models: the JSON schema in the prompts, typed answers, readable errors.
 
-The validator covers the subset of JSON Schema the SDG answers need (``type``, ``properties``, ``required``,
-``additionalProperties``, ``items``, ``minItems``, ``maxItems``, ``enum``, ``minimum``, ``maximum``,
-``minLength``). Every error names the JSON path of the offending value, e.g.
-``$.pairs[2].segment_ids: expected array, got string``, so it can be sent back to the model verbatim in the
-repair request.
+Validation is strict (a ``"3"`` is not an integer, ``true`` is not a number) and every error names where it
+is, e.g. ``pairs[2].segment_ids[0]: Input should be a valid integer (got string '1')``, so it can be sent back
+to the model in the repair request and shown as a drop reason. Unknown fields are ignored.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from functools import cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 #: Artifact categories extracted in step 1 (DESIGN §2).
 ARTIFACT_TYPES: tuple[str, ...] = (
@@ -25,99 +26,120 @@ ARTIFACT_TYPES: tuple[str, ...] = (
     "contextual_factors",
 )
 
-QUERY_TYPES: tuple[str, ...] = ("multi_hop", "structural", "contextual")
-
-REASONING_TYPES: tuple[str, ...] = (
-    "factual",
-    "relational",
-    "inferential",
-    "temporal",
-    "procedural",
-    "causal",
-    "comparative",
-    "analytical",
-)
-
+QueryType = Literal["multi_hop", "structural", "contextual"]
+ReasoningType = Literal[
+    "factual", "relational", "inferential", "temporal", "procedural", "causal", "comparative", "analytical"
+]
+QUERY_TYPES: tuple[str, ...] = QueryType.__args__
+REASONING_TYPES: tuple[str, ...] = ReasoningType.__args__
 JUDGE_CRITERIA: tuple[str, ...] = ("relevance", "accuracy", "context_support", "clarity", "overall")
 
-_ARTIFACT: dict[str, Any] = {
-    "type": "object",
-    "required": ["text", "description", "importance"],
-    "properties": {
-        "text": {"type": "string", "minLength": 1},
-        "description": {"type": "string"},
-        "importance": {"type": "string", "enum": ["high", "medium", "low"]},
-    },
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Score = Annotated[float, Field(ge=1, le=10)]
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class Artifact(_Answer):
+    text: NonEmpty
+    description: str
+    importance: Literal["high", "medium", "low"]
+
+
+class ExtractionAnswer(_Answer):
+    """Step 1: up to ``max_artifacts_per_type`` artifacts per category."""
+
+    key_concepts: list[Artifact]
+    relationships: list[Artifact]
+    themes: list[Artifact]
+    entities: list[Artifact]
+    processes: list[Artifact]
+    insights: list[Artifact]
+    technical_terms: list[Artifact]
+    contextual_factors: list[Artifact]
+
+
+class QAPair(_Answer):
+    question: NonEmpty
+    answer: NonEmpty
+    query_type: QueryType
+    reasoning_type: ReasoningType
+    complexity: int = Field(ge=1, le=5)
+    segment_ids: list[int] = Field(min_length=1)
+
+
+class QAAnswer(_Answer):
+    """Step 2: the question-answer pairs."""
+
+    pairs: list[QAPair] = Field(min_length=1)
+
+
+class Evaluation(_Answer):
+    pair_id: int = Field(ge=1)
+    relevance: Score
+    accuracy: Score
+    context_support: Score
+    clarity: Score
+    overall: Score
+
+
+class JudgeAnswer(_Answer):
+    """Step 3: one evaluation per pair."""
+
+    evaluations: list[Evaluation]
+
+
+#: Step name -> model of its answer.
+SCHEMAS: dict[str, type[_Answer]] = {
+    "artifact_extraction": ExtractionAnswer,
+    "qa_generation": QAAnswer,
+    "quality_judge": JudgeAnswer,
 }
-
-EXTRACTION_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": list(ARTIFACT_TYPES),
-    "properties": {name: {"type": "array", "items": _ARTIFACT} for name in ARTIFACT_TYPES},
-}
-
-QA_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["pairs"],
-    "properties": {
-        "pairs": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": [
-                    "question",
-                    "answer",
-                    "query_type",
-                    "reasoning_type",
-                    "complexity",
-                    "segment_ids",
-                ],
-                "properties": {
-                    "question": {"type": "string", "minLength": 1},
-                    "answer": {"type": "string", "minLength": 1},
-                    "query_type": {"type": "string", "enum": list(QUERY_TYPES)},
-                    "reasoning_type": {"type": "string", "enum": list(REASONING_TYPES)},
-                    "complexity": {"type": "integer", "minimum": 1, "maximum": 5},
-                    "segment_ids": {"type": "array", "minItems": 1, "items": {"type": "integer"}},
-                },
-            },
-        }
-    },
-}
-
-_SCORE: dict[str, Any] = {"type": "number", "minimum": 1, "maximum": 10}
-
-JUDGE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["evaluations"],
-    "properties": {
-        "evaluations": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["pair_id", *JUDGE_CRITERIA],
-                "properties": {
-                    "pair_id": {"type": "integer", "minimum": 1},
-                    **{c: _SCORE for c in JUDGE_CRITERIA},
-                },
-            },
-        }
-    },
-}
-
-#: Step name -> schema of its answer.
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "artifact_extraction": EXTRACTION_SCHEMA,
-    "qa_generation": QA_SCHEMA,
-    "quality_judge": JUDGE_SCHEMA,
-}
-
-_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 
 
 class AnswerError(ValueError):
     """An LLM answer that is not parseable JSON or does not match its schema."""
+
+
+@cache
+def json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema without titles and docstrings (noise in a prompt); shared parts stay ``$defs``."""
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key in ("title", "description"):
+                continue
+            # under these keys the dict keys are names (a field may be called "description"), not keywords
+            named = key in ("properties", "$defs")
+            out[key] = {k: clean(v) for k, v in value.items()} if named else clean(value)
+        return out
+
+    return clean(model.model_json_schema())
+
+
+def schema_text(model: type[BaseModel]) -> str:
+    """Compact JSON rendering of a model's schema for prompts."""
+    return json.dumps(json_schema(model), separators=(",", ":"))
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(the answer)"
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 
 
 def _type_name(value: Any) -> str:
@@ -127,82 +149,24 @@ def _type_name(value: Any) -> str:
         return "integer"
     if isinstance(value, float):
         return "number"
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
+    return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _has_type(value: Any, expected: str) -> bool:
-    if expected == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return _type_name(value) == expected
-
-
-def validate(value: Any, schema: dict[str, Any], path: str = "$", limit: int = 20) -> list[str]:
-    """Validate ``value`` against a JSON-schema subset.
-
-    Args:
-        value: The decoded JSON value.
-        schema: The schema (see the module docstring for the supported keywords).
-        path: JSON path of ``value``, used in the error messages.
-        limit: Stop after this many errors.
-
-    Returns:
-        Error messages (empty when the value is valid).
-    """
-    errors: list[str] = []
-    _validate(value, schema, path, errors, limit)
-    return errors[:limit]
-
-
-def _validate(value: Any, schema: dict[str, Any], path: str, errors: list[str], limit: int) -> None:
-    if len(errors) >= limit:
-        return
-    expected = schema.get("type")
-    if expected is not None and not _has_type(value, expected):
-        errors.append(f"{path}: expected {expected}, got {_type_name(value)}")
-        return
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
-    if isinstance(value, str) and len(value.strip()) < schema.get("minLength", 0):
-        errors.append(f"{path}: must not be empty")
-    if _has_type(value, "number"):
-        if "minimum" in schema and value < schema["minimum"]:
-            errors.append(f"{path}: {value} is below the minimum {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            errors.append(f"{path}: {value} is above the maximum {schema['maximum']}")
-    if isinstance(value, list):
-        _validate_array(value, schema, path, errors, limit)
-    if isinstance(value, dict):
-        _validate_object(value, schema, path, errors, limit)
-
-
-def _validate_array(
-    value: list[Any], schema: dict[str, Any], path: str, errors: list[str], limit: int
-) -> None:
-    if len(value) < schema.get("minItems", 0):
-        errors.append(f"{path}: needs at least {schema['minItems']} item(s), got {len(value)}")
-    if "maxItems" in schema and len(value) > schema["maxItems"]:
-        errors.append(f"{path}: allows at most {schema['maxItems']} item(s), got {len(value)}")
-    if "items" in schema:
-        for i, item in enumerate(value):
-            _validate(item, schema["items"], f"{path}[{i}]", errors, limit)
-
-
-def _validate_object(
-    value: dict[str, Any], schema: dict[str, Any], path: str, errors: list[str], limit: int
-) -> None:
-    props = schema.get("properties", {})
-    for name in schema.get("required", []):
-        if name not in value:
-            errors.append(f"{path}: missing required field '{name}'")
-    for name, sub in props.items():
-        if name in value:
-            _validate(value[name], sub, f"{path}.{name}", errors, limit)
-    if schema.get("additionalProperties") is False:
-        for name in value:
-            if name not in props:
-                errors.append(f"{path}: unexpected field '{name}'")
+def describe_errors(error: ValidationError, limit: int = 8) -> list[str]:
+    """One line per violation: ``location: message (got <type> <value>)``, at most ``limit`` lines."""
+    lines = []
+    for e in error.errors(include_url=False)[:limit]:
+        line = f"{_location(tuple(e['loc']))}: {e['msg']}"
+        if e["type"] != "missing":
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, (dict, list)) else ""
+            shown = shown if len(shown) <= 40 else shown[:39] + "…"
+            line += f" (got {_type_name(value)}{' ' + shown if shown else ''})"
+        lines.append(line)
+    extra = error.error_count() - limit
+    if extra > 0:
+        lines.append(f"... and {extra} more")
+    return lines
 
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -239,26 +203,36 @@ def extract_json(text: str) -> Any:
         raise AnswerError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}{hint}") from e
 
 
-def parse_answer(text: str, schema: dict[str, Any]) -> dict[str, Any]:
+def validate_answer(value: Any, model: type[_Answer]) -> _Answer:
+    """Validate a decoded value against a step's model.
+
+    Args:
+        value: The decoded JSON value (or a cached ``model_dump``).
+        model: One of :data:`SCHEMAS`' values.
+
+    Returns:
+        The typed answer.
+
+    Raises:
+        AnswerError: The value does not match (the message lists the violations with their locations).
+    """
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        raise AnswerError("the JSON does not match the schema: " + "; ".join(describe_errors(e, 5))) from None
+
+
+def parse_answer(text: str, model: type[_Answer]) -> _Answer:
     """Decode and validate one answer.
 
     Args:
         text: The assistant message content.
-        schema: The schema the answer must satisfy.
+        model: The model the answer must satisfy.
 
     Returns:
-        The decoded object.
+        The typed answer.
 
     Raises:
-        AnswerError: Not JSON, or not matching ``schema`` (the message lists the violations).
+        AnswerError: Not JSON, or not matching ``model``.
     """
-    value = extract_json(text)
-    errors = validate(value, schema)
-    if errors:
-        raise AnswerError("the JSON does not match the schema: " + "; ".join(errors))
-    return value
-
-
-def schema_text(schema: dict[str, Any]) -> str:
-    """Compact JSON rendering of a schema for prompts."""
-    return json.dumps(schema, separators=(",", ":"))
+    return validate_answer(extract_json(text), model)

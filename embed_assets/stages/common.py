@@ -116,6 +116,7 @@ class Table:
     columns: list[str]
     rows: list[dict[str, Any]]
     max_rows: int = 10
+    max_chars: int = 90
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ re-run pays only for changed chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from embed_assets.sdg.settings import SDGSettings
 from embed_assets.stages.common import (
     Manifest,
     ModelSpec,
@@ -24,72 +23,7 @@ from embed_assets.stages.common import (
 )
 from embed_assets.stages.ingest import ChunksManifest, load_chunks
 
-
-class SDGSettings(BaseModel):
-    """Every option of synthetic-data generation (the LLM endpoint itself comes from the ``llm`` resource)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    generator: Literal["inverse_cloze", "llm", "user_data"] = Field(
-        default="inverse_cloze",
-        description="'inverse_cloze' (offline default, no LLM), 'llm' (OpenAI-compatible endpoint of the "
-        "llm resource) or 'user_data' (bring your own pairs from user_data_path).",
-    )
-    user_data_path: str = Field(
-        default="", description="For generator='user_data': Question,Answer CSV, pairs JSONL or triplets."
-    )
-    queries_per_chunk: int = Field(default=2, ge=1, description="inverse_cloze: pseudo-queries per passage.")
-    min_query_words: int = Field(default=6, ge=1, description="inverse_cloze: shortest usable sentence.")
-    max_query_words: int = Field(default=16, ge=3, description="inverse_cloze: queries are cropped to this.")
-    num_pairs: int = Field(default=7, ge=1, description="llm: QA pairs asked per document or bundle.")
-    max_artifacts_per_type: int = Field(default=2, ge=1, description="llm: artifacts kept per type.")
-    bundle_size: int = Field(
-        default=4, ge=1, description="llm: chunks of one document per prompt (3 calls each)."
-    )
-    quality_threshold: float = Field(
-        default=7.0, ge=0, le=10, description="llm: judge 'overall' to keep a pair."
-    )
-    dedup_threshold: float = Field(
-        default=0.9, gt=0, le=1, description="llm: question cosine above = duplicate."
-    )
-    max_parallel_requests: int = Field(default=4, ge=1, description="llm: concurrent requests.")
-    temperature: float = Field(default=0.6, ge=0, le=2, description="llm: sampling temperature.")
-    top_p: float = Field(default=0.95, gt=0, le=1, description="llm: nucleus sampling.")
-    timeout_s: float = Field(default=120.0, gt=0, description="llm: per-request timeout in seconds.")
-    max_retries: int = Field(
-        default=5, ge=0, description="llm: retries on 429/5xx/timeouts (exponential backoff)."
-    )
-    json_mode: bool = Field(
-        default=False, description="llm: ask for response_format=json_object (helps small local models)."
-    )
-    extraction_model: str = Field(
-        default="", description="llm: model for artifact extraction (default: the resource's)."
-    )
-    judge_model: str = Field(
-        default="", description="llm: model for the quality judge (default: the resource's)."
-    )
-    seed: int = Field(default=42, description="Seed of the offline generator.")
-    usd_per_1m_prompt_tokens: float = Field(
-        default=0.0, ge=0, description="llm: price, for the cost estimate."
-    )
-    usd_per_1m_completion_tokens: float = Field(
-        default=0.0, ge=0, description="llm: price, for the cost estimate."
-    )
-
-    @model_validator(mode="after")
-    def _user_data_needs_path(self) -> SDGSettings:
-        if self.generator == "user_data" and not self.user_data_path:
-            raise ValueError("generator='user_data' needs user_data_path (CSV or JSONL of your pairs)")
-        return self
-
-
-@dataclass(frozen=True)
-class LLMEndpoint:
-    """Where the LLM generator sends its requests (the key is a value read from an env var, never logged)."""
-
-    base_url: str
-    model: str
-    api_key: str | None = None
+__all__ = ["PairsManifest", "SDGSettings", "generate_pairs", "load_pairs", "passage_pool"]
 
 
 @dataclass
@@ -103,6 +37,7 @@ class PairsManifest(Manifest):
     data_version: str
     extra_chunks_path: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    drops: list[dict[str, Any]] = field(default_factory=list)  # reason, count, one example
     preview: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -112,6 +47,7 @@ class PairsManifest(Manifest):
             "generator": self.generator,
             "generator_model": self.generator_model,
             **self.stats,
+            **({"drops": _drops_table(self.drops)} if self.drops else {}),
             "preview": Table(["query", "positives", "type", "doc"], self.preview),
             "artifact_path": PathRef(self.path),
             "seconds": self.seconds,
@@ -139,8 +75,19 @@ def passage_pool(chunks: ChunksManifest, pairs: PairsManifest) -> list[Any]:
     return pool
 
 
-def make_generator(settings: SDGSettings, model: ModelSpec, endpoint: LLMEndpoint | None) -> Any:
-    """The generator ``settings.generator`` names (not ``user_data``, which needs no generator)."""
+def _drops_table(drops: list[dict[str, Any]]) -> Table:
+    return Table(["reason", "count", "example"], drops, max_rows=50, max_chars=300)
+
+
+def make_generator(settings: SDGSettings, model: ModelSpec, endpoint: Any | None, log: Any = None) -> Any:
+    """The generator ``settings.generator`` names (not ``user_data``, which needs no generator).
+
+    Args:
+        settings: The SDG settings.
+        model: The base model (the LLM generator dedups questions with it).
+        endpoint: An :class:`embed_assets.sdg.llm.LLMEndpoint` (only for ``generator="llm"``).
+        log: Where the LLM generator reports drops and endpoint problems.
+    """
     if settings.generator == "inverse_cloze":
         from embed_assets.sdg.offline import InverseClozeGenerator, InverseClozeSettings
 
@@ -149,29 +96,12 @@ def make_generator(settings: SDGSettings, model: ModelSpec, endpoint: LLMEndpoin
                 settings.queries_per_chunk, settings.min_query_words, settings.max_query_words, settings.seed
             )
         )
-    from embed_assets.sdg.llm import LLMQAGenerator, LLMSettings
+    from embed_assets.sdg.llm import LLMQAGenerator
 
     if endpoint is None:
         raise ValueError("generator='llm' needs an LLM endpoint (the llm resource's base_url and model)")
-    llm = LLMSettings(
-        base_url=endpoint.base_url,
-        model=endpoint.model,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        timeout_s=settings.timeout_s,
-        max_parallel_requests=settings.max_parallel_requests,
-        num_pairs=settings.num_pairs,
-        max_artifacts_per_type=settings.max_artifacts_per_type,
-        bundle_size=settings.bundle_size,
-        quality_threshold=settings.quality_threshold,
-        dedup_threshold=settings.dedup_threshold,
-        max_retries=settings.max_retries,
-        json_mode=settings.json_mode,
-        extraction_model=settings.extraction_model or None,
-        judge_model=settings.judge_model or None,
-    )
     # The model *name* (not its resolved path) keeps the cache fingerprint stable across venvs.
-    return LLMQAGenerator(llm, api_key=endpoint.api_key, embed_model=model.base_model)
+    return LLMQAGenerator(settings, endpoint, embed_model=model.base_model, log=log)
 
 
 def generate_pairs(
@@ -179,7 +109,7 @@ def generate_pairs(
     settings: SDGSettings,
     model: ModelSpec,
     ctx: StageContext,
-    endpoint: LLMEndpoint | None = None,
+    endpoint: Any | None = None,
 ) -> PairsManifest:
     """Generate (or load) the training pairs for the corpus.
 
@@ -188,7 +118,7 @@ def generate_pairs(
         settings: Which generator and its options.
         model: The base model (the LLM generator dedups questions with it).
         ctx: Where to write ``qa.jsonl``; the SDG cache lives in ``ctx.cache_dir("sdg")``.
-        endpoint: The LLM endpoint (only for ``generator="llm"``).
+        endpoint: The :class:`embed_assets.sdg.llm.LLMEndpoint` (only for ``generator="llm"``).
 
     Returns:
         A :class:`PairsManifest`.
@@ -213,11 +143,12 @@ def generate_pairs(
         extra_path = str(out_dir / "user_passages.parquet")
         write_parquet(extra_path, [c.to_dict() for c in extra])
         generator_name, model_name, stats = "user_data", "none", {"user_passages": len(extra)}
+        drops = []
     else:
         from embed_assets.sdg.cache import SDGCache
         from embed_assets.sdg.runner import run_generation
 
-        generator = make_generator(settings, model, endpoint)
+        generator = make_generator(settings, model, endpoint, log=ctx.log)
         try:
             result = run_generation(
                 generator, chunks.load(), SDGCache(ctx.cache_dir("sdg")), progress=ctx.log.info
@@ -227,19 +158,18 @@ def generate_pairs(
                 generator.close()  # the LLM generator's HTTP connection pool
         records, generator_name, model_name = result.records, generator.name, generator.model
         stats = result.stats.as_metadata()
-        stats["estimated_cost_usd"] = round(
-            (
-                result.stats.prompt_tokens * settings.usd_per_1m_prompt_tokens
-                + result.stats.completion_tokens * settings.usd_per_1m_completion_tokens
-            )
-            / 1e6,
-            4,
+        drops = result.stats.drop_table()
+        stats["estimated_cost_usd"] = settings.estimated_cost_usd(
+            result.stats.prompt_tokens, result.stats.completion_tokens
         )
+        for row in drops:  # every drop reason in the run's log, with one example
+            ctx.log.warning(f"synthetic_qa dropped {row['count']} × {row['reason']}, e.g. {row['example']}")
+
     write_jsonl(path, (r.to_dict() for r in records))
     if not records:
         raise StageError(
-            f"synthetic_qa produced no pairs (generator {generator_name})",
-            {k: v for k, v in stats.items() if isinstance(v, int)},
+            f"synthetic_qa produced no pairs (generator {generator_name}); the drops table says why",
+            {**{k: v for k, v in stats.items() if isinstance(v, int)}, "drops": _drops_table(drops)},
         )
     return PairsManifest(
         path=path,
@@ -249,6 +179,7 @@ def generate_pairs(
         data_version=file_digest(path, extra_path),
         extra_chunks_path=extra_path,
         stats=stats,
+        drops=drops,
         preview=[
             {"query": r.query, "positives": len(r.positive_chunk_ids), "type": r.query_type, "doc": r.doc_id}
             for r in records[:10]

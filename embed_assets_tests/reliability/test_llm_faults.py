@@ -13,8 +13,9 @@ import pytest
 
 from embed_assets.records import Chunk
 from embed_assets.sdg.cache import SDGCache
-from embed_assets.sdg.llm import LLMQAGenerator, LLMSettings
+from embed_assets.sdg.llm import LLMEndpoint, LLMQAGenerator
 from embed_assets.sdg.runner import run_generation
+from embed_assets.sdg.settings import SDGSettings
 from embed_assets.serving.process import free_port
 from embed_assets_tests.openai_stub_server import Fault, OpenAIStub
 from embed_assets_tests.reliability.workers import SDG_DOCS, hashing_embedder, sdg_chunks
@@ -25,8 +26,7 @@ VICTIM = SDG_DOCS["doc2.md"][0]  # the chunk whose requests fail
 
 def make_gen(base_url: str, sleeps: list[float] | None = None, **overrides) -> LLMQAGenerator:
     values = dict(
-        base_url=base_url,
-        model="stub-model",
+        generator="llm",
         num_pairs=3,
         bundle_size=1,
         max_retries=MAX_RETRIES,
@@ -36,7 +36,8 @@ def make_gen(base_url: str, sleeps: list[float] | None = None, **overrides) -> L
     )
     values.update(overrides)
     sleep = sleeps.append if sleeps is not None else (lambda s: None)
-    return LLMQAGenerator(LLMSettings(**values), embedder=hashing_embedder, sleep=sleep)
+    endpoint = LLMEndpoint(base_url, "stub-model")
+    return LLMQAGenerator(SDGSettings(**values), endpoint, embedder=hashing_embedder, sleep=sleep)
 
 
 def answered(stub: OpenAIStub) -> list[tuple[str, bool, tuple[str, ...]]]:
@@ -94,9 +95,13 @@ def test_fault_is_retried_recorded_failed_then_resumed_without_repeats(
     # retried, then recorded as failed; every other chunk is done
     stats = first.stats
     assert stats.failed_chunk_ids == [victim_id(chunks)] and stats.chunks_failed == 1
-    assert stats.dropped[reason] == 1 and stats.calls_failed == 1
+    assert stats.dropped[reason] == 1 and stats.bundles_failed == 1
     victim_calls = [c for c in stub.calls if c.step == "qa_generation" and VICTIM in c.segments]
     assert len(victim_calls) == attempts, [(c.status, c.fault) for c in victim_calls]
+    # requests are counted one by one: every failed attempt, or every answer that was not valid JSON
+    failed_requests = stats.calls_invalid if reason == "invalid_json" else stats.calls_failed
+    assert failed_requests == attempts and stats.calls_made == stub.count()
+    assert stats.drop_examples[reason].startswith("doc2.md (1 chunk): qa_generation: ")
     assert all(c.fault == fault.kind for c in victim_calls)
     assert len(first.records) == len(clean_records) - sum(
         r["positive_chunk_ids"][0] == victim_id(chunks) for r in clean_records
@@ -138,7 +143,9 @@ def test_endpoint_down_fails_every_chunk_without_crashing_then_resumes(
     first = run_generation(make_gen(down), chunks, cache)
     assert first.records == [] and sorted(first.stats.failed_chunk_ids) == sorted(c.chunk_id for c in chunks)
     assert first.stats.dropped["request_failed"] == len(chunks)
-    assert first.stats.calls_made == len(chunks) * (1 + MAX_RETRIES)
+    assert first.stats.calls_made == first.stats.calls_failed == len(chunks) * (1 + MAX_RETRIES)
+    assert first.stats.bundles_failed == first.stats.bundles_total == len(chunks)
+    assert first.stats.check_requests == 2  # the endpoint check did not stop the run either
     assert not list(Path(tmp_path).rglob("*.json"))  # nothing half-done was cached
 
     second = run_generation(make_gen(stub.base_url), chunks, cache)

@@ -77,13 +77,13 @@ def hashing_embedder(texts: list[str]):
 
 def run_sdg(base_url: str, cache_dir: str, out_path: str) -> dict:
     from embed_assets.sdg.cache import SDGCache
-    from embed_assets.sdg.llm import LLMQAGenerator, LLMSettings
+    from embed_assets.sdg.llm import LLMEndpoint, LLMQAGenerator
     from embed_assets.sdg.runner import run_generation
+    from embed_assets.sdg.settings import SDGSettings
     from embed_assets.storage import write_jsonl
 
-    settings = LLMSettings(
-        base_url=base_url,
-        model="stub-model",
+    settings = SDGSettings(
+        generator="llm",
         num_pairs=3,
         bundle_size=1,
         max_parallel_requests=1,  # one call at a time: at most one call is in flight when the kill lands
@@ -94,7 +94,8 @@ def run_sdg(base_url: str, cache_dir: str, out_path: str) -> dict:
     )
     cache = SDGCache(cache_dir)
     key = os.environ.get("WORKER_LLM_KEY")
-    with LLMQAGenerator(settings, api_key=key, embedder=hashing_embedder) as gen:
+    endpoint = LLMEndpoint(base_url, "stub-model", key)
+    with LLMQAGenerator(settings, endpoint, embedder=hashing_embedder) as gen:
         result = run_generation(gen, sdg_chunks(), cache)
     n = write_jsonl(out_path, (r.to_dict() for r in result.records))
     return {"records": n, "stats": result.stats.as_metadata(), "failed": result.stats.failed_chunk_ids}
