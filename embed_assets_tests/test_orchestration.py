@@ -289,7 +289,9 @@ def test_sdg_drop_reasons_reach_the_event_log_and_metadata(tmp_path: Path) -> No
     reason = table.splitlines()[2].strip("| ").split(" | ")[0]
     assert reason and meta[f"dropped_{reason}"] > 0 and meta["pairs"] > 0
     warnings = [
-        r.user_message for r in instance.all_logs(result.run_id) if r.step_key == "synthetic_qa" and r.level >= 30
+        r.user_message
+        for r in instance.all_logs(result.run_id)
+        if r.step_key == "synthetic_qa" and r.level >= 30
     ]
     assert any(f"synthetic_qa dropped {meta[f'dropped_{reason}']} × {reason}, e.g. " in w for w in warnings)
 
