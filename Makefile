@@ -12,7 +12,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 #: Exact versions and hashes of every dependency but torch (`make lock` refreshes it from pyproject.toml).
 LOCK := requirements.lock
 
-.PHONY: install run test test-fast test-llm lint lock dev serve stop-service bench clean
+.PHONY: install run test test-fast test-llm lint lock dev mlflow serve stop-service bench clean
 
 install: $(VENV)/.installed  ## create .venv: torch CPU first (pinned), then the locked dependencies, then the project
 
@@ -35,8 +35,9 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
+# `dg` loads the code location of pyproject.toml's [tool.dg] (the one workspace.yaml names), for runs and the UI.
 run: install $(DAGSTER_HOME)/dagster.yaml  ## materialize every asset on the bundled corpus, model and offline generator
-	$(BIN)/dagster job execute -m embed_assets.definitions -j embed_pipeline; status=$$?; \
+	$(BIN)/dg launch --job embed_pipeline $(if $(CONFIG),--config $(CONFIG)); status=$$?; \
 		$(BIN)/python -m embed_assets.summary; exit $$status
 
 test: install  ## the whole test suite, slow end-to-end tests included (what CI runs)
@@ -62,7 +63,13 @@ lint: install
 	$(BIN)/ruff format --check embed_assets embed_assets_tests benchmarks
 
 dev: install $(DAGSTER_HOME)/dagster.yaml  ## the Dagster UI (webserver + daemon) on http://127.0.0.1:3000
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/dg dev -h 127.0.0.1 -p 3000
+
+# The local MLflow store the pipeline writes (tracking resource left at its default).
+EMBED_ASSETS_HOME ?= $(DAGSTER_HOME)/embed_assets
+mlflow: install  ## the MLflow UI for the local tracking store on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(EMBED_ASSETS_HOME)/mlflow.db \
+		--default-artifact-root file://$(EMBED_ASSETS_HOME)/mlartifacts --host 127.0.0.1 --port 5000
 
 serve: install  ## serve an exported ONNX folder without Dagster: make serve ONNX_DIR=path/to/onnx
 	$(BIN)/python -m embed_assets.serving --onnx-dir $(ONNX_DIR) --host 127.0.0.1 --port 8000

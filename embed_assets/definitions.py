@@ -10,6 +10,7 @@ import os
 
 import dagster as dg
 
+from embed_assets import quiet
 from embed_assets.defs.common import ManifestIOManager
 from embed_assets.defs.evaluation import beir_metrics
 from embed_assets.defs.export import onnx_model, tensorrt_engine
@@ -22,6 +23,9 @@ from embed_assets.defs.sensors import corpus_change_sensor, retrain_schedule
 from embed_assets.defs.serving import nim_service
 from embed_assets.defs.split import split_sets
 from embed_assets.defs.training import checkpoint
+
+# Before any asset runs in this process: no third-party progress bars, no repeated beta warnings.
+quiet.configure()
 
 #: Every asset, in lineage order.
 ALL_ASSETS = [

@@ -97,6 +97,8 @@ class MiningStats:
     )
     n_rows_without_negatives: int = 0  # kept with none: in-batch negatives only
     false_negative_drops: int = 0
+    cross_encoder_pairs: int = 0  # (query, passage) pairs the cross-encoder scored
+    suspected_false_negatives: int = 0  # candidates the cross-encoder scores at or above the query's positive
     absolute_margin_drops: int = 0
     relative_margin_drops: int = 0
     max_score_drops: int = 0
@@ -526,6 +528,53 @@ def _filter_candidates(
     return scores
 
 
+def _rescore_with_cross_encoder(
+    cross_encoder: Any,
+    groups: _Queries,
+    corpus: _Corpus,
+    scores: Any,
+    indices: Any,
+    batch_size: int,
+    progress: Progress | None,
+    stats: MiningStats,
+) -> tuple[Any, Any]:
+    """Replace the bi-encoder scores of every candidate and positive by the cross-encoder's.
+
+    Returns:
+        ``(scores, positive_scores)`` on the cross-encoder's scale (padding stays ``-inf``).
+    """
+    import torch
+
+    idx = indices.tolist()
+    where = [(q, j) for q, row in enumerate(idx) for j, i in enumerate(row) if i >= 0]
+    pairs = [(groups.texts[q], corpus.texts[idx[q][j]]) for q, j in where]
+    positive_pairs = [
+        (groups.texts[q], corpus.texts[p]) for q, pos in enumerate(groups.positives) for p in pos
+    ]
+    _report(
+        progress,
+        f"mining: cross-encoder rescoring {len(pairs)} candidates and {len(positive_pairs)} positives",
+    )
+    predicted = cross_encoder.predict(pairs + positive_pairs, batch_size=batch_size, show_progress_bar=False)
+    predicted = torch.as_tensor(np.asarray(predicted, dtype=np.float32))
+    rescored = torch.full(scores.shape, -float("inf"), dtype=torch.float32)
+    if where:
+        rows, cols = zip(*where, strict=True)
+        rescored[list(rows), list(cols)] = predicted[: len(pairs)]
+    positive_scores = predicted[len(pairs) :]
+    stats.cross_encoder_pairs = len(pairs) + len(positive_pairs)
+    # A non-positive candidate the cross-encoder likes at least as much as the query's hardest positive.
+    counts = np.array([len(p) for p in groups.positives])
+    min_positive = torch.from_numpy(np.minimum.reduceat(positive_scores.numpy(), np.cumsum(counts) - counts))
+    positive_set = [set(p) for p in groups.positives]
+    stats.suspected_false_negatives = sum(
+        1
+        for (q, j), s in zip(where, predicted[: len(pairs)].tolist(), strict=True)
+        if idx[q][j] not in positive_set[q] and s >= float(min_positive[q])
+    )
+    return rescored, positive_scores
+
+
 def _select(scores, indices, *, range_min: int, range_max: int, num_negatives: int, strategy: str, seed: int):
     """Rank the survivors, apply the rank window and pick the negatives.
 
@@ -678,6 +727,7 @@ def mine_hard_negatives(
     query_embeddings: np.ndarray | None = None,
     keep_partial: bool = False,
     min_negatives: int | None = None,
+    cross_encoder: Any | None = None,
 ) -> MiningResult:
     """Mine hard negatives for (query, positives) pairs from a corpus.
 
@@ -713,6 +763,9 @@ def mine_hard_negatives(
         query_embeddings: Precomputed query embeddings aligned with ``queries`` (skips encoding queries).
         keep_partial: Keep rows with fewer than ``num_negatives`` (but ≥ 1) negatives (ST's triplet output);
             by default such rows are dropped so every row has exactly ``num_negatives`` (ST's n-tuple output).
+        cross_encoder: A ``CrossEncoder`` that rescores the candidates and positives before the margin filter
+            (sentence-transformers' ``mine_hard_negatives(cross_encoder=...)`` semantics): a candidate it scores
+            above the query's positive is a suspected false negative (counted in the stats) and never mined.
         min_negatives: Keep rows with at least this many negatives (overrides ``keep_partial``; ``0`` keeps every
             row, those without a surviving candidate then train on in-batch negatives only).
 
@@ -725,7 +778,13 @@ def mine_hard_negatives(
     corpus = _dedupe_corpus(corpus_ids, corpus_texts)
     groups = _group_queries(queries, positive_ids, corpus)
     filtering = absolute_margin is not None or relative_margin is not None or max_score is not None
-    range_max = _resolve_range_max(range_min, range_max, num_negatives, groups.max_pairs, filtering)
+    range_max = _resolve_range_max(
+        range_min,
+        range_max,
+        num_negatives,
+        groups.max_pairs,
+        filtering or (cross_encoder is not None and min_score is not None),
+    )
     k = range_max + groups.max_pairs
     similarity = getattr(model, "similarity_fn_name", "cosine")
     backend = _choose_backend(use_faiss, len(corpus.texts), k, similarity)
@@ -763,6 +822,12 @@ def mine_hard_negatives(
     stats.search_seconds = time.perf_counter() - t0
 
     positive_scores = _positive_scores(model, query_emb, corpus_emb, groups)
+    if cross_encoder is not None and (filtering or min_score is not None):
+        # As sentence-transformers does: the cross-encoder rescores the candidates and the positives, and the
+        # margins, bounds and ranking below then work on its scores.
+        scores, positive_scores = _rescore_with_cross_encoder(
+            cross_encoder, groups, corpus, scores, indices, batch_size, progress, stats
+        )
     scores = _filter_candidates(
         scores,
         indices,

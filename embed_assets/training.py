@@ -82,6 +82,70 @@ def _datasets(rows: Sequence[dict[str, str]]) -> Any:
     return {f"negatives_{k}": Dataset.from_list(groups[k]) for k in sorted(groups, reverse=True)}
 
 
+#: Validation evaluations per epoch when ``eval_steps`` is 0 (each is an early-stopping and best-model point).
+EVALS_PER_EPOCH = 2
+
+
+def _steps_per_epoch(rows: Sequence[dict[str, str]], batch_size: int) -> int:
+    """Optimizer steps of one epoch: rows with the same number of negatives are batched together."""
+    counts: dict[int, int] = {}
+    for row in rows:
+        counts[len(row)] = counts.get(len(row), 0) + 1
+    return sum(math.ceil(n / batch_size) for n in counts.values())
+
+
+def build_loss(model: Any, settings: TrainSettings, base_model: str, device: str) -> Any:
+    """The training loss ``settings.loss`` names, with hardness weighting and Matryoshka when configured.
+
+    ``gist`` / ``cached_gist`` (GISTEmbed) use the base model as the guide: an in-batch candidate the guide
+    scores above the positive is masked instead of being pushed away, which keeps the false negatives that
+    synthetic or mined data is full of from being trained on (Solatorio, 2024). The ``cached_*`` losses
+    (GradCache) give large effective batches at the memory of ``cached_mini_batch_size``.
+
+    Args:
+        model: The model being trained.
+        settings: ``loss``, ``hardness_*``, ``cached_mini_batch_size``, ``matryoshka_dims``.
+        base_model: The guide of the GIST losses.
+        device: Where the guide runs.
+
+    Returns:
+        A sentence-transformers loss module.
+    """
+    from sentence_transformers.sentence_transformer import losses
+
+    hardness = (
+        {"hardness_mode": settings.hardness_mode, "hardness_strength": settings.hardness_strength}
+        if settings.hardness_strength > 0
+        else {}
+    )
+    if settings.loss == "mnrl":
+        loss = losses.MultipleNegativesRankingLoss(model, **hardness)
+    elif settings.loss == "cached_mnrl":
+        loss = losses.CachedMultipleNegativesRankingLoss(
+            model, mini_batch_size=settings.cached_mini_batch_size, **hardness
+        )
+    elif settings.loss in ("gist", "cached_gist"):
+        if hardness:
+            raise ValueError(
+                "hardness_strength applies to the MNRL losses; GISTEmbed has no hardness weighting"
+            )
+        from embed_assets.models import load_sentence_transformer
+
+        guide = load_sentence_transformer(base_model, device=device, max_seq_length=settings.max_seq_length)
+        loss = (
+            losses.GISTEmbedLoss(model, guide)
+            if settings.loss == "gist"
+            else losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=settings.cached_mini_batch_size)
+        )
+    else:
+        raise ValueError(f"unknown loss {settings.loss!r}")
+    if settings.matryoshka_dims:
+        dim = model.get_sentence_embedding_dimension()
+        dims = sorted({d for d in settings.matryoshka_dims if d <= dim} | {dim}, reverse=True)
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=dims)
+    return loss
+
+
 def _precision(setting: str, device: str) -> str:
     if setting != "auto":
         return setting
@@ -128,8 +192,9 @@ def train(
     Returns:
         A :class:`TrainReport`.
     """
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.training_args import BatchSamplers
+    from transformers.trainer_callback import PrinterCallback
 
     from embed_assets.models import load_sentence_transformer, set_max_seq_length
     from embed_assets.storage import atomic_path
@@ -140,14 +205,7 @@ def train(
     base_window = model.max_seq_length
     set_max_seq_length(model, settings.max_seq_length, base_model)
     dataset = _datasets(rows)
-    if settings.loss == "cached_mnrl":
-        loss = losses.CachedMultipleNegativesRankingLoss(
-            model, mini_batch_size=settings.cached_mini_batch_size
-        )
-    elif settings.loss == "mnrl":
-        loss = losses.MultipleNegativesRankingLoss(model)
-    else:
-        raise ValueError(f"unknown loss {settings.loss!r}; use 'mnrl' or 'cached_mnrl'")
+    loss = build_loss(model, settings, base_model, device)
 
     evaluator = None
     if val and val.get("queries"):
@@ -169,6 +227,8 @@ def train(
         prompts.update({c: passage_prompt for c in sorted(columns) if c != "anchor"})
 
     epochs = settings.resolved_epochs(len(rows))
+    steps_per_epoch = _steps_per_epoch(rows, settings.batch_size)
+    eval_steps = settings.eval_steps or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
     precision = _precision(settings.mixed_precision, device)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -187,9 +247,10 @@ def train(
         use_cpu=not device.startswith("cuda"),
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # duplicate texts in a batch would be false in-batch negatives
         eval_strategy="steps" if evaluator else "no",
-        eval_steps=settings.eval_steps,
+        eval_steps=eval_steps,
         save_strategy="steps",
-        save_steps=settings.save_steps,
+        # With a validation set every evaluation is also a resume point (the best one is kept at the end).
+        save_steps=eval_steps if evaluator else settings.save_steps,
         save_total_limit=2,
         load_best_model_at_end=evaluator is not None,
         metric_for_best_model="eval_val_cosine_ndcg@10" if evaluator else None,
@@ -200,14 +261,21 @@ def train(
         disable_tqdm=True,
     )
     recorder = _curve_recorder(progress, _total_steps(len(rows), settings, epochs))
+    stopping = []
+    if evaluator is not None and settings.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        stopping.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         loss=loss,
         evaluator=evaluator,
-        callbacks=[recorder, *callbacks],
+        callbacks=[recorder, *stopping, *callbacks],
     )
+    # The trainer prints every log dict ({'loss': ...}) on stdout; the recorder reports them through `progress`.
+    trainer.remove_callback(PrinterCallback)
     last = last_complete_checkpoint(work_dir)
     if last and progress:
         progress(f"resuming from {last}")
@@ -272,6 +340,10 @@ def last_complete_checkpoint(work_dir: str | Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
+#: Optimizer steps the moving rate (and ETA) is measured over.
+RATE_WINDOW_STEPS = 20
+
+
 def _total_steps(n_rows: int, settings: TrainSettings, epochs: int) -> int:
     if settings.max_steps > 0:
         return settings.max_steps
@@ -279,32 +351,56 @@ def _total_steps(n_rows: int, settings: TrainSettings, epochs: int) -> int:
 
 
 def _curve_recorder(progress: Callable[[str], None] | None, total_steps: int) -> Any:
-    """A ``TrainerCallback`` collecting loss/eval curves and reporting progress with rate and ETA."""
+    """A ``TrainerCallback`` collecting loss/eval curves and reporting progress with rate and ETA.
+
+    The rate is a moving estimate over the last :data:`RATE_WINDOW_STEPS` optimizer steps, measured between
+    step ends: start-up (model load, tokenization, the first step's allocations) never enters it, so the first
+    ETA is not inflated, and a slowdown shows within a few steps.
+    """
+    from collections import deque
+
     from transformers import TrainerCallback
 
     class CurveRecorder(TrainerCallback):
         def __init__(self) -> None:
             self.loss: list[tuple[int, float]] = []
             self.eval: list[tuple[int, float]] = []
-            self.start = time.monotonic()
-            self.first_step: int | None = None
+            self.ends: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW_STEPS + 1)
+            self.total = total_steps
+            self.started = time.monotonic()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.total = state.max_steps or total_steps
+            self.started = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not self.ends and progress:
+                progress(
+                    f"step {state.global_step}/{self.total} done ({time.monotonic() - self.started:.1f}s for the "
+                    "first step, model and data preparation included)"
+                )
+            self.ends.append((time.monotonic(), state.global_step))
+
+        def rate(self) -> float:
+            """Steps per second over the recent window (0 until two steps have ended)."""
+            if len(self.ends) < 2:
+                return 0.0
+            (t0, s0), (t1, s1) = self.ends[0], self.ends[-1]
+            return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             step = state.global_step
-            if self.first_step is None:
-                self.first_step = step  # a resumed run starts mid-way: rate from here
             if "loss" in logs:
                 self.loss.append((step, float(logs["loss"])))
             for key, value in logs.items():
                 if key.endswith("ndcg@10"):
                     self.eval.append((step, float(value)))
+                    if progress:
+                        progress(f"step {step}/{self.total} validation nDCG@10 {float(value):.4f}")
             if progress and "loss" in logs:
-                elapsed = time.monotonic() - self.start
-                rate = (step - self.first_step + 1) / elapsed if elapsed > 0 else 0.0
-                eta = (total_steps - step) / rate if rate > 0 else float("nan")
-                progress(
-                    f"step {step}/{total_steps} loss={logs['loss']:.4f} {rate:.2f} steps/s ETA {eta:.0f}s"
-                )
+                rate = self.rate()
+                eta = f"ETA {(self.total - step) / rate:.0f}s" if rate > 0 else "ETA after the next steps"
+                progress(f"step {step}/{self.total} loss={logs['loss']:.4f} {rate:.2f} steps/s {eta}")
 
     return CurveRecorder()

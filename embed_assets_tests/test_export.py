@@ -242,8 +242,8 @@ def test_tensorrt_profiles() -> None:
         tensorrt_profiles(seq=(0, 128, 512))
 
 
-def test_dynamo_exporter_when_onnxscript_is_installed(tmp_path: Path) -> None:
-    pytest.importorskip("onnxscript")
+@pytest.mark.slow  # the dynamo exporter traces the whole model (minutes on 2 cores)
+def test_dynamo_exporter(tmp_path: Path) -> None:
     from embed_assets.export import export_onnx
     from embed_assets.models import BUNDLED_MODEL, resolve_model_path
 

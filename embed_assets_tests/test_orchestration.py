@@ -285,8 +285,7 @@ def test_sdg_drop_reasons_reach_the_event_log_and_metadata(tmp_path: Path) -> No
         llm = LLMResource(base_url=stub.base_url, model="stub/chat-model")
         result = _materialize(instance, tmp_path, run_config, selection=UPSTREAM[:3], llm=llm)
     meta = _meta(instance, "synthetic_qa")
-    table = meta["drops"]
-    reason = table.splitlines()[2].strip("| ").split(" | ")[0]
+    reason = meta["drops"].records[0].data["reason"]
     assert reason and meta[f"dropped_{reason}"] > 0 and meta["pairs"] > 0
     warnings = [
         r.user_message

@@ -178,10 +178,10 @@ def _sdg_outcome(instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult
 
 
 def _drop_rows(meta: dict) -> list[tuple[str, int, str]]:
-    """(reason, count, example) rows of the metadata's Markdown drop table."""
-    table = meta.get("drops", "")
-    rows = [ln.strip("|").split(" | ") for ln in str(table).splitlines()[2:] if ln.startswith("| ")]
-    return [(r[0].strip(), int(r[1]), r[2].strip().replace("\\|", "|")) for r in rows]
+    """(reason, count, example) rows of the metadata's drop table."""
+    table = meta.get("drops")
+    rows = [r.data for r in table.records] if table is not None else []
+    return [(r["reason"], int(r["count"]), r["example"]) for r in rows]
 
 
 def _copy_docs(folder: Path, names: tuple[str, ...]) -> Path:

@@ -119,5 +119,69 @@ def test_golden_set_is_kept_out_of_training_and_evaluated(tmp_path: Path, prepar
     from embed_assets.stages.evaluate import evaluate_model
 
     corpus, queries, gen_qrels = load_beir_folder(split.eval_beir, split="test")
-    at_32, _ = evaluate_model(str(tuned), corpus, queries, gen_qrels, EvalSettings(), MODEL, 32, "cpu")
+    at_32, _, _ = evaluate_model(str(tuned), corpus, queries, gen_qrels, EvalSettings(), MODEL, 32, "cpu")
     assert at_32 != metrics.sets[0].finetuned
+
+
+def test_each_loss_option_builds_the_loss_it_names() -> None:
+    from sentence_transformers.sentence_transformer import losses
+
+    from embed_assets.models import load_sentence_transformer
+    from embed_assets.stages.train import TrainSettings
+    from embed_assets.training import build_loss
+
+    model = load_sentence_transformer(BUNDLED_MODEL, max_seq_length=32)
+
+    def built(**options):
+        return build_loss(model, TrainSettings(max_seq_length=32, **options), BUNDLED_MODEL, "cpu")
+
+    assert type(built(loss="mnrl")) is losses.MultipleNegativesRankingLoss
+    assert type(built(loss="cached_mnrl")) is losses.CachedMultipleNegativesRankingLoss
+    gist = built(loss="gist")
+    assert type(gist) is losses.GISTEmbedLoss and gist.guide is not model  # the base model guides
+    assert type(built(loss="cached_gist")) is losses.CachedGISTEmbedLoss
+    hard = built(loss="mnrl", hardness_mode="hard_negatives", hardness_strength=5.0)
+    assert hard.hardness_mode == "hard_negatives" and hard.hardness_strength == 5.0
+    nested = built(loss="gist", matryoshka_dims=[96, 192, 999])
+    assert type(nested) is losses.MatryoshkaLoss and type(nested.loss) is losses.GISTEmbedLoss
+    assert list(nested.matryoshka_dims) == [384, 192, 96]  # the full size always, sizes above it dropped
+    with pytest.raises(ValueError, match="GISTEmbed has no hardness"):
+        built(loss="gist", hardness_strength=1.0)
+
+
+@pytest.mark.slow  # trains: learning-rate probes, then GISTEmbed + Matryoshka with early stopping
+def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
+    tmp_path: Path, prepared
+) -> None:
+    from embed_assets.stages.mine import MiningSettings, mine_negatives
+    from embed_assets.stages.train import TrainSettings, train_checkpoint
+
+    ctx, chunks, pairs = prepared
+    split = split_pairs(chunks, pairs, SplitSettings(), ctx)
+    assert split.n_val > 0, "small data keeps a validation split (small_data_ratios)"
+    mined = mine_negatives(chunks, pairs, split, MiningSettings(), MODEL, ctx)
+    settings = TrainSettings(
+        loss="gist",
+        matryoshka_dims=[96],
+        lr_candidates=[1e-6, 1e-4],
+        lr_probe_fraction=1.0,
+        batch_size=8,
+        max_seq_length=48,
+        epochs=2,
+        negatives_per_row=1,
+    )
+    checkpoint = train_checkpoint(chunks, pairs, split, mined, settings, MODEL, ctx)
+    selection = checkpoint.selection
+    assert selection is not None and [p["learning_rate"] for p in selection.probes] == [1e-6, 1e-4]
+    best = max(selection.probes, key=lambda p: p["val_ndcg@10"])
+    assert selection.learning_rate == best["learning_rate"] and "best validation nDCG@10" in selection.reason
+    meta = checkpoint.metadata()
+    assert meta["learning_rate"] == selection.learning_rate and meta["learning_rate_probes"].rows
+    assert checkpoint.eval_curve and "best validation" in meta["kept_checkpoint"]
+    recorded = json.loads((Path(checkpoint.model_dir) / "embed_assets_training.json").read_text())
+    assert recorded["settings"]["learning_rate"] == selection.learning_rate
+
+    metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(), MODEL, ctx)
+    dims = metrics.primary.matryoshka
+    assert set(dims) == {"96"} and 0.0 <= dims["96"] <= 1.0
+    assert metrics.metadata()["matryoshka"].rows[0]["dimensions"] == 96

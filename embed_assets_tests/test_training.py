@@ -67,11 +67,13 @@ def test_rows_with_different_negatives_train_as_one_dataset_per_count() -> None:
 
 
 @pytest.mark.slow
-def test_train_updates_weights_saves_and_resumes(tmp_path: Path, tiny_corpus: Path) -> None:
+def test_train_updates_weights_saves_and_resumes(tmp_path: Path, tiny_corpus: Path, capfd) -> None:
     from sentence_transformers import SentenceTransformer
 
+    from embed_assets import quiet
     from embed_assets.models import load_sentence_transformer
 
+    quiet.configure()  # as the code location does when it loads
     rows = _rows(tiny_corpus)
     settings = TrainSettings(
         max_steps=4, batch_size=8, max_seq_length=48, save_steps=2, logging_steps=1, learning_rate=5e-5
@@ -83,6 +85,10 @@ def test_train_updates_weights_saves_and_resumes(tmp_path: Path, tiny_corpus: Pa
     assert report.steps == 4 and report.device == "cpu" and report.resumed_from is None
     assert len(report.loss_curve) == 4 and all(np.isfinite(v) for _, v in report.loss_curve)
     assert any("ETA" in line for line in lines)
+    # Progress goes through `progress` (the run's logger), never raw trainer dicts or bars on stdout/stderr.
+    out, err = capfd.readouterr()
+    assert "{'loss'" not in out + err and "'grad_norm'" not in out + err and "it/s]" not in out + err
+    assert "first step" in lines[0] and any("steps/s ETA" in line for line in lines)
 
     tuned = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     base = load_sentence_transformer(BUNDLED_MODEL)

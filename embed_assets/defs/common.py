@@ -86,14 +86,13 @@ def latest_manifest(store: ArtifactStore, asset: str) -> Manifest | None:
 # ------------------------------------------------------------------------------------------ around a stage
 def to_metadata(values: dict[str, Any]) -> dict[str, dg.MetadataValue | Any]:
     """Turn a manifest's :meth:`~embed_assets.stages.common.Manifest.metadata` into Dagster metadata values."""
-    from embed_assets.defs.metadata import md_table
 
     out: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:
             continue  # not every metadata sink accepts null
         if isinstance(value, Table):
-            out[key] = md_table(value.rows, value.columns, max_rows=value.max_rows, max_chars=value.max_chars)
+            out[key] = table_value(value)
         elif isinstance(value, Markdown):
             out[key] = dg.MetadataValue.md(value.text)
         elif isinstance(value, PathRef):
@@ -102,9 +101,43 @@ def to_metadata(values: dict[str, Any]) -> dict[str, dg.MetadataValue | Any]:
             out[key] = dg.MetadataValue.url(value.url)
         elif isinstance(value, JsonValue | dict | list):
             out[key] = dg.MetadataValue.json(value.value if isinstance(value, JsonValue) else value)
+        elif isinstance(value, float):
+            out[key] = headline(value)
         else:
             out[key] = value
     return out
+
+
+def headline(value: float) -> float:
+    """A number as the UI shows it: 4 significant digits (0.845163 -> 0.8452, 1e-05 stays 1e-05)."""
+    return float(f"{value:.4g}") if value == value else value  # NaN stays NaN
+
+
+def _column_type(kinds: set[type]) -> str:
+    if kinds == {bool}:
+        return "bool"
+    if kinds == {int}:
+        return "int"
+    if kinds and kinds <= {int, float}:
+        return "float"
+    return "string"
+
+
+def table_value(table: Table) -> dg.MetadataValue:
+    """A table the asset page shows inline (first ``max_rows`` rows; long text cut to ``max_chars``)."""
+
+    def cell(v: Any) -> Any:
+        if isinstance(v, bool | int) or v is None:
+            return v
+        if isinstance(v, float):
+            return headline(v)
+        text = str(v).replace("\n", " ")
+        return text if len(text) <= table.max_chars else text[: table.max_chars - 1] + "…"
+
+    rows = [{c: cell(r.get(c)) for c in table.columns} for r in table.rows[: table.max_rows]]
+    kinds = {c: {type(r[c]) for r in rows if r[c] is not None} for c in table.columns}
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, _column_type(kinds[c])) for c in table.columns])
+    return dg.MetadataValue.table([dg.TableRecord(r) for r in rows], schema=schema)
 
 
 def check_result(gate: Gate, asset: str) -> dg.AssetCheckResult:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from embed_assets.stages.common import Gate, Manifest, Markdown, ModelSpec, PathRef, StageContext
+from embed_assets.stages.common import Gate, Manifest, ModelSpec, PathRef, StageContext, Table
 from embed_assets.stages.split import SplitManifest
 from embed_assets.stages.train import CheckpointManifest, MLflowInfo
 
@@ -78,6 +78,7 @@ class SetMetrics:
     bootstrap: Bootstrap
     queries: int
     passages: int
+    matryoshka: dict[str, float] = field(default_factory=dict)  # trained dimension -> fine-tuned nDCG@10
 
 
 @dataclass
@@ -196,8 +197,6 @@ class MetricsManifest(Manifest):
         return gates
 
     def metadata(self) -> dict[str, Any]:
-        from embed_assets.metrics import markdown_table
-
         meta: dict[str, Any] = {
             "ndcg@10_base": self.base["NDCG@10"],
             "ndcg@10_finetuned": self.finetuned["NDCG@10"],
@@ -207,11 +206,20 @@ class MetricsManifest(Manifest):
         }
         for s in self.sets:
             suffix = "" if s.name == "generated_test" else f"_{s.name}"
-            meta[f"metrics{suffix}"] = Markdown(markdown_table(s.deltas))
+            meta[f"metrics{suffix}"] = delta_table(s.deltas)
             if suffix:
                 meta[f"ndcg@10_base{suffix}"] = s.base["NDCG@10"]
                 meta[f"ndcg@10_finetuned{suffix}"] = s.finetuned["NDCG@10"]
             meta[f"eval_queries{suffix}"] = s.queries
+            if s.matryoshka:
+                full = s.finetuned["NDCG@10"]
+                meta[f"matryoshka{suffix}"] = Table(
+                    ["dimensions", "ndcg@10", "share_of_full"],
+                    [
+                        {"dimensions": int(d), "ndcg@10": v, "share_of_full": v / full if full else 0.0}
+                        for d, v in s.matryoshka.items()
+                    ],
+                )
         return {
             **meta,
             "eval_max_seq_length": self.eval_max_seq_length,
@@ -222,6 +230,18 @@ class MetricsManifest(Manifest):
             "artifact_path": PathRef(self.path),
             **self.mlflow.metadata(),
         }
+
+
+def delta_table(deltas: list[dict[str, Any]]) -> Table:
+    """Base, fine-tuned and Δ per metric, as a table the asset page shows inline."""
+    return Table(
+        ["metric", "base", "finetuned", "delta"],
+        [
+            {"metric": r["metric"], "base": r["base"], "finetuned": r["tuned"], "delta": r["delta"]}
+            for r in deltas
+        ],
+        max_rows=len(deltas),
+    )
 
 
 def _vs(s: SetMetrics) -> str:
@@ -270,12 +290,23 @@ def evaluate_checkpoint(
     out = ctx.out_dir("beir_metrics")
     results: dict[str, dict[str, Any]] = {name: {} for name in folders}
     runs: dict[str, dict[str, Any]] = {name: {} for name in folders}
+    per_dim: dict[str, dict[str, dict[str, float]]] = {name: {} for name in folders}
     seconds = {}
     for side, path in (("base", model.base_model), ("finetuned", checkpoint.model_dir)):
         start = time.monotonic()
         for name, (corpus, queries, qrels) in data.items():
-            results[name][side], runs[name][side] = evaluate_model(
-                path, corpus, queries, qrels, settings, model, window, device, ctx.cache_dir("embeddings")
+            dims = checkpoint.matryoshka_dims if side == "finetuned" else ()
+            results[name][side], runs[name][side], per_dim[name][side] = evaluate_model(
+                path,
+                corpus,
+                queries,
+                qrels,
+                settings,
+                model,
+                window,
+                device,
+                ctx.cache_dir("embeddings"),
+                dims,
             )
             prefix = "" if name == "generated_test" else f"{name}_"
             write_json(out / f"{prefix}run_{side}.json", runs[name][side])
@@ -293,7 +324,15 @@ def evaluate_checkpoint(
         )
         sets.append(
             SetMetrics(
-                name, folders[name], base, tuned, compare(base, tuned), boot, len(queries), len(corpus)
+                name,
+                folders[name],
+                base,
+                tuned,
+                compare(base, tuned),
+                boot,
+                len(queries),
+                len(corpus),
+                per_dim[name].get("finetuned", {}),
             )
         )
         ctx.log.info(
@@ -358,7 +397,8 @@ def evaluate_model(
     window: int,
     device: str,
     cache_dir: str | Path | None = None,
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    dims: list[int] | tuple[int, ...] = (),
+) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, float]]:
     """One model's metrics and run file at ``window`` tokens.
 
     Args:
@@ -371,9 +411,10 @@ def evaluate_model(
         window: Tokens per text.
         device: Torch device.
         cache_dir: Per-text embedding cache for the passages (keyed by the model's weights and window).
+        dims: Matryoshka sizes to score too (nDCG@10 of the truncated, re-normalized embeddings).
 
     Returns:
-        ``(metrics, run)``.
+        ``(metrics, run, {dim: nDCG@10})``.
     """
     from embed_assets.embedding_cache import EmbeddingCache, model_fingerprint
     from embed_assets.metrics import document_text, encode_and_search, evaluate
@@ -390,7 +431,7 @@ def evaluate_model(
             list(corpus),
             batch_size=settings.batch_size,
         )
-    run, _ = encode_and_search(
+    run, corpus_emb = encode_and_search(
         st_model,
         queries,
         corpus,
@@ -400,7 +441,26 @@ def evaluate_model(
         corpus_prompt=passage_prompt,
         corpus_embeddings=corpus_emb,
     )
-    return evaluate(qrels, run, k_values=settings.k_values), run
+    per_dim: dict[str, float] = {}
+    if dims and queries:
+        # Matryoshka: the first d coordinates, re-normalized, are the d-dimensional embedding.
+        from embed_assets.metrics import exact_search
+
+        q_ids = list(queries)
+        q_emb = st_model.encode(
+            [queries[q] for q in q_ids],
+            prompt=query_prompt,
+            batch_size=settings.batch_size,
+            convert_to_numpy=True,
+        )
+        for d in sorted(set(dims), reverse=True):
+            truncated = exact_search(
+                q_emb[:, :d], corpus_emb[:, :d], q_ids, list(corpus), top_k=max(settings.k_values)
+            )
+            per_dim[str(d)] = evaluate(qrels, truncated, k_values=settings.k_values).get(
+                "NDCG@10", float("nan")
+            )
+    return evaluate(qrels, run, k_values=settings.k_values), run, per_dim
 
 
 def _log_to_mlflow(

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from embed_assets.stages.common import Gate, JsonValue, Manifest, Markdown, PathRef, StageContext
+from embed_assets.stages.common import Gate, JsonValue, Manifest, PathRef, StageContext, Table
 from embed_assets.stages.evaluate import MetricsManifest
 from embed_assets.stages.train import CheckpointManifest
 
@@ -127,7 +127,7 @@ class OnnxManifest(Manifest):
             **self.report,
             **{f"{p.variant}_ndcg@10": p.ndcg_at_10 for p in self.parity},
             "int8_served_allowed": self.int8_ok,
-            **{f"{p.variant}_metric_parity": Markdown(parity_md(p.rows)) for p in self.parity},
+            **{f"{p.variant}_metric_parity": parity_table(p.rows) for p in self.parity},
             "identity": JsonValue(self.identity),
             "onnx_dir": PathRef(self.onnx_dir),
         }
@@ -154,15 +154,23 @@ class EngineManifest(Manifest):
         }
 
 
-def parity_md(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of metric-parity rows (checkpoint vs exported)."""
-    lines = ["| metric | checkpoint | exported | diff | tolerance | ok |", "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r['metric']} | {r['reference']:.4f} | {r['candidate']:.4f} | {r['diff']:+.4f} | {r['tolerance']} | "
-        f"{'✅' if r['ok'] else '❌'} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
+def parity_table(rows: list[dict[str, Any]]) -> Table:
+    """Metric-parity rows (checkpoint vs exported or served) as a table for the UI."""
+    return Table(
+        ["metric", "checkpoint", "exported", "diff", "tolerance", "ok"],
+        [
+            {
+                "metric": r["metric"],
+                "checkpoint": r["reference"],
+                "exported": r["candidate"],
+                "diff": r["diff"],
+                "tolerance": r["tolerance"],
+                "ok": bool(r["ok"]),
+            }
+            for r in rows
+        ],
+        max_rows=len(rows),
+    )
 
 
 def served_parity(

@@ -55,6 +55,12 @@ class MiningSettings(BaseModel):
         default="auto", description="'auto', 'yes' or 'no' (exact matmul search)."
     )
     batch_size: int = Field(default=64, ge=1, description="Encoding batch size.")
+    cross_encoder: str = Field(
+        default="",
+        description="A cross-encoder (Hugging Face id or local folder) that rescores the mined candidates and "
+        "positives before the margin filter, so passages it judges as relevant as the positive (suspected false "
+        "negatives) are not mined. Empty: the base model's scores.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MiningSettings:
@@ -129,6 +135,14 @@ def mine_negatives(
     test_docs = set(split.test_docs)
     pool = [c for c in passage_pool(chunks, pairs) if c.doc_id not in test_docs]
     query_prompt, passage_prompt = model.prompts()
+    cross_encoder = None
+    if settings.cross_encoder:
+        from sentence_transformers import CrossEncoder
+
+        from embed_assets.models import resolve_model_path
+
+        cross_encoder = CrossEncoder(resolve_model_path(settings.cross_encoder), device=device)
+        ctx.log.info(f"rescoring mined candidates with the cross-encoder {settings.cross_encoder}")
     result = mine_pool(
         st_model,
         split.train_records(),
@@ -147,6 +161,7 @@ def mine_negatives(
         absolute_margin=settings.absolute_margin,
         sampling_strategy=settings.sampling_strategy,
         use_faiss=settings.use_faiss,
+        cross_encoder=cross_encoder,
     )
     rows = [asdict(r) for r in result.rows]
     out = ctx.out_dir("mined_negatives") / "mined.jsonl"

@@ -22,14 +22,13 @@ from embed_assets.stages.common import (
     Gate,
     JsonValue,
     Manifest,
-    Markdown,
     PathRef,
     StageContext,
     StageError,
     Url,
 )
 from embed_assets.stages.evaluate import MetricsManifest
-from embed_assets.stages.export import OnnxManifest, parity_md, served_parity
+from embed_assets.stages.export import OnnxManifest, parity_table, served_parity
 
 
 class ServiceSettings(BaseModel):
@@ -112,7 +111,7 @@ class ServiceManifest(Manifest):
                 served_model=self.served_model,
                 health=JsonValue(self.health),
                 served_eval_seconds=self.served_eval_seconds,
-                served_metric_parity=Markdown(parity_md(self.parity_rows)),
+                served_metric_parity=parity_table(self.parity_rows),
             )
             if self.served_ndcg_at_10 is not None:
                 meta["served_ndcg@10"] = self.served_ndcg_at_10

@@ -34,7 +34,19 @@ class SplitSettings(BaseModel):
     test_ratio: float = Field(
         default=0.1, ge=0, le=1, description="Share of documents for the BEIR test set."
     )
-    small_data_threshold: int = Field(default=1000, ge=0, description="Below this many pairs, split 80/0/20.")
+    small_data_threshold: int = Field(
+        default=1000, ge=0, description="Below this many pairs, small_data_ratios apply instead."
+    )
+    small_data_ratios: list[float] = Field(
+        default=[0.7, 0.1, 0.2],
+        description="Train/val/test shares for small data: a larger test share keeps the test set usable, "
+        "and the validation share still picks the learning rate and the kept checkpoint.",
+    )
+    golden_ratios: list[float] = Field(
+        default=[0.85, 0.1, 0.05],
+        description="Train/val/test shares when eval_path gives your golden set (it is the test that counts; "
+        "the generated test split stays small and is reported next to it).",
+    )
     seed: int = Field(default=42, description="Split seed (documents are placed by a seeded hash).")
     regenerate_eval: bool = Field(
         default=False, description="Freeze a new test set for this corpus instead of reusing the frozen one."
@@ -53,6 +65,8 @@ class SplitSettings(BaseModel):
         from embed_assets.prep import check_ratios
 
         check_ratios((self.train_ratio, self.val_ratio, self.test_ratio))
+        check_ratios(self.small_data_ratios)
+        check_ratios(self.golden_ratios)
         return self
 
 
@@ -191,7 +205,10 @@ def split_pairs(
     frozen, reason = _usable_freeze(record_file, records, settings, chunks.corpus_root)
     split = split_by_document(
         records,
-        ratios=(settings.train_ratio, settings.val_ratio, settings.test_ratio),
+        ratios=settings.golden_ratios
+        if golden
+        else (settings.train_ratio, settings.val_ratio, settings.test_ratio),
+        small_data_ratios=settings.golden_ratios if golden else settings.small_data_ratios,
         small_data_threshold=settings.small_data_threshold,
         seed=settings.seed,
         # The golden set's documents are test documents too: none of their passages may be trained on.

@@ -33,6 +33,8 @@ from embed_assets.stages.split import SplitManifest
 
 #: Rows at or below which ``epochs=0`` trains 2 epochs (1 above: DESIGN §2's ranges).
 SMALL_DATA_ROWS = 10_000
+#: A learning-rate probe shorter than this says more about noise than about the learning rate.
+MIN_PROBE_STEPS = 8
 
 
 class TrainSettings(BaseModel):
@@ -57,15 +59,36 @@ class TrainSettings(BaseModel):
         "keeps the base model's window for evaluation and serving.",
     )
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1 = by epochs).")
-    loss: Literal["mnrl", "cached_mnrl"] = Field(
-        default="mnrl", description="'mnrl' or 'cached_mnrl' (large effective batches)."
+    loss: Literal["mnrl", "cached_mnrl", "gist", "cached_gist"] = Field(
+        default="mnrl",
+        description="'mnrl' (MultipleNegativesRankingLoss), 'gist' (GISTEmbed: the base model as guide masks "
+        "false in-batch negatives), or their 'cached_' forms (GradCache: large batches at small memory).",
     )
-    cached_mini_batch_size: int = Field(default=32, ge=1, description="cached_mnrl mini-batch size.")
+    cached_mini_batch_size: int = Field(default=32, ge=1, description="cached_* losses: mini-batch size.")
+    hardness_mode: Literal["in_batch_negatives", "hard_negatives", "all_negatives"] = Field(
+        default="in_batch_negatives", description="MNRL losses: which negatives hardness_strength up-weights."
+    )
+    hardness_strength: float = Field(
+        default=0.0, ge=0, description="MNRL losses: weight harder negatives more (0 = off)."
+    )
+    matryoshka_dims: list[int] = Field(
+        default=[],
+        description="Also train truncated embeddings of these sizes (MatryoshkaLoss over the chosen loss; the "
+        "full size is always included); beir_metrics then reports nDCG@10 at each. Empty: off.",
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         default="auto", description="'auto' (bf16/fp16 on CUDA), 'no', 'fp16', 'bf16'."
     )
     eval_steps: int = Field(
-        default=50, ge=1, description="Validation every N steps (when a val split exists)."
+        default=0,
+        ge=0,
+        description="Validation every N steps when a val split exists (0: twice per epoch); each is a resume "
+        "point, and the best one by validation nDCG@10 is the model kept.",
+    )
+    early_stopping_patience: int = Field(
+        default=2,
+        ge=0,
+        description="Stop after this many validations without a better nDCG@10 (0: never stop early).",
     )
     save_steps: int = Field(default=50, ge=1, description="Checkpoint every N steps (resume point).")
     logging_steps: int = Field(default=5, ge=1, description="Loss logged every N steps.")
@@ -75,6 +98,17 @@ class TrainSettings(BaseModel):
         ge=0,
         description="Training pairs quoted in the model card (README.md). 0 keeps corpus text out of the card, "
         "so publishing the model does not publish the corpus.",
+    )
+    lr_candidates: list[float] = Field(
+        default=[],
+        description="Learning rates to choose from on the validation split (a short probe each, the best "
+        "validation nDCG@10 wins); empty, or no validation split: learning_rate is used.",
+    )
+    lr_probe_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        le=2,
+        description="Compute budget of the learning-rate probes, as a share of the final training's steps.",
     )
     num_gpus: int = Field(
         default=1,
@@ -146,23 +180,44 @@ class CheckpointManifest(Manifest):
     report: dict[str, Any]
     curves_png: str
     loss_curve: list[list[float]] = field(default_factory=list)
+    eval_curve: list[list[float]] = field(default_factory=list)  # (step, validation nDCG@10)
     train_rows: int = 0
+    matryoshka_dims: list[int] = field(default_factory=list)  # sizes trained besides the full one
+    selection: LRSelection | None = None
     mlflow: MLflowInfo = field(default_factory=MLflowInfo)
 
     @property
     def mlflow_run_id(self) -> str | None:
         return self.mlflow.run_id or None
 
+    def selection_metadata(self) -> dict[str, Any]:
+        if self.selection is None:
+            return {}
+        meta: dict[str, Any] = {
+            "learning_rate": self.selection.learning_rate,
+            "learning_rate_choice": self.selection.reason,
+        }
+        if self.selection.probes:
+            meta["learning_rate_probes"] = Table(["learning_rate", "val_ndcg@10"], self.selection.probes)
+        if self.eval_curve:
+            best = max(self.eval_curve, key=lambda p: p[1])
+            meta["kept_checkpoint"] = f"step {int(best[0])} (best validation nDCG@10 {best[1]:.4f})"
+        return meta
+
     def metadata(self) -> dict[str, Any]:
         from embed_assets.tracking import png_data_uri
 
         curve = [{"step": int(s), "loss": v} for s, v in self.loss_curve]
+        shown = "training loss per step" + (
+            " and validation nDCG@10" if self.eval_curve else " (no validation split: no validation curve)"
+        )
         return {
             **{k: v for k, v in self.report.items() if v is not None and k != "model_dir"},
             "num_processes": self.num_processes,
             "loss_curve": Table(["step", "loss"], curve, max_rows=40),
-            "training_curves": Markdown(f"![loss and eval curves]({png_data_uri(self.curves_png)})"),
+            "training_curves": Markdown(f"![{shown}]({png_data_uri(self.curves_png)})\n\n{shown}"),
             "training_curves_png": PathRef(self.curves_png),
+            **self.selection_metadata(),
             **self.mlflow.metadata(),
             "model_dir": PathRef(self.model_dir),
             "trainer_work_dir": PathRef(self.work_dir),
@@ -254,10 +309,16 @@ def train_checkpoint(
         "data/sdg_generator": pairs.generator,
         "data/mined_rows_sha256": data_hash,
     }
-    run_id = _open_run(tracker, work, last_complete_checkpoint(work) is not None, params, model, ctx)
+    resuming = any(last_complete_checkpoint(d) for d in (work, *work.glob("*/")))
+    run_id = _open_run(tracker, work, resuming, params, model, ctx)
     ctx.log.info(f"training on {len(rows)} rows on {device} x{nproc}; trainer checkpoints in {work}")
     try:
-        report = _train(rows, work, out, settings, model, device, nproc, val, ctx, tracker, run_id)
+        selection = choose_learning_rate(
+            rows, val, settings, model, device, nproc, work, ctx, tracker, run_id
+        )
+        settings = settings.model_copy(update={"learning_rate": selection.learning_rate})
+        final_work = work / f"lr-{selection.learning_rate:g}" if selection.probes else work
+        report = _train(rows, final_work, out, settings, model, device, nproc, val, ctx, tracker, run_id)
     except BaseException:
         if tracker is not None:
             _quietly(ctx, "marking the MLflow run failed", tracker.finish, run_id, "FAILED")
@@ -280,9 +341,119 @@ def train_checkpoint(
         report=report.as_metadata(),
         curves_png=str(png),
         loss_curve=[[s, v] for s, v in report.loss_curve],
+        eval_curve=[[s, v] for s, v in report.eval_curve],
         train_rows=len(rows),
+        matryoshka_dims=sorted(set(settings.matryoshka_dims), reverse=True),
+        selection=selection,
         mlflow=_log_result(tracker, run_id, summary, report.steps, png, out, ctx),
     )
+
+
+@dataclass
+class LRSelection:
+    """Which learning rate the training used, and why (``probes``: what each candidate scored)."""
+
+    learning_rate: float
+    reason: str
+    probes: list[dict[str, float]] = field(default_factory=list)  # learning_rate, val_ndcg@10
+    probe_steps: int = 0
+
+
+def choose_learning_rate(
+    rows: list[dict[str, str]],
+    val: dict[str, Any] | None,
+    settings: TrainSettings,
+    model: ModelSpec,
+    device: str,
+    nproc: int,
+    work: Path,
+    ctx: StageContext,
+    tracker: Any,
+    run_id: str,
+) -> LRSelection:
+    """Pick the learning rate on the validation split: a short probe per candidate, the best nDCG@10 wins.
+
+    Each of the ``lr_candidates`` trains from the base model for the same number of steps, together
+    ``lr_probe_fraction`` of the final training's steps (the stated compute budget), and is scored on the
+    validation queries; the final training then runs at the winner (and stops early on the same validation
+    set). Without a validation split, or with too little data for a probe, ``learning_rate`` is used.
+
+    Returns:
+        The :class:`LRSelection` (recorded in metadata and MLflow).
+    """
+    from embed_assets.training import _steps_per_epoch
+
+    candidates = sorted(set(settings.lr_candidates))
+    if not candidates:
+        return LRSelection(settings.learning_rate, "learning_rate as configured (lr_candidates is empty)")
+    if not val or not val.get("queries"):
+        return LRSelection(
+            settings.learning_rate, "learning_rate as configured: no validation split to choose on"
+        )
+    final_steps = (
+        settings.max_steps
+        if settings.max_steps > 0
+        else _steps_per_epoch(rows, settings.batch_size) * settings.resolved_epochs(len(rows))
+    )
+    probe_steps = int(final_steps * settings.lr_probe_fraction / len(candidates))
+    if probe_steps < MIN_PROBE_STEPS:
+        return LRSelection(
+            settings.learning_rate,
+            f"learning_rate as configured: {final_steps} training steps leave {probe_steps} per probe "
+            f"(< {MIN_PROBE_STEPS})",
+        )
+    probes = []
+    for lr in candidates:
+        probe = settings.model_copy(
+            update={
+                "learning_rate": lr,
+                "max_steps": probe_steps,
+                "eval_steps": probe_steps,
+                "early_stopping_patience": 0,
+            }
+        )
+        ctx.log.info(f"learning-rate probe {lr:g}: {probe_steps} steps, then validation")
+        report = _train(
+            rows,
+            work / f"probe-lr-{lr:g}",
+            work / f"probe-lr-{lr:g}" / "model",
+            probe,
+            model,
+            device,
+            nproc,
+            val,
+            ctx,
+            None,
+            run_id,
+        )
+        score = report.eval_curve[-1][1] if report.eval_curve else float("nan")
+        probes.append({"learning_rate": lr, "val_ndcg@10": score})
+        ctx.log.info(f"learning-rate probe {lr:g}: validation nDCG@10 {score:.4f}")
+    best = max(probes, key=lambda p: (p["val_ndcg@10"], -p["learning_rate"]))
+    selection = LRSelection(
+        best["learning_rate"],
+        f"best validation nDCG@10 ({best['val_ndcg@10']:.4f}) of {len(candidates)} probes of {probe_steps} steps "
+        f"each ({settings.lr_probe_fraction:g} of the {final_steps} final steps in all)",
+        probes,
+        probe_steps,
+    )
+    if tracker is not None:
+        _quietly(
+            ctx,
+            "logging the learning-rate probes to MLflow",
+            tracker.log_metrics,
+            run_id,
+            {f"lr_probe/{p['learning_rate']:g}/val_ndcg_at_10": p["val_ndcg@10"] for p in probes},
+        )
+        _quietly(
+            ctx,
+            "logging the chosen learning rate",
+            tracker.set_tags,
+            run_id,
+            {"selected/learning_rate": best["learning_rate"], "selected/reason": selection.reason},
+        )
+    ctx.log.info(f"learning rate {selection.learning_rate:g}: {selection.reason}")
+    return selection
 
 
 def card_facts(

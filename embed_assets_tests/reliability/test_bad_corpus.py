@@ -132,7 +132,8 @@ def test_file_name_that_is_not_utf8_is_rejected_not_fatal(folder: Path, tmp_path
     # ... and the corpus asset (which writes documents.jsonl and metadata) succeeds with it in the folder.
     result = _materialize(folder, tmp_path)
     assert result.success
-    assert "| caf\\xe9.txt | file name is not valid UTF-8" in _metadata(result)["rejected"].value
+    rejected = [r.data for r in _metadata(result)["rejected"].records]
+    assert {"path": "caf\\xe9.txt", "reason": "file name is not valid UTF-8; rename the file"} in rejected
 
 
 def test_fifo_is_rejected_without_blocking(folder: Path) -> None:
@@ -196,7 +197,7 @@ def test_corpus_asset_lists_every_rejected_file_with_its_reason(folder: Path, tm
     assert result.success
     meta = _metadata(result)
     assert meta["documents"].value == 1 and meta["rejected_files"].value == 6
-    table = meta["rejected"].value
+    table = "\n".join(f"| {r.data['path']} | {r.data['reason']} |" for r in meta["rejected"].records)
     for name, reason in [
         ("image.txt", "binary content"),
         ("latin1.txt", "not valid utf-8"),
