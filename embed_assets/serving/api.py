@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, WithJsonSchema
 
 InputType = Literal["query", "passage"]
 EncodingFormat = Literal["float", "base64"]
@@ -29,8 +29,9 @@ def _integral(value: Any) -> Any:
     return value
 
 
-Dimensions = Annotated[int, BeforeValidator(_integral), Field(gt=0)]
-_TOKEN_ID = Annotated[StrictInt, Field(ge=0)]
+# The constraint goes before the validator, or the JSON schema says "gt" instead of "exclusiveMinimum".
+Dimensions = Annotated[int, Field(gt=0), BeforeValidator(_integral)]
+_TOKEN_ID = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 _TEXT_SCHEMA = {"type": "string", "minLength": 1}
 _INPUT_SCHEMA = {
     "anyOf": [
@@ -72,7 +73,11 @@ class EmbeddingRequest(BaseModel):
     dimensions: Dimensions | None = Field(
         default=None, description="Matryoshka truncation (re-normalized); at most the model's dimension."
     )
-    embedding_type: EmbeddingType = Field(
+    embedding_type: Annotated[
+        EmbeddingType,
+        # int8 / uint8 pass validation only to get the 400 that explains why they are not served.
+        WithJsonSchema({"type": "string", "enum": ["float", "binary", "ubinary"], "default": "float"}),
+    ] = Field(
         default="float",
         description="NIM 2.x: 'binary' / 'ubinary' (sign bits packed 8 per value, as sentence-transformers' "
         "quantize_embeddings) are served; 'int8' / 'uint8' need calibration ranges and are refused with 400.",

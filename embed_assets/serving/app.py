@@ -503,7 +503,7 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    _customize_openapi(app, max_inputs_per_request, auth)
+    _customize_openapi(app, max_inputs_per_request, embedder, auth)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_request_bytes=max_request_bytes, metrics=metrics)
     return app
 
@@ -528,17 +528,25 @@ def _uses_cuda(embedder: BaseEmbedder) -> bool:
     return "CUDAExecutionProvider" in providers or str(embedder.variant).startswith("cuda")
 
 
-def _customize_openapi(app: FastAPI, max_inputs: int, auth: bool) -> None:
-    """Put the server's own limits and security into the generated OpenAPI document."""
+def _customize_openapi(app: FastAPI, max_inputs: int, embedder: BaseEmbedder, auth: bool) -> None:
+    """Put the server's own limits (inputs, vocabulary, dimension) and security into the OpenAPI document."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
+            import copy
+
             from fastapi.openapi.utils import get_openapi
 
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            request = schema["components"]["schemas"]["EmbeddingRequest"]["properties"]["input"]
-            for option in request["anyOf"][1:]:
+            schema = copy.deepcopy(get_openapi(title=app.title, version=app.version, routes=app.routes))
+            props = schema["components"]["schemas"]["EmbeddingRequest"]["properties"]
+            _, texts, ids, id_arrays = props["input"]["anyOf"]
+            for option in (texts, ids, id_arrays):
                 option["maxItems"] = max_inputs
+            top_id = embedder.text_tokenizer.vocab_size - 1
+            ids["items"]["maximum"] = id_arrays["items"]["items"]["maximum"] = top_id
+            for option in props["dimensions"].get("anyOf", [props["dimensions"]]):
+                if option.get("type") == "integer":
+                    option["maximum"] = embedder.dimension
             if auth:
                 schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
                 for path, operations in schema["paths"].items():

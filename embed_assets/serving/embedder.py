@@ -251,7 +251,8 @@ class TextTokenizer:
             One :class:`TokenIds` per sequence.
 
         Raises:
-            InvalidTokenIdsError: An empty sequence, or an id outside ``[0, vocab_size)``.
+            InvalidTokenIdsError: An id outside ``[0, vocab_size)``.
+            EmptyInputError: A sequence without content tokens.
             InputTooLongError: With ``truncate="NONE"``, for the first sequence that is too long.
         """
         _check_mode(input_type, truncate)
@@ -271,7 +272,7 @@ class TextTokenizer:
             wrapped = (lead or trail) and ids[: len(lead)] == lead and ids[len(ids) - len(trail) :] == trail
             content = ids[len(lead) : len(ids) - len(trail)] if wrapped else prefix_ids + ids
             if not content:
-                raise InvalidTokenIdsError(i, "empty token array; every input must contain tokens.")
+                raise EmptyInputError(i)
             if len(content) > self._budget:
                 if truncate == "NONE":
                     raise InputTooLongError(i, len(content) + len(lead) + len(trail), self.max_seq_length)

@@ -1,0 +1,63 @@
+"""Locust load for ``benchmarks/serve.py``: closed-loop users POSTing prepared embedding requests.
+
+Run by serve.py in its own virtual environment (``benchmarks/.work/locust-venv``), e.g.::
+
+    EMB_BODIES=bodies.json EMB_PATH=/v1/embeddings EMB_OUT=out.json \\
+        locust -f benchmarks/locust_embeddings.py --headless -u 16 -r 16 -t 20s -H http://127.0.0.1:8000
+
+``EMB_BODIES`` is a JSON list of request bodies (each user takes the next one, round robin); ``EMB_WARMUP_S``
+seconds at the start are not recorded. At the end the file ``EMB_OUT`` gets the exact latencies of the
+recorded requests, their text counts and failures (locust's own percentiles are rounded).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+from locust import FastHttpUser, events, task
+
+_BODIES = [
+    json.dumps(b).encode() for b in json.loads(Path(os.environ["EMB_BODIES"]).read_text(encoding="utf-8"))
+]
+_TEXTS = [len(json.loads(b)["input"]) for b in _BODIES]
+_NEXT = itertools.count()
+_PATH = os.environ.get("EMB_PATH", "/v1/embeddings")
+_WARMUP_S = float(os.environ.get("EMB_WARMUP_S", "2"))
+_START = time.monotonic()
+_RECORD: dict[str, list] = {"latency_s": [], "texts": [], "failures": [], "window": []}
+
+
+class EmbeddingUser(FastHttpUser):
+    """One client: sends the next body as soon as the previous answer arrived (no think time)."""
+
+    def wait_time(self) -> float:
+        return 0.0
+
+    @task
+    def embed(self) -> None:
+        i = next(_NEXT) % len(_BODIES)
+        start = time.monotonic()
+        with self.client.post(
+            _PATH, data=_BODIES[i], headers={"content-type": "application/json"}, catch_response=True
+        ) as resp:
+            end = time.monotonic()
+            ok = resp.status_code == 200 and b'"embedding"' in (resp.content or b"")
+            if not ok:
+                resp.failure(f"{resp.status_code}")
+            if start - _START >= _WARMUP_S:
+                if ok:
+                    _RECORD["latency_s"].append(end - start)
+                    _RECORD["texts"].append(_TEXTS[i])
+                    _RECORD["window"].append([start, end])
+                else:
+                    _RECORD["failures"].append(resp.status_code)
+
+
+@events.test_stop.add_listener
+def _write(**_: object) -> None:
+    with open(os.environ["EMB_OUT"], "w", encoding="utf-8") as out:
+        json.dump(_RECORD, out)
