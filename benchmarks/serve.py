@@ -13,8 +13,9 @@ Measured:
    256-token window; vectors checked equal);
 2. served vs the in-process ONNX limit: ``OnnxEmbedder.encode`` on the 32-text load's texts in this process
    (length-sorted batches of 32, no HTTP), alternating with the served segments;
-3. p99 of 1-text requests (4 clients) alone vs while a 256-input request of long texts is in flight;
-4. server RSS before and after a burst of 4 concurrent 256-input requests of long texts (and its peak).
+3. p99 of 1-text requests (4 clients) alone vs while a 256-input request of 120-word passages is in flight
+   (sent back to back; the one still running at the end of the segment is abandoned);
+4. server RSS before and after a burst of 2 concurrent 256-input requests of long texts (and its peak).
 
 The machine's load average (``os.getloadavg``) is recorded with every segment.
 
@@ -93,7 +94,7 @@ def make_bodies(kind: str, n: int, sentences: list[str], seed: int = 0) -> list[
 
     Args:
         kind: ``"1-text"``, ``"32-text"``, ``"mixed"`` (1-32 texts of 5-300 words) or ``"256-long"``
-            (256 texts of ~300 words, truncated to the model's window).
+            (256 passages of 120 words, ~150 tokens each).
         n: Number of bodies.
         sentences: Source sentences.
         seed: Random seed.
@@ -120,7 +121,7 @@ def make_bodies(kind: str, n: int, sentences: list[str], seed: int = 0) -> list[
         elif kind == "mixed":
             inputs = [passage(int(5 * 60 ** rng.random())) for _ in range(rng.randint(1, 32))]
         elif kind == "256-long":
-            inputs = [passage(300) for _ in range(256)]
+            inputs = [passage(120) for _ in range(256)]
         else:
             raise ValueError(kind)
         bodies.append({"input": inputs, "model": MODEL_NAME, "input_type": "query", "truncate": "END"})
@@ -257,17 +258,39 @@ def in_process(onnx_dir: str, bodies: list[dict[str, Any]], seconds: float) -> d
     return {"texts_per_s": done / (time.perf_counter() - start), "load": load_avg()}
 
 
-def big_requests_in_flight(
-    url: str, path: str, body: dict[str, Any], stop: threading.Event, log: list
-) -> None:
-    """Send the 256-input body back to back (one in flight at a time) until ``stop`` is set."""
+def big_requests_in_flight(url: str, path: str, body: dict[str, Any], until: float, log: list) -> None:
+    """Send the 256-input body back to back (one in flight at a time) until the monotonic time ``until``;
+    the request still running then is abandoned (the client disconnects)."""
     import httpx
 
-    with httpx.Client(base_url=url, timeout=600) as client:
-        while not stop.is_set():
-            start = time.monotonic()
-            resp = client.post(path, json=body)
-            log.append((resp.status_code, time.monotonic() - start))
+    while time.monotonic() < until:
+        start = time.monotonic()
+        try:
+            with httpx.Client(base_url=url, timeout=max(1.0, until - start)) as client:
+                status: int | str = client.post(path, json=body).status_code
+        except httpx.TimeoutException:
+            status = "abandoned"
+        log.append((status, time.monotonic() - start))
+
+
+def wait_idle(server: Any, timeout: float = 600) -> None:
+    """Wait until the server has no queued work (ours: its metrics; infinity: its /models queue stats)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if isinstance(server, Ours):
+                text = httpx.get(f"{server.url}/v1/metrics", timeout=10).text
+                busy = float(re.search(r"^embed_queue_depth (\S+)$", text, re.M).group(1)) > 0
+            else:
+                stats = httpx.get(f"{server.url}/models", timeout=10).json()["data"][0]["stats"]
+                busy = stats["queue_absolute"] > 0 or stats["results_pending"] > 0
+        except (httpx.HTTPError, AttributeError, KeyError):
+            busy = True
+        if not busy:
+            return
+        time.sleep(0.5)
 
 
 def latency_under_big_request(
@@ -280,17 +303,18 @@ def latency_under_big_request(
 ) -> dict[str, Any]:
     """p99 of 1-text requests (4 clients) alone, then while a 256-input request is in flight."""
     alone = run_locust(bin_dir, server.url, server.path, small, 4, seconds, scratch)
-    stop, log = threading.Event(), []
-    thread = threading.Thread(target=big_requests_in_flight, args=(server.url, server.path, big, stop, log))
+    log: list = []
+    until = time.monotonic() + seconds + 6  # covers locust's start and its 2 s warm-up
+    thread = threading.Thread(target=big_requests_in_flight, args=(server.url, server.path, big, until, log))
     thread.start()
     time.sleep(1.0)  # the big request is queued and running before the measured segment starts
     loaded = run_locust(bin_dir, server.url, server.path, small, 4, seconds, scratch)
-    stop.set()
     thread.join()
+    wait_idle(server)
     return {"alone": alone, "loaded": loaded, "big": log}
 
 
-def rss_burst(server: Any, big: dict[str, Any], concurrency: int = 4) -> dict[str, Any]:
+def rss_burst(server: Any, big: dict[str, Any], concurrency: int = 2) -> dict[str, Any]:
     """RSS before, peak during and 3 s after ``concurrency`` simultaneous 256-input requests."""
     import httpx
 
@@ -374,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(tmp)
         onnx_dir = args.onnx_dir or export(model_dir, str(scratch / "onnx"))
         handle = start_server(
-            onnx_dir, variant=args.variant, log_path=str(scratch / "ours.log"), ready_timeout=300
+            onnx_dir,
+            variant=args.variant,
+            log_path=str(scratch / "ours.log"),
+            ready_timeout=300,
+            extra_args=args.server_args.split(),
         )
         servers: dict[str, Any] = {"embed_assets": Ours(handle)}
         try:
@@ -428,6 +456,11 @@ def measure(
                     scratch,
                 )
                 segments.setdefault((load, name), []).append(res)
+                print(
+                    f"  {res['texts_per_s']:.1f} texts/s, p99 {res['p99_ms']:.0f} ms, load {res['load']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if load == "32-text" and name == "embed_assets":
                     served_32.append(res)
             if load == "32-text":
@@ -516,7 +549,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         x = r["after"] / r["before"]
         target = " ≤ 1.5x" if name == "embed_assets" else " (peer, no target)"
         lines.append(
-            f"| {name}: RSS 3 s after 4 concurrent 256-input requests vs before{target} | {x:.2f}x "
+            f"| {name}: RSS 3 s after 2 concurrent 256-input requests vs before{target} | {x:.2f}x "
             f"({r['before']:.0f} -> peak {r['peak']:.0f} -> {r['after']:.0f} MiB; statuses {r['statuses']}, "
             f"{r['seconds']:.0f} s; load {r['load']}) | {('yes' if x <= 1.5 else 'no') if name == 'embed_assets' else '–'} |"
         )
@@ -542,6 +575,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="rounds of alternating segments")
     p.add_argument("--latency-seconds", type=float, default=20, help="seconds per latency segment")
     p.add_argument("--no-infinity", dest="infinity", action="store_false", help="skip the infinity-emb peer")
+    p.add_argument(
+        "--server-args", default="", help="extra embed-assets-serve flags, e.g. '--max-batch-tokens 1024'"
+    )
     return p.parse_args(argv)
 
 

@@ -108,11 +108,12 @@ class ServerMetrics:
             status: Response status.
             seconds: Time from the first byte in to the last byte out.
         """
-        label = (
-            path
-            if path in _ROUTE_PATHS
-            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
-        )
+        if path in _ROUTE_PATHS:
+            label = path
+        elif path.startswith(("/v1/models/", "/models/")):
+            label = path[: path.index("/models/")] + "/models/{id}"
+        else:
+            label = "other"
         self.requests.labels(method if len(method) <= 10 else "other", label, str(status)).inc()
         if label in ("/v1/embeddings", "/embeddings"):
             self.request_seconds.observe(seconds)
