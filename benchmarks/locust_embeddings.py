@@ -34,6 +34,9 @@ _RECORD: dict[str, list] = {"latency_s": [], "texts": [], "failures": [], "windo
 class EmbeddingUser(FastHttpUser):
     """One client: sends the next body as soon as the previous answer arrived (no think time)."""
 
+    network_timeout = 900.0  # a loaded 2-core machine can take minutes for a long request: wait, do not fail
+    connection_timeout = 60.0
+
     def wait_time(self) -> float:
         return 0.0
 

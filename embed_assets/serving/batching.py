@@ -39,6 +39,27 @@ import numpy as np
 LENGTH_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
 #: Padding (tokens) worth one extra forward pass: smaller groups are merged into the next one.
 GROUP_MERGE_TOKENS = 64
+#: Padded tokens run since the last trim after which an idle worker hands freed heap back to the OS.
+TRIM_AFTER_TOKENS = 16_384
+
+
+def release_free_memory() -> bool:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    glibc keeps memory freed by a burst (request bodies, token arrays, activations of long passes) in its
+    arenas, so RSS would stay near the burst's peak; trimming when the server goes idle brings it back.
+
+    Returns:
+        True when memory was released.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def default_budgets(device: str) -> tuple[int, int]:
@@ -190,6 +211,7 @@ class TokenBudgetBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-infer")
         self._jobs: list[Job] = []
         self._seq = itertools.count()
+        self._since_trim = 0  # padded tokens run since the last release_free_memory()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.queued_inputs = 0
@@ -239,6 +261,10 @@ class TokenBudgetBatcher:
         assert self._wakeup is not None
         while True:
             if not any(j.pending for j in self._jobs):
+                if self._since_trim >= TRIM_AFTER_TOKENS:  # idle after a lot of work: give memory back
+                    self._since_trim = 0
+                    await loop.run_in_executor(self._executor, release_free_memory)
+                    continue  # requests may have arrived meanwhile
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 if self._wait_s > 0:
@@ -267,6 +293,7 @@ class TokenBudgetBatcher:
             vectors = self._embed_fn([encodings[k] for k in live])
             seconds = time.perf_counter() - start
             longest = max(lengths[k] for k in live)
+            self._since_trim += len(live) * longest
             self._on_pass(len(live), len(live) * longest, sum(lengths[k] for k in live), seconds)
             loop.call_soon_threadsafe(self._deliver, [chosen[k] for k in live], vectors)
 
