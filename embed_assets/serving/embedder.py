@@ -478,10 +478,10 @@ class OnnxEmbedder(BaseEmbedder):
         allow_spinning: Let idle ONNX Runtime threads busy-wait. Off by default: on a shared or small CPU the
             spinning threads starve the event loop and tokenizer (measured here on 2 cores: +30-80 % texts/s
             with it off, in-process and served).
-        memory_arena: Keep ONNX Runtime's CPU memory arena. The server turns it off (``--memory-arena``): the arena keeps the
-            peak of the largest forward pass for the life of the process, so one burst of long inputs raised
-            the server's RSS for good; without it freed activations go back to the allocator
-            (``benchmarks/serve.py`` measures RSS after a burst).
+        memory_arena: Keep ONNX Runtime's CPU memory arena. The server turns it off (``--memory-arena`` keeps
+            it): the arena keeps the peak of the largest forward pass for the life of the process, so one
+            burst of long inputs raised the server's RSS for good; without it freed activations go back to
+            the allocator (``benchmarks/serve.py`` measures RSS after a burst).
     """
 
     def __init__(
