@@ -5,9 +5,10 @@ Run by serve.py in its own virtual environment (``benchmarks/.work/locust-venv``
     EMB_BODIES=bodies.json EMB_PATH=/v1/embeddings EMB_OUT=out.json \\
         locust -f benchmarks/locust_embeddings.py --headless -u 16 -r 16 -t 20s -H http://127.0.0.1:8000
 
-``EMB_BODIES`` is a JSON list of request bodies (each user takes the next one, round robin); ``EMB_WARMUP_S``
-seconds at the start are not recorded. At the end the file ``EMB_OUT`` gets the exact latencies of the
-recorded requests, their text counts and failures (locust's own percentiles are rounded).
+``EMB_BODIES`` is a JSON list of request bodies (each user takes the next one, round robin). At the end the
+file ``EMB_OUT`` gets every answered request's start and end (monotonic seconds, from the test's start) and
+text count, and the failures; serve.py derives throughput and exact percentiles from them (locust's own
+percentiles are rounded).
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ _BODIES = [
 _TEXTS = [len(json.loads(b)["input"]) for b in _BODIES]
 _NEXT = itertools.count()
 _PATH = os.environ.get("EMB_PATH", "/v1/embeddings")
-_WARMUP_S = float(os.environ.get("EMB_WARMUP_S", "2"))
 _START = time.monotonic()
-_RECORD: dict[str, list] = {"latency_s": [], "texts": [], "failures": [], "window": []}
+_RECORD: dict[str, list] = {"texts": [], "failures": [], "window": []}
 
 
 class EmbeddingUser(FastHttpUser):
@@ -51,13 +51,11 @@ class EmbeddingUser(FastHttpUser):
             ok = resp.status_code == 200 and b'"embedding"' in (resp.content or b"")
             if not ok:
                 resp.failure(f"{resp.status_code}")
-            if start - _START >= _WARMUP_S:
-                if ok:
-                    _RECORD["latency_s"].append(end - start)
-                    _RECORD["texts"].append(_TEXTS[i])
-                    _RECORD["window"].append([start, end])
-                else:
-                    _RECORD["failures"].append(resp.status_code)
+            if ok:
+                _RECORD["texts"].append(_TEXTS[i])
+                _RECORD["window"].append([start - _START, end - _START])
+            else:
+                _RECORD["failures"].append(resp.status_code)
 
 
 @events.test_stop.add_listener

@@ -214,32 +214,54 @@ def run_locust(
     bodies_file.write_text(json.dumps(bodies))
     out = scratch / "locust-out.json"
     out.unlink(missing_ok=True)
-    env = dict(os.environ, EMB_BODIES=str(bodies_file), EMB_PATH=path, EMB_OUT=str(out), EMB_WARMUP_S="2")
+    env = dict(os.environ, EMB_BODIES=str(bodies_file), EMB_PATH=path, EMB_OUT=str(out))
     cmd = [str(bin_dir / "locust"), "-f", str(Path(__file__).with_name("locust_embeddings.py")), "--headless"]
-    cmd += ["-u", str(users), "-r", str(users), "-t", f"{int(seconds) + 2}s", "-H", url, "--only-summary"]
-    cmd += ["--loglevel", "ERROR", "--stop-timeout", "120"]
+    cmd += [
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{int(seconds) + WARMUP_S}s",
+        "-H",
+        url,
+        "--only-summary",
+    ]
+    cmd += ["--loglevel", "ERROR", "--stop-timeout", "900"]
     subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rec = json.loads(out.read_text())
-    return summarize(rec["latency_s"], rec["texts"], rec["window"], len(rec["failures"]))
+    return summarize(rec["texts"], rec["window"], len(rec["failures"]), WARMUP_S, WARMUP_S + seconds)
 
 
-def summarize(latencies: list[float], texts: list[int], window: list[list[float]], failures: int) -> dict:
-    if not latencies:
-        return {
-            "texts_per_s": 0.0,
-            "requests_per_s": 0.0,
-            "p50_ms": float("nan"),
-            "p99_ms": float("nan"),
-            "failures": failures,
-            "load": load_avg(),
-        }
-    wall = max(e for _, e in window) - min(s for s, _ in window)
-    lat = sorted(latencies)
+#: Seconds at the start of a locust segment that are not measured (users connecting, first passes).
+WARMUP_S = 2
+
+
+def summarize(texts: list[int], spans: list[list[float]], failures: int, t0: float, t1: float) -> dict:
+    """Throughput and latency of one segment measured over the window ``[t0, t1]`` (seconds from its start).
+
+    Requests take seconds here, so counting whole requests in a window is coarse and biased (the first
+    ones started in the warm-up). Each request is credited with the part of its texts that matches the part
+    of its duration inside the window (the server shares its passes among the requests in flight), and
+    latencies are those of the requests that started inside the window.
+
+    Returns:
+        ``texts_per_s``, ``requests_per_s``, ``p50_ms``, ``p99_ms``, ``requests``, ``failures``, ``load``.
+    """
+    credit = requests = 0.0
+    for n, (start, end) in zip(texts, spans, strict=True):
+        overlap = max(0.0, min(end, t1) - max(start, t0))
+        share = overlap / (end - start) if end > start else float(t0 <= end <= t1)
+        credit += n * share
+        requests += share
+    lat = sorted(1000 * (end - start) for start, end in spans if t0 <= start <= t1)
+    pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: float("nan"))
     return {
-        "texts_per_s": sum(texts) / wall,
-        "requests_per_s": len(lat) / wall,
-        "p50_ms": 1000 * statistics.median(lat),
-        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "texts_per_s": credit / (t1 - t0),
+        "requests_per_s": requests / (t1 - t0),
+        "p50_ms": statistics.median(lat) if lat else float("nan"),
+        "p99_ms": pick(0.99),
+        "requests": len(lat),
         "failures": failures,
         "load": load_avg(),
     }
