@@ -5,7 +5,8 @@ Run by serve.py in its own virtual environment (``benchmarks/.work/locust-venv``
     EMB_BODIES=bodies.json EMB_PATH=/v1/embeddings EMB_OUT=out.json \\
         locust -f benchmarks/locust_embeddings.py --headless -u 16 -r 16 -t 20s -H http://127.0.0.1:8000
 
-``EMB_BODIES`` is a JSON list of request bodies (each user takes the next one, round robin). At the end the
+``EMB_BODIES`` is a JSON list of request bodies (each user takes the next one, round robin); with
+``EMB_TOTAL=N`` exactly N requests are sent and the test ends with the last answer. At the end the
 file ``EMB_OUT`` gets every answered request's start and end (monotonic seconds, from the test's start) and
 text count, and the failures; serve.py derives throughput and exact percentiles from them (locust's own
 percentiles are rounded).
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from locust import FastHttpUser, events, task
+from locust.exception import StopUser
 
 _BODIES = [
     json.dumps(b).encode() for b in json.loads(Path(os.environ["EMB_BODIES"]).read_text(encoding="utf-8"))
@@ -27,6 +29,8 @@ _BODIES = [
 _TEXTS = [len(json.loads(b)["input"]) for b in _BODIES]
 _NEXT = itertools.count()
 _PATH = os.environ.get("EMB_PATH", "/v1/embeddings")
+_TOTAL = int(os.environ.get("EMB_TOTAL", "0"))  # > 0: send exactly this many requests, then quit
+_DONE = itertools.count(1)
 _START = time.monotonic()
 _RECORD: dict[str, list] = {"texts": [], "failures": [], "window": []}
 
@@ -42,7 +46,10 @@ class EmbeddingUser(FastHttpUser):
 
     @task
     def embed(self) -> None:
-        i = next(_NEXT) % len(_BODIES)
+        n = next(_NEXT)
+        if _TOTAL and n >= _TOTAL:
+            raise StopUser()
+        i = n % len(_BODIES)
         start = time.monotonic()
         with self.client.post(
             _PATH, data=_BODIES[i], headers={"content-type": "application/json"}, catch_response=True
@@ -56,6 +63,8 @@ class EmbeddingUser(FastHttpUser):
                 _RECORD["window"].append([start - _START, end - _START])
             else:
                 _RECORD["failures"].append(resp.status_code)
+        if _TOTAL and next(_DONE) == _TOTAL:  # the last answer of a fixed amount of work
+            self.environment.runner.quit()
 
 
 @events.test_stop.add_listener

@@ -2,7 +2,9 @@
 
 Both servers run at the same time on loopback, idle in turn: every load segment goes to one of them, and
 the segments alternate (ours, infinity, infinity, ours, ...), so a change in the machine's load (it may be
-shared) hits both alike. Load comes from locust (``FastHttpUser``, closed loop, no think time), in its own
+shared) hits both alike. A throughput segment is a fixed amount of work (N requests from 16 users; texts/s
+= its texts / time from the first request to the last answer): requests take seconds on a loaded 2-core
+machine, so counting the requests that fall in a time window would be biased by the ones at its edges. Load comes from locust (``FastHttpUser``, closed loop, no think time), in its own
 virtual environment, and so does infinity-emb (it pins numpy<2 and sentence-transformers 3): both are created
 on first use under ``benchmarks/.work/`` (torch 2.13.0, the CPU build on this disk, is installed first).
 
@@ -204,33 +206,42 @@ def run_locust(
     users: int,
     seconds: float,
     scratch: Path,
+    total: int = 0,
 ) -> dict[str, Any]:
-    """One closed-loop locust segment; exact latencies from the locustfile's record.
+    """One closed-loop locust segment: ``total`` requests (fixed work), or ``seconds`` long when 0.
 
     Returns:
-        ``texts_per_s``, ``requests_per_s``, ``p50_ms``, ``p99_ms``, ``failures``, ``load``.
+        ``texts_per_s``, ``requests_per_s``, ``p50_ms``, ``p99_ms``, ``requests``, ``failures``, ``load``.
     """
     bodies_file = scratch / "bodies.json"
     bodies_file.write_text(json.dumps(bodies))
     out = scratch / "locust-out.json"
     out.unlink(missing_ok=True)
-    env = dict(os.environ, EMB_BODIES=str(bodies_file), EMB_PATH=path, EMB_OUT=str(out))
+    env = dict(os.environ, EMB_BODIES=str(bodies_file), EMB_PATH=path, EMB_OUT=str(out), EMB_TOTAL=str(total))
+    limit = 3600 if total else int(seconds) + WARMUP_S
     cmd = [str(bin_dir / "locust"), "-f", str(Path(__file__).with_name("locust_embeddings.py")), "--headless"]
-    cmd += [
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{int(seconds) + WARMUP_S}s",
-        "-H",
-        url,
-        "--only-summary",
-    ]
+    cmd += ["-u", str(users), "-r", str(users), "-t", f"{limit}s", "-H", url, "--only-summary"]
     cmd += ["--loglevel", "ERROR", "--stop-timeout", "900"]
     subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rec = json.loads(out.read_text())
+    if total:
+        return summarize_fixed(rec["texts"], rec["window"], len(rec["failures"]))
     return summarize(rec["texts"], rec["window"], len(rec["failures"]), WARMUP_S, WARMUP_S + seconds)
+
+
+def summarize_fixed(texts: list[int], spans: list[list[float]], failures: int) -> dict:
+    """A fixed amount of work: texts / (last answer - first request), latencies of all requests."""
+    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    lat = sorted(1000 * (e - s) for s, e in spans)
+    return {
+        "texts_per_s": sum(texts) / wall,
+        "requests_per_s": len(lat) / wall,
+        "p50_ms": statistics.median(lat),
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "requests": len(lat),
+        "failures": failures,
+        "load": load_avg(),
+    }
 
 
 #: Seconds at the start of a locust segment that are not measured (users connecting, first passes).
@@ -472,14 +483,16 @@ def measure(
             order = names if r % 2 == 0 else names[::-1]
             for name in order:
                 print(f"round {r + 1}: {load} -> {name}", file=sys.stderr, flush=True)
+                total = args.users * args.requests_per_user[load]
                 res = run_locust(
                     locust_bin,
                     servers[name].url,
                     servers[name].path,
                     loads[load],
                     args.users,
-                    args.seconds,
+                    0,
                     scratch,
+                    total,
                 )
                 segments.setdefault((load, name), []).append(res)
                 print(
@@ -514,8 +527,10 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     lines = [
         f"### Serving: embed_assets (ONNX {args.variant}) vs infinity-emb 0.0.78 (torch, CPU), same run",
         "",
-        f"all-MiniLM-L6-v2, 256-token window, truncate END; {args.users} locust users (closed loop) per "
-        f"segment, {args.seconds:.0f} s per segment, {args.rounds} rounds alternating servers; "
+        f"all-MiniLM-L6-v2, 256-token window, truncate END; {args.users} locust users (closed loop), each "
+        f"segment a fixed amount of work (requests per user: "
+        + ", ".join(f"{k} {v}" for k, v in args.requests_per_user.items())
+        + f"; texts/s = texts / (last answer - first request)), {args.rounds} rounds alternating servers; "
         f"{os.cpu_count()} CPU cores, client on the same machine. Run took {res['minutes']:.1f} min."
         + (f" Same vectors: min cosine {res['cosine']:.6f}." if res.get("cosine") is not None else ""),
         "",
@@ -604,14 +619,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--onnx-dir", default=None, help="exported folder (default: export the bundled model)")
     p.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
     p.add_argument("--users", type=int, default=16, help="concurrent locust users per throughput segment")
-    p.add_argument("--seconds", type=float, default=20, help="seconds per throughput segment")
+    p.add_argument(
+        "--requests-per-user",
+        default="1-text=40,32-text=3,mixed=2",
+        help="fixed work per throughput segment: requests per user for each load",
+    )
+    p.add_argument("--seconds", type=float, default=20, help="seconds of the in-process segments (x 1/2)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of alternating segments")
     p.add_argument("--latency-seconds", type=float, default=20, help="seconds per latency segment")
     p.add_argument("--no-infinity", dest="infinity", action="store_false", help="skip the infinity-emb peer")
     p.add_argument(
         "--server-args", default="", help="extra embed-assets-serve flags, e.g. '--max-batch-tokens 1024'"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.requests_per_user = {
+        k: int(v) for k, v in (kv.split("=") for kv in args.requests_per_user.split(","))
+    }
+    return args
 
 
 if __name__ == "__main__":
