@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+import gevent
 from locust import FastHttpUser, events, task
 from locust.exception import StopUser
 
@@ -64,7 +65,7 @@ class EmbeddingUser(FastHttpUser):
             else:
                 _RECORD["failures"].append(resp.status_code)
         if _TOTAL and next(_DONE) == _TOTAL:  # the last answer of a fixed amount of work
-            self.environment.runner.quit()
+            gevent.spawn(self.environment.runner.quit)  # not from this user's greenlet: quit() joins it
 
 
 @events.test_stop.add_listener
