@@ -74,8 +74,8 @@ mlflow: install  ## the MLflow UI for the local tracking store on http://127.0.0
 serve: install  ## serve an exported ONNX folder without Dagster: make serve ONNX_DIR=path/to/onnx
 	$(BIN)/python -m embed_assets.serving --onnx-dir $(ONNX_DIR) --host 127.0.0.1 --port 8000
 
-stop-service:  ## stop the server the nim_service asset left running
-	-pkill -f "embed_assets.serving" || true
+stop-service:  ## stop the server the nim_service asset started (its recorded PID, checked to be that server)
+	$(BIN)/python -m embed_assets.stages.serve stop
 
 bench: install  ## all benchmarks, table in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run_all.py

@@ -156,7 +156,7 @@ def test_pipeline_end_to_end(pipeline_run) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["dagster/run_id"] == result.run_id
     params = run.data.params
-    assert params["learning_rate"] == "1e-05" and params["max_steps"] == "6" and params["batch_size"] == "8"
+    assert params["learning_rate"] == "5e-05" and params["max_steps"] == "6" and params["batch_size"] == "8"
     assert params["base_model"] == "bundled:all-MiniLM-L6-v2" and int(params["data/train_rows"]) > 0
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [
         5

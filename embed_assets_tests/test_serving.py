@@ -79,7 +79,14 @@ def test_health_and_models(server, client: httpx.Client) -> None:
     assert models["object"] == "list"
     card = models["data"][0]
     assert card["id"] == MODEL and card["object"] == "model"
-    assert card["dimension"] == 384 and card["max_seq_length"] == MAX_SEQ_LENGTH
+    served = card["embed_assets"]
+    assert served["dimension"] == 384 and served["max_seq_length"] == MAX_SEQ_LENGTH
+    assert served["variant"] == "fp32" and served["backend"] == "onnx"
+    assert served["source"] == "unknown" and served["identity_file"] is None  # no embed_assets_model.json
+    assert client.get(f"/v1/models/{MODEL}").json() == card
+    assert client.get("/models").json() == models  # alias without /v1
+    err = _error(client.get("/v1/models/nvidia/llama-3.2-nv-embedqa-1b-v2"), 404)
+    assert err["code"] == "model_not_found" and MODEL in err["message"]
 
 
 def test_embeddings_shape_order_and_parity(client: httpx.Client, embedder) -> None:
@@ -160,7 +167,9 @@ def test_over_long_input_with_truncate_none_is_400(client: httpx.Client) -> None
     "body",
     [
         {"input": 123},
-        {"input": [1, 2, 3]},
+        {"input": [1, "a"]},
+        {"input": [[1, 2], "a"]},
+        {"input": [-1, 2]},
         {"input": ["ok", None]},
         {"input": {"text": "x"}},
         {"model": MODEL},
@@ -169,6 +178,9 @@ def test_over_long_input_with_truncate_none_is_400(client: httpx.Client) -> None
         {"input": "x", "truncate": "MIDDLE"},
         {"input": "x", "dimensions": "64"},
         {"input": "x", "dimensions": 0},
+        {"input": "x", "dimensions": 64.5},
+        {"input": "x", "dimensions": True},
+        {"input": "x", "embedding_type": "float16"},
         {"input": "x", "model": 5},
     ],
 )
@@ -183,12 +195,62 @@ def test_wrong_types_are_422(client: httpx.Client, body: dict) -> None:
         ({"input": []}, "empty_input"),
         ({"input": ""}, "empty_input"),
         ({"input": ["fine", "   "]}, "empty_input"),
+        ({"input": ["fine", "\u200b\u200b"]}, "empty_input"),  # no tokens once tokenized
+        ({"input": "\x00"}, "empty_input"),
+        ({"input": [[]]}, "empty_input"),
+        ({"input": [[101, 999_999]]}, "invalid_input"),
+        ({"input": "x", "embedding_type": "int8"}, "unsupported_embedding_type"),
+        ({"input": "x", "model": f"{MODEL}-passage", "input_type": "query"}, "conflicting_input_type"),
         ({"input": ["x"] * 257}, "too_many_inputs"),
         ({"input": "x", "dimensions": 385}, "invalid_dimensions"),
     ],
 )
 def test_invalid_requests_are_400(client: httpx.Client, body: dict, code: str) -> None:
     assert _error(_embed(client, **body), 400)["code"] == code
+
+
+def test_dimensions_as_integral_float(client: httpx.Client) -> None:
+    as_int = _vectors(_embed(client, input=["matryoshka"], dimensions=64))
+    np.testing.assert_array_equal(_vectors(_embed(client, input=["matryoshka"], dimensions=64.0)), as_int)
+
+
+def test_token_id_inputs(client: httpx.Client, embedder) -> None:
+    texts = ["token ids of the served model", "second input"]
+    encodings = embedder.tokenize(texts, "query", "END")
+    want = _vectors(_embed(client, input=texts))
+    framed = [list(e.ids) for e in encodings]  # [CLS] ... [SEP]: used as they are
+    np.testing.assert_allclose(_vectors(_embed(client, input=framed)), want, atol=1e-6)
+    content = [ids[1:-1] for ids in framed]  # without special tokens: added like for text
+    np.testing.assert_allclose(_vectors(_embed(client, input=content)), want, atol=1e-6)
+    one = _vectors(_embed(client, input=content[0]))  # a flat integer array is one input
+    np.testing.assert_allclose(one, want[:1], atol=1e-6)
+    long_ids = [2000 + i for i in range(300)]
+    assert _error(_embed(client, input=[long_ids]), 400)["code"] == "input_too_long"
+    cut = _embed(client, input=[long_ids], truncate="END").json()
+    assert cut["usage"]["prompt_tokens"] == MAX_SEQ_LENGTH
+
+
+def test_model_suffix_sets_input_type(client: httpx.Client) -> None:
+    base = _vectors(_embed(client, input=["suffix"], input_type="passage"))
+    np.testing.assert_array_equal(_vectors(_embed(client, input=["suffix"], model=f"{MODEL}-passage")), base)
+    body = _embed(client, input=["suffix"], model=f"{MODEL}-query").json()
+    assert body["model"] == MODEL
+
+
+def test_binary_embedding_types_match_sentence_transformers(client: httpx.Client) -> None:
+    from sentence_transformers.quantization import quantize_embeddings
+
+    texts = ["binary one", "binary two, a longer text", "three"]
+    floats = _vectors(_embed(client, input=texts))
+    for precision in ("binary", "ubinary"):
+        got = _embed(client, input=texts, embedding_type=precision).json()["data"]
+        values = np.array([d["embedding"] for d in got])
+        np.testing.assert_array_equal(values, quantize_embeddings(floats, precision=precision))
+        b64 = _embed(client, input=texts, embedding_type=precision, encoding_format="base64").json()["data"]
+        dtype = np.int8 if precision == "binary" else np.uint8
+        decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=dtype) for d in b64])
+        np.testing.assert_array_equal(decoded, values)
+    assert values.shape == (3, 384 // 8)
 
 
 def test_unknown_model_is_404(client: httpx.Client) -> None:
@@ -285,12 +347,25 @@ def test_concurrent_clients_are_coalesced_without_mixing(server, client: httpx.C
 
 
 def test_metrics_format(client: httpx.Client) -> None:
-    text = client.get("/v1/metrics").text
-    for name in ("embed_inputs_total", "embed_batches_total", "embed_batch_size_count", "embed_queue_depth"):
+    resp = client.get("/v1/metrics")
+    assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = resp.text
+    for name in (
+        "embed_inputs_total",
+        "embed_batches_total",
+        "embed_batch_size_count",
+        "embed_queue_depth",
+        "embed_inflight_tokens",
+        "embed_batch_padded_tokens_total",
+        "embed_batch_real_tokens_total",
+        "process_resident_memory_bytes",
+    ):
         _metric(text, name)
     assert 'embed_http_requests_total{method="POST",path="/v1/embeddings",status="200"}' in text
     assert 'embed_batch_size_bucket{le="+Inf"}' in text
     assert "# TYPE embed_request_duration_seconds histogram" in text
+    assert 'source="unknown"' in text and 'variant="fp32"' in text  # embed_model_info
+    assert _metric(text, "embed_batch_real_tokens_total") <= _metric(text, "embed_batch_padded_tokens_total")
 
 
 # --- processes, variants, peers ---------------------------------------------------------------------------
@@ -303,7 +378,7 @@ def test_int8_server_and_failed_start(onnx_dir: str, tmp_path: Path) -> None:
     handle = start_server(onnx_dir, variant="int8", log_path=str(tmp_path / "int8.log"))
     try:
         with httpx.Client(base_url=handle.url, timeout=30) as c:  # no api key configured: open
-            assert c.get("/v1/models").json()["data"][0]["variant"] == "int8"
+            assert c.get("/v1/models").json()["data"][0]["embed_assets"]["variant"] == "int8"
             vec = _vectors(c.post("/v1/embeddings", json={"input": ["int8 check"]}))
         assert _cos(vec, OnnxEmbedder(onnx_dir, "int8").encode(["int8 check"])).min() > 0.9999
     finally:

@@ -102,10 +102,12 @@ def test_golden_set_is_kept_out_of_training_and_evaluated(tmp_path: Path, prepar
     )
     metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(), MODEL, ctx)
     assert metrics.eval_max_seq_length == 256  # the base model's window, for both models
-    assert [s.name for s in metrics.sets] == ["generated_test", "golden"] and metrics.primary.name == "golden"
+    assert [s.name for s in metrics.sets] == ["generated_test", "golden", "guard"]
+    assert metrics.primary.name == "golden"
     for s in metrics.sets:
         assert s.finetuned == s.base, f"{s.name}: same weights at the same window must give the same metrics"
     assert metrics.gates()[0].passed and "golden" in metrics.gates()[0].message
+    assert metrics.gates()[1].name == "no_forgetting" and metrics.gates()[1].passed  # same weights: no loss
 
     # The golden metrics equal an independent pytrec_eval computation on the run file the stage wrote.
     run = json.loads((Path(metrics.path).parent / "golden_run_finetuned.json").read_text())
@@ -185,3 +187,41 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
     dims = metrics.primary.matryoshka
     assert set(dims) == {"96"} and 0.0 <= dims["96"] <= 1.0
     assert metrics.metadata()["matryoshka"].rows[0]["dimensions"] == 96
+
+
+@pytest.mark.slow  # evaluates two models on the bundled guard set
+def test_the_forgetting_guard_stops_a_model_that_forgot(tmp_path: Path, prepared) -> None:
+    """A model made to forget (its weights perturbed) loses on the general-domain guard set: a blocking gate."""
+    import torch
+
+    from embed_assets.models import load_sentence_transformer
+
+    ctx, chunks, pairs = prepared
+    split = split_pairs(chunks, pairs, SplitSettings(), ctx)
+    forgot = tmp_path / "forgot"
+    st = load_sentence_transformer(BUNDLED_MODEL)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in st.parameters():
+            if p.dim() > 1:  # matrices: noise of 40 % of each one's own spread
+                p.add_(torch.randn(p.shape, generator=generator) * p.std() * 0.4)
+    st.save(str(forgot))
+    checkpoint = CheckpointManifest(
+        model_dir=str(forgot),
+        base_model=BUNDLED_MODEL,
+        run_id="run-1",
+        device="cpu",
+        num_processes=1,
+        work_dir="",
+        report={},
+        curves_png="",
+    )
+    metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(allow_regression=False), MODEL, ctx)
+    guard = metrics.guard
+    assert guard is not None and guard.bootstrap.ci95_high < -0.01
+    gate = next(g for g in metrics.gates() if g.name == "no_forgetting")
+    assert not gate.passed and gate.blocking and gate.severity == "error"
+    assert "loses more than 1.0 points beyond noise outside the domain" in gate.message
+    assert "allow_regression: true" in gate.message
+    card = (forgot / "README.md").read_text()
+    assert "no_forgetting: FAILED" in card and "| guard |" in card

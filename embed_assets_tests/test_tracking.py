@@ -210,7 +210,7 @@ def test_training_is_logged_into_one_mlflow_run(tracked_training) -> None:
     client = t.tracker.client
     run = client.get_run(t.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["learning_rate"] == "1e-05" and run.data.params["base_model"].startswith(
+    assert run.data.params["learning_rate"] == "5e-05" and run.data.params["base_model"].startswith(
         "bundled:"
     )
     assert run.data.params["data/rows"] == "12" and run.data.params["trainer/max_steps"] == "2"

@@ -1,25 +1,63 @@
 """The NIM-compatible embedding service (FastAPI).
 
-Endpoints (DESIGN §3): ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/health/ready``,
-``GET /v1/health/live``, ``GET /v1/metrics`` (Prometheus text format).
+Endpoints: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/models/{model_id}``, ``GET /v1/health/ready``,
+``GET /v1/health/live``, ``GET /v1/metrics`` (Prometheus text 0.0.4, see :mod:`embed_assets.serving.metrics`),
+``GET /openapi.json``; ``/embeddings``, ``/models`` and ``/models/{model_id}`` answer the same as their
+``/v1`` routes. ``/openapi.json`` documents every status and body below (``schemathesis`` runs against it in
+the test suite).
 
 Every error is JSON of one shape, OpenAI's: ``{"error": {"message", "type", "param", "code"}}``:
 
-- 400 ``invalid_request_error``: empty input, an empty string, too many inputs, an over-long input with
-  ``truncate="NONE"``, ``dimensions`` larger than the model's, malformed JSON, text that is not valid
-  Unicode;
-- 401 ``authentication_error``: missing or wrong bearer token (when an API key is configured);
+- 400 ``invalid_request_error``: a body that is not JSON or not UTF-8 (``invalid_json``, whatever the parser
+  tripped on), empty input or an input with no tokens once tokenized (``empty_input``), too many inputs
+  (``too_many_inputs``), an over-long input with ``truncate="NONE"`` (``input_too_long``), ``dimensions``
+  larger than the model's (``invalid_dimensions``), a missing ``input_type`` for a model with query/passage
+  prompts (``input_type_required``) or one contradicting the model suffix (``conflicting_input_type``),
+  token ids outside the vocabulary or text that is not valid Unicode (``invalid_input``), ``embedding_type``
+  int8/uint8 (``unsupported_embedding_type``);
+- 401 ``authentication_error``: missing or wrong bearer token (only when an API key is configured);
 - 404 ``not_found_error``: unknown ``model`` or route;
-- 413 ``request_too_large``: body above ``max_request_bytes``;
-- 422 ``invalid_request_error``: the body does not match the schema (wrong types, unknown enum values);
+- 405 ``invalid_request_error``: wrong method (with ``Allow``);
+- 413 ``request_too_large``: body above ``max_request_bytes``; ``too_many_tokens``: more tokens than
+  ``max_request_tokens``;
+- 422 ``invalid_request_error`` / ``invalid_type``: the body does not match the schema (wrong types, unknown
+  enum values, a non-integral ``dimensions``);
+- 429 ``rate_limit_error`` / ``server_busy``: accepting the request would put more than ``max_inflight_tokens``
+  tokens in flight; ``Retry-After`` says when to retry (the openai SDK retries by itself);
 - 500 ``server_error``: anything unexpected (the server keeps running).
 
-(A client that disconnects while waiting gets nothing: its queued inputs are dropped, not embedded, and the
+(A client that disconnects while waiting gets nothing: its inputs that have not run are dropped, and the
 request is counted with status 499 in the metrics.)
 
-Concurrent requests are coalesced: each request is tokenized on its own, its inputs are queued, and a single
-worker task runs one forward pass over up to ``max_batch_size`` queued inputs from any number of requests,
-then hands each input's vector back to the future of the request it came from.
+Clients as they are — decisions (contract-tested with the real client libraries in
+``embed_assets_tests/test_serving_clients.py``):
+
+- ``GET /v1/models/{model_id}`` answers the served model's card (404 for any other id), as OpenAI's
+  ``models.retrieve`` expects. Every card carries an ``embed_assets`` object: which model is served
+  (``source`` finetuned/merged/base/unknown and the run ids from the export folder's
+  ``embed_assets_model.json``), the variant (fp32/int8), dimension, maximum length and prompts. OpenAI,
+  langchain, llama-index and haystack clients ignore the extra key.
+- Aliases without ``/v1``: ``/embeddings``, ``/models``, ``/models/{id}``; llama-index uses its ``base_url``
+  as given, so ``http://host:port`` (without ``/v1``) works too. Health and metrics stay under ``/v1`` only.
+- No API key configured: the ``Authorization`` header is ignored, so the placeholders clients send without a
+  key (langchain ``Bearer **********``, llama-index ``Bearer NO_API_KEY_PROVIDED``, the openai SDK's
+  mandatory key) just work. With a key configured, only ``Bearer <key>`` passes (placeholders get 401).
+- NIM's model suffixes: ``model: "<id>-query"`` / ``"<id>-passage"`` set ``input_type`` for clients that cannot
+  send it (the openai SDK); an explicit ``input_type`` that contradicts the suffix is a 400.
+- A missing ``input_type``: 400 ``input_type_required`` when the model has different query and passage
+  prompts (as NIM answers for its asymmetric models); ``query`` otherwise, where both are the same.
+  llama-index's *sync* ``get_query_embedding`` sends ``input_type: "passage"`` (its async one sends
+  ``"query"``): harmless for symmetric models, for prompted ones call ``aget_query_embedding``.
+- NIM 2.x ``embedding_type``: ``binary`` and ``ubinary`` are served (sign bits packed 8 per value; identical
+  to sentence-transformers' ``quantize_embeddings``), ``int8`` / ``uint8`` are a 400: they need calibration
+  ranges, and without a calibration set ``quantize_embeddings`` takes them from the request's own batch, so
+  one text would quantize differently depending on its neighbours.
+- Token-id arrays (OpenAI's ``input: [[...], ...]``) are ids of the served model's tokenizer: ids outside its
+  vocabulary are a 400 that names the fix for tiktoken-tokenizing clients (langchain-openai's
+  ``check_embedding_ctx_length=False``). An array already framed by the special tokens is used as is.
+
+Concurrent requests share forward passes under a padded-token budget, shortest work first, with no request
+starving (:mod:`embed_assets.serving.batching`).
 """
 
 from __future__ import annotations
@@ -28,39 +66,35 @@ import asyncio
 import base64
 import contextlib
 import hmac
-import json
-import threading
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from embed_assets.serving.embedder import BaseEmbedder, InputTooLongError, OnnxEmbedder
+from embed_assets.serving import api
+from embed_assets.serving.batching import TokenBudgetBatcher, bucket, default_budgets
+from embed_assets.serving.embedder import (
+    BaseEmbedder,
+    EmptyInputError,
+    InputTooLongError,
+    InvalidTokenIdsError,
+    OnnxEmbedder,
+    load_model_identity,
+)
+from embed_assets.serving.metrics import CONTENT_TYPE, ServerMetrics
 
-#: Paths that need the bearer token when an API key is set (health and metrics stay open for probes).
-PROTECTED_PATHS = ("/v1/embeddings", "/v1/models")
-
-
-class EmbeddingRequest(BaseModel):
-    """Body of ``POST /v1/embeddings`` (NIM / OpenAI embeddings API)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    input: StrictStr | list[StrictStr]
-    model: StrictStr | None = None
-    input_type: Literal["query", "passage"] = "query"
-    encoding_format: Literal["float", "base64"] = "float"
-    truncate: Literal["NONE", "START", "END"] = "NONE"
-    dimensions: StrictInt | None = Field(default=None, gt=0)
-    user: StrictStr | None = None
+#: Paths that never need the bearer token (probes and the API description); everything else does.
+OPEN_PATHS = frozenset({"/v1/health/ready", "/v1/health/live", "/v1/metrics", "/openapi.json"})
+#: Requests with more characters than this are tokenized off the event loop.
+_INLINE_TOKENIZE_CHARS = 4_000
 
 
 class ApiError(Exception):
@@ -74,9 +108,11 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -105,221 +141,6 @@ def error_response(
     return JSONResponse(ApiError(status, message, type_=type_, param=param, code=code).body, status, headers)
 
 
-# --- metrics ---------------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """A few Prometheus counters/gauges/histograms, rendered by hand (no extra dependency)."""
-
-    BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-    def __init__(self, labels: dict[str, str]) -> None:
-        self._lock = threading.Lock()
-        self.info_labels = labels
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.inputs_total = 0
-        self.prompt_tokens_total = 0
-        self.batches_total = 0
-        self.batch_size_max = 0
-        self.queue_depth = 0
-        self.batch_size = _Histogram(self.BATCH_BUCKETS)
-        self.request_seconds = _Histogram(self.SECONDS_BUCKETS)
-        self.inference_seconds = _Histogram(self.SECONDS_BUCKETS)
-
-    def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
-        """Count one HTTP request and, for embeddings, its latency."""
-        label = path if path.startswith("/v1/") and len(path) < 40 else "other"
-        with self._lock:
-            key = (method, label, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            if label == "/v1/embeddings":
-                self.request_seconds.observe(seconds)
-
-    def observe_batch(self, size: int, seconds: float) -> None:
-        """Count one forward pass of ``size`` inputs."""
-        with self._lock:
-            self.batches_total += 1
-            self.batch_size_max = max(self.batch_size_max, size)
-            self.batch_size.observe(size)
-            self.inference_seconds.observe(seconds)
-
-    def observe_embeddings(self, inputs: int, tokens: int) -> None:
-        """Count the inputs and tokens of one successful request."""
-        with self._lock:
-            self.inputs_total += inputs
-            self.prompt_tokens_total += tokens
-
-    def render(self) -> str:
-        """Prometheus text exposition format (version 0.0.4)."""
-        info = ",".join(f'{k}="{_escape(v)}"' for k, v in self.info_labels.items())
-        lines = [
-            "# HELP embed_model_info Served model.",
-            "# TYPE embed_model_info gauge",
-            f"embed_model_info{{{info}}} 1",
-            "# HELP embed_http_requests_total HTTP requests by method, path and status.",
-            "# TYPE embed_http_requests_total counter",
-        ]
-        with self._lock:
-            for (method, path, status), n in sorted(self.requests.items()):
-                lines.append(
-                    f'embed_http_requests_total{{method="{method}",path="{path}",status="{status}"}} {n}'
-                )
-            lines += _counter("embed_inputs_total", "Texts embedded.", self.inputs_total)
-            lines += _counter("embed_prompt_tokens_total", "Tokens embedded.", self.prompt_tokens_total)
-            lines += _counter("embed_batches_total", "Forward passes run.", self.batches_total)
-            lines += _gauge("embed_batch_size_max", "Largest forward pass so far.", self.batch_size_max)
-            lines += _gauge("embed_queue_depth", "Inputs waiting for a forward pass.", self.queue_depth)
-            lines += self.batch_size.render("embed_batch_size", "Inputs per forward pass (coalesced).")
-            lines += self.request_seconds.render(
-                "embed_request_duration_seconds", "POST /v1/embeddings latency."
-            )
-            lines += self.inference_seconds.render(
-                "embed_inference_duration_seconds", "Forward pass latency."
-            )
-        return "\n".join(lines) + "\n"
-
-
-class _Histogram:
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.count += 1
-        self.sum += value
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def render(self, name: str, help_: str) -> list[str]:
-        lines = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-        lines += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)]
-        lines += [
-            f'{name}_bucket{{le="+Inf"}} {self.count}',
-            f"{name}_sum {self.sum}",
-            f"{name}_count {self.count}",
-        ]
-        return lines
-
-
-def _counter(name: str, help_: str, value: float) -> list[str]:
-    return [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
-
-
-def _gauge(name: str, help_: str, value: float) -> list[str]:
-    return [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
-
-
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-# --- dynamic batching ------------------------------------------------------------------------------------
-
-
-class DynamicBatcher:
-    """Coalesces the inputs of concurrent requests into shared forward passes.
-
-    Args:
-        embed_fn: Runs one forward pass over a list of encodings, returns ``(n, dim)`` float32.
-        max_batch_size: Most inputs per forward pass.
-        batch_wait_ms: How long the worker waits for more inputs once it has some (trades latency for size).
-        metrics: Where batch sizes and durations are recorded.
-    """
-
-    def __init__(
-        self,
-        embed_fn: Callable[[list[Any]], np.ndarray],
-        max_batch_size: int,
-        batch_wait_ms: float,
-        metrics: Metrics,
-    ) -> None:
-        self._embed_fn = embed_fn
-        self._max = max(1, int(max_batch_size))
-        self._wait_s = max(0.0, batch_wait_ms / 1000.0)
-        self._metrics = metrics
-        # One inference thread: forward passes run one after another (onnxruntime uses all cores per pass),
-        # while the event loop keeps accepting and tokenizing requests.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-infer")
-        self._queue: asyncio.Queue[tuple[Any, asyncio.Future[np.ndarray]]] | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def _ensure_started(self) -> asyncio.Queue[tuple[Any, asyncio.Future[np.ndarray]]]:
-        if self._task is None or self._task.done():
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run(self._queue), name="embed-batcher")
-        assert self._queue is not None
-        return self._queue
-
-    async def submit(self, encodings: Sequence[Any]) -> np.ndarray:
-        """Queue the inputs of one request and wait for their vectors.
-
-        Args:
-            encodings: Tokenized inputs of the request.
-
-        Returns:
-            ``(len(encodings), dim)`` float32 array in request order.
-        """
-        queue = self._ensure_started()
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in encodings]
-        for enc, fut in zip(encodings, futures, strict=True):
-            queue.put_nowait((enc, fut))
-        self._metrics.queue_depth = queue.qsize()
-        try:
-            rows = await asyncio.gather(*futures)
-        except BaseException:
-            for fut in futures:  # a failed or disconnected request: its queued inputs are skipped
-                fut.cancel()
-            raise
-        return np.stack(rows)
-
-    async def _run(self, queue: asyncio.Queue[tuple[Any, asyncio.Future[np.ndarray]]]) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await queue.get()]
-            self._drain(queue, batch)
-            if len(batch) < self._max and self._wait_s > 0:
-                await asyncio.sleep(self._wait_s)  # let concurrent requests join this pass
-                self._drain(queue, batch)
-            self._metrics.queue_depth = queue.qsize()
-            batch = [(enc, fut) for enc, fut in batch if not fut.done()]
-            if not batch:
-                continue
-            start = time.perf_counter()
-            try:
-                vectors = await loop.run_in_executor(
-                    self._executor, self._embed_fn, [enc for enc, _ in batch]
-                )
-            except Exception as exc:  # never let one bad pass kill the worker
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self._metrics.observe_batch(len(batch), time.perf_counter() - start)
-            for (_, fut), row in zip(batch, vectors, strict=True):
-                if not fut.done():
-                    fut.set_result(row)
-
-    def _drain(self, queue: asyncio.Queue[Any], batch: list[Any]) -> None:
-        while len(batch) < self._max:
-            try:
-                batch.append(queue.get_nowait())
-            except asyncio.QueueEmpty:
-                return
-
-    async def close(self) -> None:
-        """Stop the worker and the inference thread."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
 # --- ASGI guard: auth, body size, request metrics -------------------------------------------------------
 
 
@@ -328,12 +149,15 @@ class GuardMiddleware:
 
     Args:
         app: The wrapped ASGI app.
-        api_key: Required bearer token for :data:`PROTECTED_PATHS`, or ``None``.
+        api_key: Required bearer token for every path but :data:`OPEN_PATHS`, or ``None`` (then the
+            ``Authorization`` header is ignored).
         max_request_bytes: Largest accepted request body.
         metrics: Request counters.
     """
 
-    def __init__(self, app: Any, *, api_key: str | None, max_request_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self, app: Any, *, api_key: str | None, max_request_bytes: int, metrics: ServerMetrics
+    ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_request_bytes = max_request_bytes
@@ -360,11 +184,7 @@ class GuardMiddleware:
 
     async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        if (
-            self.api_key is not None
-            and scope["path"].rstrip("/") in PROTECTED_PATHS
-            and not self._authorized(headers)
-        ):
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
             resp = error_response(
                 401,
                 "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
@@ -434,44 +254,138 @@ def _replay(body: bytes, receive: Callable[[], Awaitable[Any]]) -> Callable[[], 
 # --- the app ---------------------------------------------------------------------------------------------
 
 
+class _Limits:
+    """Request admission: per-request and in-flight token limits, with a throughput estimate for Retry-After."""
+
+    def __init__(self, max_request_tokens: int, max_inflight_tokens: int) -> None:
+        self.max_request_tokens = max_request_tokens
+        self.max_inflight_tokens = max_inflight_tokens
+        self.inflight = 0
+        self.tokens_per_s = 5_000.0  # refined from every forward pass
+
+    def admit(self, tokens: int) -> None:
+        if tokens > self.max_request_tokens:
+            raise ApiError(
+                413,
+                f"The request has {tokens} tokens, more than this server's limit of {self.max_request_tokens} "
+                "per request; send fewer or shorter inputs per request.",
+                type_="invalid_request_error",
+                param="input",
+                code="too_many_tokens",
+            )
+        if self.inflight and self.inflight + tokens > self.max_inflight_tokens:
+            wait = max(1, math.ceil(self.inflight / max(self.tokens_per_s, 1.0)))
+            raise ApiError(
+                429,
+                f"The server is busy: {self.inflight} tokens in flight, and this request's {tokens} would "
+                f"exceed its limit of {self.max_inflight_tokens}; retry in {wait} s.",
+                type_="rate_limit_error",
+                code="server_busy",
+                headers={"Retry-After": str(wait)},
+            )
+
+    def observe(self, real_tokens: int, seconds: float) -> None:
+        if seconds > 0 and real_tokens > 0:
+            self.tokens_per_s = 0.8 * self.tokens_per_s + 0.2 * real_tokens / seconds
+
+
 def create_app(
     onnx_dir: str | None,
     *,
     variant: str = "fp32",
     api_key: str | None = None,
-    max_batch_size: int = 64,
+    max_batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
     max_request_bytes: int = 1_000_000,
     max_inputs_per_request: int = 256,
+    max_request_tokens: int = 65_536,
+    max_inflight_tokens: int = 262_144,
     batch_wait_ms: float = 2.0,
+    memory_arena: bool = False,
     embedder: BaseEmbedder | None = None,
     served_model_name: str | None = None,
 ) -> FastAPI:
     """Build the NIM-compatible FastAPI app.
 
     Args:
-        onnx_dir: Folder written by :func:`embed_assets.export.export_onnx` (ignored when ``embedder`` is given).
+        onnx_dir: Folder written by :func:`embed_assets.export.export_onnx` (ignored when ``embedder`` is given,
+            except for reading ``embed_assets_model.json``).
         variant: ``"fp32"`` or ``"int8"``.
-        api_key: When set, ``/v1/embeddings`` and ``/v1/models`` require ``Authorization: Bearer <api_key>``.
-        max_batch_size: Most inputs per forward pass (across requests).
+        api_key: When set, every route but health, metrics and ``/openapi.json`` requires
+            ``Authorization: Bearer <api_key>``.
+        max_batch_size: Most inputs per forward pass (default per device, see
+            :func:`~embed_assets.serving.batching.default_budgets`).
+        max_batch_tokens: Padded-token budget of one forward pass (default per device); at least the model's
+            maximum length.
         max_request_bytes: Largest request body (413 above).
         max_inputs_per_request: Most inputs in one request (400 above).
-        batch_wait_ms: How long a forward pass waits for concurrent requests to join.
+        max_request_tokens: Most tokens in one request after tokenization and truncation (413 above).
+        max_inflight_tokens: Most tokens of accepted, unanswered requests; a request that would exceed it gets
+            429 with ``Retry-After`` (a request is always accepted when nothing is in flight).
+        batch_wait_ms: How long an idle worker waits for concurrent requests to join the first pass.
+        memory_arena: Keep ONNX Runtime's CPU memory arena (see :class:`OnnxEmbedder`); off so RSS returns
+            after bursts.
         embedder: A ready embedder (e.g. :class:`~embed_assets.serving.embedder.TorchEmbedder`) instead of
             loading ``onnx_dir``.
-        served_model_name: Name clients must send as ``model`` (default: the exported model name).
+        served_model_name: Name clients send as ``model`` (default: the exported model name).
 
     Returns:
-        The FastAPI application (its worker starts with the first request or at startup).
+        The FastAPI application (its worker starts at startup or with the first request).
+
+    Raises:
+        ValueError: Bad limits, or an unreadable ``embed_assets_model.json``.
     """
     if embedder is None:
         if onnx_dir is None:
             raise ValueError("create_app needs onnx_dir or an embedder")
-        embedder = OnnxEmbedder(onnx_dir, variant=variant)
+        embedder = OnnxEmbedder(onnx_dir, variant=variant, memory_arena=memory_arena)
+    identity_dir = onnx_dir or getattr(embedder, "onnx_dir", None)
+    identity = (
+        load_model_identity(identity_dir) if identity_dir else {"source": "unknown", "identity_file": None}
+    )
     model_name = served_model_name or embedder.model_name
-    metrics = Metrics({"model": model_name, "backend": embedder.backend, "variant": embedder.variant})
-    batcher = DynamicBatcher(embedder.embed_tokens, max_batch_size, batch_wait_ms, metrics)
+    device = "cuda" if _uses_cuda(embedder) else "cpu"
+    default_tokens, default_size = default_budgets(device)
+    max_batch_tokens = int(max_batch_tokens or default_tokens)
+    max_batch_size = int(max_batch_size or default_size)
+    if max_batch_tokens < bucket(embedder.max_seq_length):
+        raise ValueError(
+            f"max_batch_tokens={max_batch_tokens} is below one input of the model's maximum length "
+            f"({embedder.max_seq_length} tokens, {bucket(embedder.max_seq_length)} in the budget); raise it"
+        )
+    if max_request_tokens < embedder.max_seq_length or max_inflight_tokens < max_request_tokens:
+        raise ValueError(
+            f"need max_seq_length ({embedder.max_seq_length}) <= max_request_tokens ({max_request_tokens}) "
+            f"<= max_inflight_tokens ({max_inflight_tokens})"
+        )
+    served = served_info(embedder, identity)
+    metrics = ServerMetrics(
+        {
+            "model": model_name,
+            "backend": embedder.backend,
+            "variant": embedder.variant,
+            "source": str(identity.get("source", "unknown")),
+            "checkpoint_run_id": str(identity.get("checkpoint_run_id", "")),
+        }
+    )
+    limits = _Limits(max_request_tokens, max_inflight_tokens)
+
+    def on_pass(size: int, padded: int, real: int, seconds: float) -> None:
+        metrics.observe_pass(size, padded, real, seconds)
+        limits.observe(real, seconds)
+
+    batcher = TokenBudgetBatcher(
+        embedder.embed_tokens,
+        embedder.dimension,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        on_pass=on_pass,
+        on_queue=metrics.queue_depth.set,
+    )
     state = {"ready": False}
     created = int(time.time())
+    asymmetric = embedder.text_tokenizer.prefixes["query"] != embedder.text_tokenizer.prefixes["passage"]
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -484,63 +398,278 @@ def create_app(
             await batcher.close()
 
     app = FastAPI(
-        title="embed_assets NIM-compatible embeddings", lifespan=lifespan, docs_url=None, redoc_url=None
+        title="embed_assets NIM-compatible embeddings",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.embedder = embedder
     app.state.metrics = metrics
+    app.state.batcher = batcher
+    app.state.identity = identity
+    app.state.served = served
+    app.state.limits = limits
     _install_error_handlers(app)
+    auth = api_key is not None
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "embed_assets",
+        "root": model_name,
+        "embed_assets": served,
+    }
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-        texts = _validate(body, model_name, embedder.dimension, max_inputs_per_request)
+    async def embeddings(body: api.EmbeddingRequest, request: Request) -> Response:
+        input_type = _input_type(body, model_name, asymmetric)
+        items = _validate(body, embedder.dimension, max_inputs_per_request)
+        encodings = await _tokenize(embedder, items, input_type, body.truncate)
+        tokens = sum(len(e.ids) for e in encodings)
+        limits.admit(tokens)
+        limits.inflight += tokens
+        metrics.inflight_tokens.set(limits.inflight)
         try:
-            encodings = await run_in_threadpool(embedder.tokenize, texts, body.input_type, body.truncate)
-        except InputTooLongError as exc:
-            raise ApiError(400, str(exc), param="input", code="input_too_long") from exc
-        vectors = await _unless_disconnected(request, batcher.submit(encodings))
-        if vectors is None:  # the client went away: its queued inputs were dropped, nobody reads this
+            vectors = await _unless_disconnected(request, batcher.submit(encodings))
+        finally:
+            limits.inflight -= tokens
+            metrics.inflight_tokens.set(limits.inflight)
+        if vectors is None:  # the client went away: its pending inputs were dropped, nobody reads this
             return Response(status_code=499)
         vectors = _apply_dimensions(vectors, body.dimensions, embedder.normalize)
-        tokens = sum(len(e.ids) for e in encodings)
-        metrics.observe_embeddings(len(texts), tokens)
-        return Response(
-            _render(vectors, body.encoding_format, model_name, tokens), media_type="application/json"
+        metrics.observe_embeddings(len(encodings), tokens)
+        payload = _render(vectors, body.encoding_format, body.embedding_type, model_name, tokens)
+        return Response(payload, media_type="application/json")
+
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card]}
+
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise _unknown_model(model_id, model_name, "model_id")
+        return card
+
+    for prefix in ("/v1", ""):
+        alias = "" if prefix else " (alias of the /v1 route)"
+        app.add_api_route(
+            f"{prefix}/embeddings",
+            embeddings,
+            methods=["POST"],
+            response_model=api.EmbeddingResponse,
+            responses=api.embeddings_responses(auth),
+            summary="Create embeddings" + alias,
+            operation_id=f"createEmbeddings{'Alias' if not prefix else ''}",
+        )
+        app.add_api_route(
+            f"{prefix}/models",
+            models,
+            methods=["GET"],
+            response_model=api.ModelList,
+            responses=api.models_responses(auth),
+            summary="List served models" + alias,
+            operation_id=f"listModels{'Alias' if not prefix else ''}",
+        )
+        app.add_api_route(
+            f"{prefix}/models/{{model_id:path}}",
+            model,
+            methods=["GET"],
+            response_model=api.ModelCard,
+            responses=api.models_responses(auth, single=True),
+            summary="Retrieve the served model" + alias,
+            operation_id=f"retrieveModel{'Alias' if not prefix else ''}",
         )
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {
-            "id": model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "embed_assets",
-            "root": model_name,
-        }
-        return {"object": "list", "data": [card | embedder.describe()]}
-
-    @app.get("/v1/health/ready")
+    @app.get("/v1/health/ready", response_model=api.HealthReady, responses=api.READY_RESPONSES)
     async def ready() -> JSONResponse:
         if state["ready"]:
             return JSONResponse({"object": "health.response", "message": "ready", "ready": True})
         return JSONResponse({"object": "health.response", "message": "not ready", "ready": False}, 503)
 
-    @app.get("/v1/health/live")
+    @app.get("/v1/health/live", response_model=api.HealthLive, responses=api.OPEN_RESPONSES)
     async def live() -> dict[str, Any]:
         return {"object": "health.response", "message": "live", "live": True}
 
-    @app.get("/v1/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    @app.get(
+        "/v1/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text format 0.0.4 (see embed_assets.serving.metrics).",
+                "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+            },
+            **api.OPEN_RESPONSES,
+        },
+    )
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    _customize_openapi(app, max_inputs_per_request, embedder, auth)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_request_bytes=max_request_bytes, metrics=metrics)
     return app
+
+
+def served_info(embedder: BaseEmbedder, identity: dict[str, Any]) -> dict[str, Any]:
+    """The ``embed_assets`` object of a model card: identity, variant and shape of the served model.
+
+    Args:
+        embedder: The serving embedder.
+        identity: From :func:`~embed_assets.serving.embedder.load_model_identity`.
+
+    Returns:
+        A JSON-able dictionary.
+    """
+    info = embedder.describe()
+    info.pop("model_name", None)
+    return {**identity, **info}
+
+
+def _uses_cuda(embedder: BaseEmbedder) -> bool:
+    providers = getattr(embedder, "providers", None) or []
+    return "CUDAExecutionProvider" in providers or str(embedder.variant).startswith("cuda")
+
+
+def _customize_openapi(app: FastAPI, max_inputs: int, embedder: BaseEmbedder, auth: bool) -> None:
+    """Put the server's own limits (inputs, vocabulary, dimension) and security into the OpenAPI document."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            import copy
+
+            from fastapi.openapi.utils import get_openapi
+
+            schema = copy.deepcopy(get_openapi(title=app.title, version=app.version, routes=app.routes))
+            props = schema["components"]["schemas"]["EmbeddingRequest"]["properties"]
+            _, texts, ids, id_arrays = props["input"]["anyOf"]
+            for option in (texts, ids, id_arrays):
+                option["maxItems"] = max_inputs
+            top_id = embedder.text_tokenizer.vocab_size - 1
+            ids["items"]["maximum"] = id_arrays["items"]["items"]["maximum"] = top_id
+            for option in props["dimensions"].get("anyOf", [props["dimensions"]]):
+                if option.get("type") == "integer":
+                    option["maximum"] = embedder.dimension
+            if auth:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, operations in schema["paths"].items():
+                    if path not in OPEN_PATHS:
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _unknown_model(name: str, model_name: str, param: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{name}' does not exist; this server serves '{model_name}' (also as "
+        f"'{model_name}-query' / '{model_name}-passage' to set input_type).",
+        type_="not_found_error",
+        param=param,
+        code="model_not_found",
+    )
+
+
+def _input_type(body: api.EmbeddingRequest, model_name: str, asymmetric: bool) -> str:
+    """Resolve ``input_type`` from the field, NIM's ``-query`` / ``-passage`` model suffix and the model."""
+    from_suffix = None
+    if body.model is not None and body.model != model_name:
+        from_suffix = next((t for t in ("query", "passage") if body.model == f"{model_name}-{t}"), None)
+        if from_suffix is None:
+            raise _unknown_model(body.model, model_name, "model")
+    if from_suffix and body.input_type and body.input_type != from_suffix:
+        raise ApiError(
+            400,
+            f"input_type '{body.input_type}' contradicts the model name '{body.model}'; send one of them.",
+            param="input_type",
+            code="conflicting_input_type",
+        )
+    chosen = body.input_type or from_suffix
+    if chosen is None:
+        if asymmetric:
+            raise ApiError(
+                400,
+                f"'input_type' is required for '{model_name}' (its queries and passages get different "
+                f"prompts): send input_type 'query' or 'passage', or use the model name '{model_name}-query' "
+                f"/ '{model_name}-passage'.",
+                param="input_type",
+                code="input_type_required",
+            )
+        chosen = "query"
+    return chosen
+
+
+def _validate(body: api.EmbeddingRequest, dimension: int, max_inputs: int) -> list[Any]:
+    """Checks the schema cannot express; returns the inputs as a list (strings or token-id lists)."""
+    raw = body.input
+    if isinstance(raw, str):
+        items: list[Any] = [raw]
+    elif raw and isinstance(raw[0], int):
+        items = [list(raw)]  # one token-id array
+    else:
+        items = list(raw)
+    if not items:
+        raise ApiError(
+            400, "'input' is an empty list; send at least one input.", param="input", code="empty_input"
+        )
+    if len(items) > max_inputs:
+        raise ApiError(
+            400,
+            f"'input' has {len(items)} items, more than the limit of {max_inputs} per request.",
+            param="input",
+            code="too_many_inputs",
+        )
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")  # JSON may carry lone surrogates ("\ud800") the tokenizer cannot take
+            except UnicodeEncodeError as exc:
+                raise ApiError(
+                    400,
+                    f"input[{i}] is not valid Unicode (unpaired surrogate at character {exc.start}).",
+                    param="input",
+                    code="invalid_input",
+                ) from None
+    if body.dimensions is not None and body.dimensions > dimension:
+        raise ApiError(
+            400,
+            f"'dimensions'={body.dimensions} exceeds the model's embedding size {dimension}.",
+            param="dimensions",
+            code="invalid_dimensions",
+        )
+    if body.embedding_type in ("int8", "uint8"):
+        raise ApiError(
+            400,
+            f"embedding_type '{body.embedding_type}' is not served: it needs calibration ranges this server "
+            "does not have (without them the ranges would come from each request's own batch). Use "
+            "'float', 'binary' or 'ubinary'.",
+            param="embedding_type",
+            code="unsupported_embedding_type",
+        )
+    return items
+
+
+async def _tokenize(embedder: BaseEmbedder, items: list[Any], input_type: str, truncate: str) -> list[Any]:
+    """Tokenize (inline for small requests: a thread hop costs more than the work), mapping errors to 400."""
+    try:
+        if isinstance(items[0], str):
+            if sum(len(t) for t in items) <= _INLINE_TOKENIZE_CHARS:
+                return embedder.tokenize(items, input_type, truncate, reject_empty=True)
+            return await run_in_threadpool(embedder.tokenize, items, input_type, truncate, reject_empty=True)
+        return embedder.from_token_ids(items, input_type, truncate)
+    except InputTooLongError as exc:
+        raise ApiError(400, str(exc), param="input", code="input_too_long") from exc
+    except EmptyInputError as exc:
+        raise ApiError(400, str(exc), param="input", code="empty_input") from exc
+    except InvalidTokenIdsError as exc:
+        raise ApiError(400, str(exc), param="input", code="invalid_input") from exc
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[np.ndarray]) -> np.ndarray | None:
     """Await ``work`` unless the client disconnects first; then cancel it and return ``None``.
 
-    Cancelling :meth:`DynamicBatcher.submit` cancels the request's futures, so the batcher skips its queued
-    inputs: an abandoned request does not keep the single inference thread busy for the clients still waiting.
+    Cancelling :meth:`TokenBudgetBatcher.submit` drops the request's pending inputs: an abandoned request
+    does not keep the single inference thread busy for the clients still waiting.
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -565,52 +694,6 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def _validate(body: EmbeddingRequest, model_name: str, dimension: int, max_inputs: int) -> list[str]:
-    """Semantic checks the schema cannot express; returns the inputs as a list."""
-    if body.model is not None and body.model != model_name:
-        raise ApiError(
-            404,
-            f"The model '{body.model}' does not exist; this server serves '{model_name}'.",
-            type_="not_found_error",
-            param="model",
-            code="model_not_found",
-        )
-    texts = [body.input] if isinstance(body.input, str) else list(body.input)
-    if not texts:
-        raise ApiError(
-            400, "'input' is an empty list; send at least one string.", param="input", code="empty_input"
-        )
-    if len(texts) > max_inputs:
-        raise ApiError(
-            400,
-            f"'input' has {len(texts)} items, more than the limit of {max_inputs} per request.",
-            param="input",
-            code="too_many_inputs",
-        )
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise ApiError(
-                400, f"input[{i}] is empty; every input must contain text.", param="input", code="empty_input"
-            )
-        try:
-            text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800") the tokenizer cannot take
-        except UnicodeEncodeError as exc:
-            raise ApiError(
-                400,
-                f"input[{i}] is not valid Unicode (unpaired surrogate at character {exc.start}).",
-                param="input",
-                code="invalid_input",
-            ) from None
-    if body.dimensions is not None and body.dimensions > dimension:
-        raise ApiError(
-            400,
-            f"'dimensions'={body.dimensions} exceeds the model's embedding size {dimension}.",
-            param="dimensions",
-            code="invalid_dimensions",
-        )
-    return texts
-
-
 def _apply_dimensions(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
     """Matryoshka truncation; re-normalized when the model's embeddings are normalized."""
     if dimensions is None or dimensions >= vectors.shape[1]:
@@ -621,32 +704,64 @@ def _apply_dimensions(vectors: np.ndarray, dimensions: int | None, normalize: bo
     return out
 
 
-def _render(vectors: np.ndarray, encoding_format: str, model_name: str, tokens: int) -> bytes:
-    """Serialize the response by hand: ~10x faster than pydantic for hundreds of 1024-float vectors."""
+def quantize(vectors: np.ndarray, embedding_type: str) -> np.ndarray:
+    """NIM 2.x ``embedding_type`` ``binary`` / ``ubinary``: sign bits packed 8 per value, row by row.
+
+    The same as sentence-transformers' ``quantize_embeddings(..., precision="binary" | "ubinary")``
+    (positive -> 1, ``binary`` is ``ubinary - 128`` as int8).
+
+    Args:
+        vectors: ``(n, dim)`` float32.
+        embedding_type: ``"binary"`` or ``"ubinary"``.
+
+    Returns:
+        ``(n, ceil(dim / 8))`` int8 or uint8.
+    """
+    packed = np.packbits(vectors > 0, axis=-1)
+    if embedding_type == "ubinary":
+        return packed
+    return (packed.astype(np.int16) - 128).astype(np.int8)
+
+
+def _render(
+    vectors: np.ndarray, encoding_format: str, embedding_type: str, model_name: str, tokens: int
+) -> bytes:
+    """Serialize the response with orjson (numpy rows as they are: ~30x faster than json + tolist)."""
+    values: np.ndarray = vectors if embedding_type == "float" else quantize(vectors, embedding_type)
     if encoding_format == "base64":
-        rows: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        dtype = "<f4" if embedding_type == "float" else values.dtype
+        rows: Sequence[Any] = [base64.b64encode(v.astype(dtype).tobytes()).decode("ascii") for v in values]
     else:
-        rows = vectors.astype(np.float32).tolist()
+        rows = np.ascontiguousarray(values, dtype=np.float32 if embedding_type == "float" else values.dtype)
     payload = {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
         "model": model_name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-    return json.dumps(payload, separators=(",", ":")).encode()
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+#: What FastAPI says when the body cannot be decoded at all (not UTF-8, nested too deep, ...).
+_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body, exc.status)
+        return JSONResponse(exc.body, exc.status, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return error_response(400, "The request body is not valid JSON.", code="invalid_json")
+            where = first.get("ctx", {}).get("error", "")
+            return error_response(
+                400,
+                f"The request body is not valid JSON{f' ({where})' if where else ''}.",
+                code="invalid_json",
+            )
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = loc[0] if loc else None
         details = "; ".join(
@@ -657,6 +772,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and str(exc.detail) == _BODY_PARSE_ERROR:
+            return error_response(
+                400,
+                "The request body is not valid JSON (or not UTF-8, or nested too deep).",
+                code="invalid_json",
+            )
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
             exc.status_code, "invalid_request_error"
         )

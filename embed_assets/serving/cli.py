@@ -31,10 +31,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token")
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--batch-wait-ms", type=float, default=2.0)
-    p.add_argument("--max-request-bytes", type=int, default=1_000_000)
-    p.add_argument("--max-inputs-per-request", type=int, default=256)
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="padded-token budget of one forward pass (default: 2048 on CPU, 16384 on GPU)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="most inputs per forward pass (default: 64 CPU, 256 GPU)",
+    )
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for more requests when idle")
+    p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="413 above")
+    p.add_argument("--max-inputs-per-request", type=int, default=256, help="400 above")
+    p.add_argument("--max-request-tokens", type=int, default=65_536, help="413 above (after tokenization)")
+    p.add_argument(
+        "--max-inflight-tokens",
+        type=int,
+        default=262_144,
+        help="429 + Retry-After above (tokens not answered)",
+    )
+    p.add_argument(
+        "--memory-arena",
+        action="store_true",
+        help="keep onnxruntime's CPU memory arena (faster first passes, but RSS keeps its peak after bursts)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     return p
@@ -92,28 +115,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     elif not args.onnx_dir:
         raise SystemExit("--onnx-dir is required (or --backend torch --model-dir DIR)")
-    app = create_app(
-        args.onnx_dir,
-        variant=args.variant,
-        api_key=api_key,
-        max_batch_size=args.max_batch_size,
-        max_request_bytes=args.max_request_bytes,
-        max_inputs_per_request=args.max_inputs_per_request,
-        batch_wait_ms=args.batch_wait_ms,
-        embedder=embedder,
-        served_model_name=args.model_name,
-    )
-    info = app.state.embedder.describe()
+    try:
+        app = create_app(
+            args.onnx_dir,
+            variant=args.variant,
+            api_key=api_key,
+            max_batch_size=args.max_batch_size,
+            max_batch_tokens=args.max_batch_tokens,
+            max_request_bytes=args.max_request_bytes,
+            max_inputs_per_request=args.max_inputs_per_request,
+            max_request_tokens=args.max_request_tokens,
+            max_inflight_tokens=args.max_inflight_tokens,
+            batch_wait_ms=args.batch_wait_ms,
+            memory_arena=args.memory_arena,
+            embedder=embedder,
+            served_model_name=args.model_name,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"embed-assets-serve: {exc}") from None
+    batcher = app.state.batcher
     log.info(
-        "serving %s (%s %s, dim %d, max_seq_length %d) on http://%s:%d auth=%s",
-        info["model_name"],
-        info["backend"],
-        info["variant"],
-        info["dimension"],
-        info["max_seq_length"],
+        "serving %s on http://%s:%d auth=%s; batches of <= %d padded tokens / %d inputs",
+        startup_line(app.state.embedder, app.state.identity, args.model_name),
         args.host,
         args.port,
         "on" if api_key else "off",
+        batcher.max_batch_tokens,
+        batcher.max_batch_size,
     )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
@@ -124,6 +152,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 3  # uvicorn.run's exit code when startup failed
+
+
+def startup_line(embedder: object, identity: dict, served_name: str | None = None) -> str:
+    """What the startup log says about the served model: name, variant, shape and where it came from.
+
+    Args:
+        embedder: The serving embedder.
+        identity: From :func:`embed_assets.serving.embedder.load_model_identity`.
+        served_name: ``--model-name``, if given.
+
+    Returns:
+        E.g. ``"all-MiniLM-L6-v2 (onnx fp32, dim 384, max_seq_length 256; source finetuned, checkpoint run
+        abc, dagster run def)"``.
+    """
+    info = embedder.describe()  # type: ignore[attr-defined]
+    name = served_name or info["model_name"]
+    shape = f"{info['backend']} {info['variant']}, dim {info['dimension']}, max_seq_length {info['max_seq_length']}"
+    if identity.get("identity_file") is None:
+        origin = "source unknown: no embed_assets_model.json in the model folder"
+    else:
+        labels = {
+            "checkpoint_run_id": "checkpoint run",
+            "dagster_run_id": "dagster run",
+            "mlflow_run_id": "mlflow run",
+            "base_model": "base model",
+        }
+        origin = ", ".join(
+            [f"source {identity.get('source', 'unknown')}"]
+            + [f"{label} {identity[key]}" for key, label in labels.items() if identity.get(key)]
+        )
+    return f"{name} ({shape}; {origin})"
 
 
 class RedactFilter(logging.Filter):

@@ -9,6 +9,12 @@ Truncation follows NIM's ``truncate`` parameter:
 - ``"NONE"``: an input longer than ``max_seq_length`` tokens raises :class:`InputTooLongError`;
 - ``"END"``: keep the start of the text (drop tokens at the end);
 - ``"START"``: keep the end of the text (drop tokens at the start; the query/passage prefix is kept).
+
+Inputs may also be token-id arrays (OpenAI's ``input: [[101, 2023, ...]]``): ids of the *served model's*
+vocabulary (see :meth:`TextTokenizer.from_token_ids`).
+
+The export folder may carry ``embed_assets_model.json`` saying which model it is (see
+:func:`load_model_identity`); the server reports it in ``/v1/models``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import numpy as np
 
 #: Name of the metadata file written next to the ONNX files.
 METADATA_FILE = "embed_assets_onnx.json"
+#: Optional file of the export stage saying which model the folder holds (all keys optional).
+MODEL_IDENTITY_FILE = "embed_assets_model.json"
+#: Keys of :data:`MODEL_IDENTITY_FILE` the server reports (others are ignored).
+IDENTITY_KEYS = ("source", "checkpoint_run_id", "dagster_run_id", "base_model", "mlflow_run_id")
 #: Variant name -> ONNX file name.
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
 TRUNCATE_MODES = ("NONE", "START", "END")
@@ -47,6 +57,74 @@ class InputTooLongError(ValueError):
             "and truncate is NONE; shorten the input or send truncate='END' (keep the start) or "
             "truncate='START' (keep the end)."
         )
+
+
+class EmptyInputError(ValueError):
+    """An input has no content tokens once tokenized (empty, only whitespace or characters the tokenizer drops).
+
+    Attributes:
+        index: Position of the offending input in the request.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        super().__init__(
+            f"input[{index}] has no tokens after tokenization (empty, whitespace or only characters the "
+            "tokenizer drops); every input must contain text."
+        )
+
+
+class InvalidTokenIdsError(ValueError):
+    """A token-id input holds ids outside the served model's vocabulary (or is empty).
+
+    Attributes:
+        index: Position of the offending input in the request.
+    """
+
+    def __init__(self, index: int, message: str) -> None:
+        self.index = index
+        super().__init__(f"input[{index}]: {message}")
+
+
+class TokenIds:
+    """A tokenized input given as ids (the same ``ids`` / ``type_ids`` interface as ``tokenizers.Encoding``)."""
+
+    __slots__ = ("ids", "type_ids")
+
+    def __init__(self, ids: list[int], type_ids: list[int] | None = None) -> None:
+        self.ids = ids
+        self.type_ids = type_ids if type_ids is not None else [0] * len(ids)
+
+
+def load_model_identity(onnx_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read which model an export folder holds, from its optional ``embed_assets_model.json``.
+
+    The export stage writes e.g. ``{"source": "finetuned" | "merged" | "base", "checkpoint_run_id": ...,
+    "dagster_run_id": ..., "base_model": ..., "mlflow_run_id": ...}``; every key is optional.
+
+    Args:
+        onnx_dir: The export folder.
+
+    Returns:
+        The known keys of :data:`IDENTITY_KEYS` that are present (``source`` is ``"unknown"`` when the file
+        or the key is missing), plus ``identity_file``: the file's name, or ``None`` when there is none.
+
+    Raises:
+        ValueError: The file exists but is not a JSON object (the message names the file).
+    """
+    path = Path(onnx_dir) / MODEL_IDENTITY_FILE
+    if not path.is_file():
+        return {"source": "unknown", "identity_file": None}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc}); fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; fix or remove the file")
+    out: dict[str, Any] = {k: data[k] for k in IDENTITY_KEYS if data.get(k) is not None}
+    out.setdefault("source", "unknown")
+    out["identity_file"] = MODEL_IDENTITY_FILE
+    return out
 
 
 def load_metadata(onnx_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -90,6 +168,13 @@ class TextTokenizer:
         self._prefix_encodings = {
             k: tokenizer.encode(v, add_special_tokens=False) for k, v in self.prefixes.items() if v
         }
+        self.vocab_size = int(tokenizer.get_vocab_size())
+        # The special tokens the post-processor puts around one sequence (BERT: [CLS] ... [SEP]).
+        probe = tokenizer.encode("a", add_special_tokens=False)
+        full = tokenizer.post_process(probe)
+        at = _find(full.ids, probe.ids)
+        self._lead = list(full.ids[:at]) if at >= 0 else []
+        self._trail = list(full.ids[at + len(probe.ids) :]) if at >= 0 else []
 
     @classmethod
     def from_file(cls, tokenizer_json: str | os.PathLike[str], **kwargs: Any) -> TextTokenizer:
@@ -106,29 +191,97 @@ class TextTokenizer:
 
         return cls(Tokenizer.from_file(str(tokenizer_json)), **kwargs)
 
-    def tokenize(self, texts: Sequence[str], input_type: str = "query", truncate: str = "END") -> list[Any]:
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        input_type: str = "query",
+        truncate: str = "END",
+        *,
+        reject_empty: bool = False,
+    ) -> list[Any]:
         """Prefix, tokenize and truncate ``texts``.
 
         Args:
             texts: Input strings.
             input_type: ``"query"`` or ``"passage"`` (selects the prefix).
             truncate: ``"NONE"``, ``"START"`` or ``"END"``.
+            reject_empty: Raise :class:`EmptyInputError` for a text without content tokens (emptiness is
+                judged after tokenization, so ``"\\u200b"`` counts as empty and ``"?"`` does not).
 
         Returns:
             One ``tokenizers.Encoding`` per text, special tokens included, at most ``max_seq_length`` long.
 
         Raises:
             InputTooLongError: With ``truncate="NONE"``, for the first input that is too long.
+            EmptyInputError: With ``reject_empty``, for the first input without tokens.
             ValueError: Unknown ``input_type`` or ``truncate``.
         """
         _check_mode(input_type, truncate)
         prefix = self.prefixes[input_type]
         raw = self._tok.encode_batch([prefix + t for t in texts], add_special_tokens=False)
+        prefix_len = len(self._prefix_encodings[input_type].ids) if prefix else 0
         out = []
         for i, enc in enumerate(raw):
+            if (
+                reject_empty
+                and len(enc.ids) <= prefix_len
+                and not self._tok.encode(texts[i], add_special_tokens=False).ids
+            ):
+                raise EmptyInputError(i)
             if len(enc.ids) > self._budget:
                 enc = self._truncate(i, enc, texts[i], input_type, truncate)
             out.append(self._tok.post_process(enc))
+        return out
+
+    def from_token_ids(
+        self, sequences: Sequence[Sequence[int]], input_type: str = "query", truncate: str = "END"
+    ) -> list[TokenIds]:
+        """Model inputs from token-id arrays (ids of this model's vocabulary, as OpenAI's API takes them).
+
+        A sequence that already starts and ends with the model's special tokens (``[CLS] ... [SEP]``) is taken
+        as the complete model input; otherwise it is the content and gets the special tokens, and the
+        ``input_type`` prefix, added exactly as a text would. Truncation follows ``truncate``.
+
+        Args:
+            sequences: One list of ids per input.
+            input_type: ``"query"`` or ``"passage"``.
+            truncate: ``"NONE"``, ``"START"`` or ``"END"``.
+
+        Returns:
+            One :class:`TokenIds` per sequence.
+
+        Raises:
+            InvalidTokenIdsError: An id outside ``[0, vocab_size)``.
+            EmptyInputError: A sequence without content tokens.
+            InputTooLongError: With ``truncate="NONE"``, for the first sequence that is too long.
+        """
+        _check_mode(input_type, truncate)
+        lead, trail = self._lead, self._trail
+        prefix_ids = list(self._prefix_encodings[input_type].ids) if self.prefixes[input_type] else []
+        out = []
+        for i, seq in enumerate(sequences):
+            ids = list(seq)
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidTokenIdsError(
+                    i,
+                    f"token id {bad} is outside this model's vocabulary (0..{self.vocab_size - 1}). Token ids "
+                    "must come from the served model's tokenizer; a client that tokenizes with tiktoken "
+                    "(langchain-openai's OpenAIEmbeddings) should send text (check_embedding_ctx_length=False).",
+                )
+            wrapped = (lead or trail) and ids[: len(lead)] == lead and ids[len(ids) - len(trail) :] == trail
+            content = ids[len(lead) : len(ids) - len(trail)] if wrapped else prefix_ids + ids
+            if not content:
+                raise EmptyInputError(i)
+            if len(content) > self._budget:
+                if truncate == "NONE":
+                    raise InputTooLongError(i, len(content) + len(lead) + len(trail), self.max_seq_length)
+                if truncate == "END":
+                    content = content[: self._budget]
+                else:  # START: keep the end (and the prefix, as for text)
+                    keep = prefix_ids if not wrapped else []
+                    content = keep + content[len(content) - (self._budget - len(keep)) :]
+            out.append(TokenIds(lead + content + trail))
         return out
 
     def count_tokens(
@@ -173,6 +326,11 @@ class TextTokenizer:
         return Encoding.merge([prefix_enc, body], growing_offsets=True)
 
 
+def _find(haystack: Sequence[int], needle: Sequence[int]) -> int:
+    n = len(needle)
+    return next((i for i in range(len(haystack) - n + 1) if list(haystack[i : i + n]) == list(needle)), -1)
+
+
 def _check_mode(input_type: str, truncate: str) -> None:
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
@@ -204,9 +362,22 @@ class BaseEmbedder:
     pad_token_id: int
     text_tokenizer: TextTokenizer
 
-    def tokenize(self, texts: Sequence[str], input_type: str = "query", truncate: str = "END") -> list[Any]:
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        input_type: str = "query",
+        truncate: str = "END",
+        *,
+        reject_empty: bool = False,
+    ) -> list[Any]:
         """See :meth:`TextTokenizer.tokenize`."""
-        return self.text_tokenizer.tokenize(texts, input_type, truncate)
+        return self.text_tokenizer.tokenize(texts, input_type, truncate, reject_empty=reject_empty)
+
+    def from_token_ids(
+        self, sequences: Sequence[Sequence[int]], input_type: str = "query", truncate: str = "END"
+    ) -> list[TokenIds]:
+        """See :meth:`TextTokenizer.from_token_ids`."""
+        return self.text_tokenizer.from_token_ids(sequences, input_type, truncate)
 
     def count_tokens(
         self, texts: Sequence[str], input_type: str = "query", truncate: str = "END"
@@ -307,6 +478,10 @@ class OnnxEmbedder(BaseEmbedder):
         allow_spinning: Let idle ONNX Runtime threads busy-wait. Off by default: on a shared or small CPU the
             spinning threads starve the event loop and tokenizer (measured here on 2 cores: +30-80 % texts/s
             with it off, in-process and served).
+        memory_arena: Keep ONNX Runtime's CPU memory arena. The server turns it off (``--memory-arena`` keeps
+            it): the arena keeps the peak of the largest forward pass for the life of the process, so one
+            burst of long inputs raised the server's RSS for good; without it freed activations go back to
+            the allocator (``benchmarks/serve.py`` measures RSS after a burst).
     """
 
     def __init__(
@@ -318,6 +493,7 @@ class OnnxEmbedder(BaseEmbedder):
         max_seq_length: int | None = None,
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
+        memory_arena: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -333,6 +509,8 @@ class OnnxEmbedder(BaseEmbedder):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        options.enable_cpu_mem_arena = memory_arena
+        options.enable_mem_pattern = memory_arena  # memory patterns pre-plan arena blocks per input shape
         self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers())
         self.providers = self.session.get_providers()
         self.input_names = tuple(i.name for i in self.session.get_inputs())

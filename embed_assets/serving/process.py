@@ -3,6 +3,18 @@
 The server runs in its own session (``start_new_session=True``) so it outlives the process that started it
 (e.g. a Dagster run) and can be stopped later by pid from anywhere. API keys travel only through the
 environment: :func:`start_server` takes the *name* of a variable, never the key.
+
+A PID alone does not name a process for long: once the server exits, the kernel may give its PID to any other
+process. :func:`start_server` therefore records the server's start time (``create_time``, from ``psutil``) and
+command line, and :func:`is_alive` / :func:`stop_server` with ``create_time`` check that the PID still belongs
+to *that* process before they report it alive or signal it. :func:`stop_recorded_server` goes one step
+further for a PID read back from somewhere (e.g. the ``nim_service`` asset's metadata): it only signals a
+process whose command line runs ``embed_assets.serving``. From a shell (what ``make stop-service`` runs)::
+
+    python -m embed_assets.serving.process stop --pid 12345 --create-time 1764627415.31
+
+exits 0 when that server is stopped (or was not running any more), 3 when the PID now belongs to another
+process (left alone), 1 when the server would not stop.
 """
 
 from __future__ import annotations
@@ -17,9 +29,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+import psutil
+
+#: Seconds two readings of a process's start time may differ and still name the same process.
+CREATE_TIME_TOLERANCE_S = 0.05
+#: What the command line of a server started here contains.
+SERVER_MODULE = "embed_assets.serving"
 
 
 @dataclass
@@ -32,6 +50,8 @@ class ServerHandle:
     log_path: str
     onnx_dir: str | None
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+    create_time: float | None = None
+    cmdline: list[str] = field(default_factory=list)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``).
@@ -42,7 +62,7 @@ class ServerHandle:
         Returns:
             True when the process is gone.
         """
-        stopped = stop_server(self.pid, timeout=timeout)
+        stopped = stop_server(self.pid, timeout=timeout, create_time=self.create_time)
         if self._process is not None:
             with contextlib.suppress(Exception):
                 self._process.wait(timeout=1)  # reap our child so it does not linger as a zombie
@@ -52,12 +72,14 @@ class ServerHandle:
         """Whether the server process still runs."""
         if self._process is not None:
             return self._process.poll() is None
-        return is_alive(self.pid)
+        return is_alive(self.pid, self.create_time)
 
     def as_metadata(self) -> dict[str, Any]:
-        """JSON-able description (pid, url, port, log_path, onnx_dir)."""
+        """JSON-able description (pid, create_time, url, port, log_path, onnx_dir): what
+        :func:`stop_recorded_server` needs to stop this server later, from another process."""
         return {
             "pid": self.pid,
+            "create_time": self.create_time,
             "url": self.url,
             "port": self.port,
             "log_path": self.log_path,
@@ -96,7 +118,7 @@ def start_server(
     ready_timeout: float = 60,
     backend: str = "onnx",
     model_dir: str | None = None,
-    max_batch_size: int = 64,
+    max_batch_size: int | None = None,
     extra_args: list[str] | None = None,
 ) -> ServerHandle:
     """Launch ``python -m embed_assets.serving`` in the background and wait until it is ready.
@@ -112,7 +134,7 @@ def start_server(
         ready_timeout: Seconds to wait for ``/v1/health/ready``.
         backend: ``"onnx"`` or ``"torch"``.
         model_dir: sentence-transformers folder for ``backend="torch"``.
-        max_batch_size: Most inputs per forward pass.
+        max_batch_size: Most inputs per forward pass (default: the server's, per device).
         extra_args: More command-line arguments for the server.
 
     Returns:
@@ -130,7 +152,9 @@ def start_server(
         fd, log_path = tempfile.mkstemp(prefix=f"embed-assets-serve-{port}-", suffix=".log")
         os.close(fd)
     cmd = [sys.executable, "-m", "embed_assets.serving", "--host", host, "--port", str(port)]
-    cmd += ["--variant", variant, "--backend", backend, "--max-batch-size", str(max_batch_size)]
+    cmd += ["--variant", variant, "--backend", backend]
+    if max_batch_size:
+        cmd += ["--max-batch-size", str(max_batch_size)]
     if onnx_dir:
         cmd += ["--onnx-dir", str(onnx_dir)]
     if model_dir:
@@ -152,7 +176,9 @@ def start_server(
             start_new_session=True,
         )
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    handle = ServerHandle(proc.pid, f"http://{url_host}:{port}", port, log_path, onnx_dir, proc)
+    handle = ServerHandle(proc.pid, f"http://{url_host}:{port}", port, log_path, onnx_dir, proc, cmdline=cmd)
+    with contextlib.suppress(psutil.Error):
+        handle.create_time = psutil.Process(proc.pid).create_time()
     try:
         ready = wait_ready(handle.url, ready_timeout, process=proc)
     except BaseException:
@@ -199,62 +225,117 @@ def wait_ready(
     return False
 
 
-def is_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (zombies count as gone).
+def is_alive(pid: int, create_time: float | None = None) -> bool:
+    """Whether ``pid`` runs (zombies count as gone), and with ``create_time`` whether it is still that process.
 
     Args:
         pid: Process id.
+        create_time: The process's start time as ``psutil`` reported it when it started; a process with the
+            same PID but another start time (the PID was reused) counts as gone.
 
     Returns:
-        True when the process exists and is not a zombie.
+        True when the process exists, is not a zombie and (with ``create_time``) started at that time.
     """
     with contextlib.suppress(ChildProcessError, OSError):
         done, _ = os.waitpid(pid, os.WNOHANG)  # reaps it if it is our exited child
         if done == pid:
             return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or _same_start(proc, create_time)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError, IndexError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
+    except psutil.AccessDenied:
+        return True  # exists, owned by someone else
 
 
-def stop_server(pid: int, timeout: float = 10.0) -> bool:
+def _same_start(proc: psutil.Process, create_time: float) -> bool:
+    return abs(proc.create_time() - float(create_time)) <= CREATE_TIME_TOLERANCE_S
+
+
+def stop_server(pid: int, timeout: float = 10.0, *, create_time: float | None = None) -> bool:
     """Stop a server started by :func:`start_server`: SIGTERM (graceful), SIGKILL after ``timeout``.
 
     The signal goes to the server's own process group (it leads a new session), so anything it spawned stops
-    too; when ``pid`` is not a group leader only ``pid`` is signalled.
+    too; when ``pid`` is not a group leader only ``pid`` is signalled. With ``create_time`` nothing is
+    signalled unless ``pid`` is still the process that started then (see :func:`is_alive`).
 
     Args:
         pid: The server's pid.
         timeout: Seconds to wait after SIGTERM.
+        create_time: The server's start time, to guard against a reused PID.
 
     Returns:
-        True when the process is gone (also when it was already gone).
+        True when the process is gone (also when it was already gone, or the PID now names another process).
     """
-    if not is_alive(pid):
+    if not is_alive(pid, create_time):
         return True
-    _signal(pid, signal.SIGTERM)
+    _signal(pid, signal.SIGTERM, create_time)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not is_alive(pid):
+        if not is_alive(pid, create_time):
             return True
         time.sleep(0.1)
-    _signal(pid, signal.SIGKILL)
+    _signal(pid, signal.SIGKILL, create_time)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if not is_alive(pid):
+        if not is_alive(pid, create_time):
             return True
         time.sleep(0.1)
-    return not is_alive(pid)
+    return not is_alive(pid, create_time)
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
+StopOutcome = Literal["stopped", "not_running", "not_ours", "still_running"]
+
+
+def stop_recorded_server(pid: int, create_time: float | None = None, timeout: float = 10.0) -> bool:
+    """Stop the server a PID was recorded for — only if that PID still runs *our* server.
+
+    Args:
+        pid: The recorded PID.
+        create_time: The recorded start time (``ServerHandle.create_time``); without it only the command line
+            is checked.
+        timeout: Seconds to wait for a graceful exit.
+
+    Returns:
+        True when that server no longer runs (stopped now, or already gone); False when the PID belongs to
+        another process (left alone) or the server would not stop.
+    """
+    return stop_recorded(pid, create_time, timeout) in ("stopped", "not_running")
+
+
+def stop_recorded(pid: int, create_time: float | None = None, timeout: float = 10.0) -> StopOutcome:
+    """:func:`stop_recorded_server` with the reason (for the command line and the logs).
+
+    Args:
+        pid: The recorded PID.
+        create_time: The recorded start time, or ``None``.
+        timeout: Seconds to wait for a graceful exit.
+
+    Returns:
+        ``"stopped"``, ``"not_running"``, ``"not_ours"`` (another process has that PID now) or
+        ``"still_running"``.
+    """
+    if not is_alive(pid):
+        return "not_running"
+    if create_time is not None and not is_alive(pid, create_time):
+        return "not_ours"
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
+        return "not_running"
+    except psutil.AccessDenied:
+        return "not_ours"
+    if SERVER_MODULE not in cmdline and "embed-assets-serve" not in cmdline:
+        return "not_ours"
+    return "stopped" if stop_server(pid, timeout, create_time=create_time) else "still_running"
+
+
+def _signal(pid: int, sig: signal.Signals, create_time: float | None = None) -> None:
+    if create_time is not None and not is_alive(pid, create_time):
+        return  # the PID was reused between the check and now: never signal a stranger
     with contextlib.suppress(ProcessLookupError):
         try:
             is_leader = os.getpgid(pid) == pid
@@ -271,3 +352,38 @@ def _tail(path: str, lines: int = 40) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m embed_assets.serving.process stop --pid N [--create-time T]`` (see the module docstring).
+
+    Args:
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 stopped or not running, 3 the PID is another process (left alone), 1 would not stop.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m embed_assets.serving.process")
+    sub = parser.add_subparsers(dest="command", required=True)
+    stop = sub.add_parser(
+        "stop", help="stop a recorded embedding server, only if the PID is still that server"
+    )
+    stop.add_argument("--pid", type=int, required=True)
+    stop.add_argument("--create-time", type=float, default=None, help="recorded start time (psutil)")
+    stop.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    outcome = stop_recorded(args.pid, args.create_time, args.timeout)
+    messages = {
+        "stopped": f"stopped the embedding server (pid {args.pid})",
+        "not_running": f"no embedding server running as pid {args.pid}",
+        "not_ours": f"pid {args.pid} is not the recorded embedding server (PID reused?); left it alone",
+        "still_running": f"the embedding server (pid {args.pid}) did not stop",
+    }
+    print(messages[outcome])
+    return {"stopped": 0, "not_running": 0, "not_ours": 3, "still_running": 1}[outcome]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -48,9 +48,10 @@ class EvalSettings(BaseModel):
         "before anything is exported or served.",
     )
     guard_path: str = Field(
-        default="",
+        default="bundled",
         description="Forgetting guard: a general-domain BEIR folder on which the fine-tuned model may not lose "
-        "more than guard_margin nDCG@10 beyond noise ('' = off).",
+        "more than guard_margin nDCG@10 beyond noise. 'bundled': the general-knowledge set shipped with the "
+        "package (TruthfulQA questions -> answers, Apache-2.0, see embed_assets/data/guard/README.md); '' = off.",
     )
     guard_margin: float = Field(
         default=0.01, ge=0, le=1, description="Allowed nDCG@10 loss on the guard set (0.01 = 1 point)."

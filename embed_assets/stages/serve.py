@@ -152,15 +152,14 @@ def serve_model(
     out = ctx.out_dir("nim_service")
     if settings.mode != "local":
         return _deploy(metrics, onnx, settings, ctx, out)
-    from embed_assets.serving.process import start_server, stop_server
+    from embed_assets.serving.process import start_server
 
     variant = settings.variant
     if variant == "int8" and not onnx.int8_ok:
         ctx.log.warning("int8 model failed its metric parity gate; serving fp32 instead")
         variant = "fp32"
     if previous is not None and previous.pid:
-        stop_server(previous.pid)
-        ctx.log.info(f"stopped the previous server (pid {previous.pid})")
+        ctx.log.info(f"previous server (pid {previous.pid}): {stop_service(previous)}")
     log_path = str(out / "server.log")
     handle = start_server(
         onnx.onnx_dir,
@@ -176,7 +175,7 @@ def serve_model(
         url=handle.url,
         variant=variant,
         pid=handle.pid,
-        pid_create_time=_create_time(handle.pid),
+        pid_create_time=handle.create_time,
         log=log_path,
         identity={**onnx.identity, "variant": variant},
     )
@@ -240,11 +239,42 @@ def _deploy(
     return _evaluate_endpoint(manifest, metrics, settings)
 
 
-def _create_time(pid: int) -> float | None:
-    """The process's start time (tells a reused PID from our server later), when psutil can read it."""
-    try:
-        import psutil
+def stop_service(service: ServiceManifest) -> str:
+    """Stop the local server a ``nim_service`` materialization recorded, and only that server.
 
-        return psutil.Process(pid).create_time()
-    except Exception:
-        return None
+    The recorded PID is signalled only while it still runs ``embed_assets.serving`` with the recorded start
+    time, so a PID the system reused for another process is left alone.
+
+    Returns:
+        ``"stopped"``, ``"not_running"``, ``"not_ours"`` or ``"no local server recorded"``.
+    """
+    from embed_assets.serving.process import stop_recorded
+
+    if service.mode != "local" or not service.pid:
+        return "no local server recorded"
+    return stop_recorded(service.pid, service.pid_create_time)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m embed_assets.stages.serve stop``: stop the server the latest ``nim_service`` recorded."""
+    import argparse
+
+    from embed_assets.stages.common import artifact_root, latest_manifest_at
+
+    parser = argparse.ArgumentParser(
+        description="Stop the server the latest nim_service materialization started."
+    )
+    parser.add_argument("command", choices=["stop"])
+    parser.add_argument("--root", default="", help="artifact root (default: as the pipeline)")
+    args = parser.parse_args(argv)
+    service = latest_manifest_at(artifact_root(args.root), "nim_service")
+    if not isinstance(service, ServiceManifest):
+        print("no nim_service materialization under the artifact root: nothing to stop")
+        return 0
+    outcome = stop_service(service)
+    print(f"nim_service server pid {service.pid} at {service.url}: {outcome}")
+    return 3 if outcome == "not_ours" else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,7 +31,7 @@ from embed_assets.stages.mine import MinedManifest
 from embed_assets.stages.sdg import PairsManifest, passage_pool
 from embed_assets.stages.split import SplitManifest
 
-#: Rows at or below which ``epochs=0`` trains 2 epochs (1 above: DESIGN §2's ranges).
+#: Rows at or below which ``epochs=0`` trains up to 3 epochs (1 above; early stopping picks within).
 SMALL_DATA_ROWS = 10_000
 #: A learning-rate probe shorter than this says more about noise than about the learning rate.
 MIN_PROBE_STEPS = 8
@@ -42,14 +42,26 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(default=0, ge=0, description="0 = by data size (≤10K rows: 2, >10K: 1).")
+    epochs: int = Field(
+        default=0,
+        ge=0,
+        description="Most epochs to train; with a validation split the best checkpoint is kept and training "
+        "stops early (early_stopping_patience). 0 = by data size (≤10K rows: 3, >10K: 1).",
+    )
     negatives_per_row: int = Field(
-        default=3, ge=0, description="Hardest mined negatives per training row (plus in-batch negatives)."
+        default=1,
+        ge=0,
+        description="Hardest mined negatives per training row (plus in-batch negatives). Each costs a forward "
+        "and backward pass per row; beyond the first they add little.",
     )
     batch_size: int = Field(
         default=16, ge=2, description="Per-device batch (in-batch negatives scale with it)."
     )
-    learning_rate: float = Field(default=1e-5, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(
+        default=5e-5,
+        gt=0,
+        description="Peak learning rate when it is not chosen on the validation split (see lr_candidates).",
+    )
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps for linear warmup.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
     max_seq_length: int = Field(
@@ -100,7 +112,7 @@ class TrainSettings(BaseModel):
         "so publishing the model does not publish the corpus.",
     )
     lr_candidates: list[float] = Field(
-        default=[],
+        default=[2e-5, 5e-5, 1e-4],
         description="Learning rates to choose from on the validation split (a short probe each, the best "
         "validation nDCG@10 wins); empty, or no validation split: learning_rate is used.",
     )
@@ -121,7 +133,7 @@ class TrainSettings(BaseModel):
         """Epochs by data size unless set explicitly."""
         if self.epochs > 0:
             return self.epochs
-        return 2 if n_rows <= SMALL_DATA_ROWS else 1
+        return 3 if n_rows <= SMALL_DATA_ROWS else 1
 
 
 @dataclass
