@@ -63,8 +63,17 @@ MODES = ("supervised", "corpus-only")
 #: Ablation rows: name -> ({stage: {setting: value}}, which modes it applies to). Each changes one thing of the
 #: product's defaults; the stage names are the settings classes' stages (sdg, split, mine, train, evaluate).
 ABLATIONS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
+    "gist": ({"train": {"loss": "gist"}}, MODES),
+    "cached_gist_b64": ({"train": {"loss": "cached_gist", "batch_size": 64}}, MODES),
+    "mnrl_hardness": ({"train": {"loss": "mnrl", "hardness_strength": 5.0}}, MODES),
+    "matryoshka": ({"train": {"matryoshka_dims": [192, 96]}}, MODES),
     "no_hard_negatives": ({"train": {"negatives_per_row": 0}}, MODES),
+    # The default's chosen learning rate halved and doubled (no knife-edge setting): filled in per dataset.
+    "lr_half": ({}, ("supervised",)),
+    "lr_double": ({}, ("supervised",)),
 }
+#: Ablations whose learning rate is the default run's chosen one times this factor.
+LR_FACTORS = {"lr_half": 0.5, "lr_double": 2.0}
 QUICK_PAIRS = 300
 
 
@@ -242,9 +251,9 @@ def run_product(
         seconds=round(time.monotonic() - start, 1),
         notes=notes,
         chosen={
-            k: checkpoint.report.get(k)
-            for k in ("epochs", "steps", "learning_rate")
-            if k in checkpoint.report
+            "learning_rate": checkpoint.selection.learning_rate if checkpoint.selection else None,
+            "steps": checkpoint.report.get("steps"),
+            "kept": checkpoint.selection_metadata().get("kept_checkpoint", ""),
         },
     )
     return result, (split, checkpoint, metrics, settings["train"])
@@ -273,8 +282,9 @@ def run_peer(folder: Path, chunks: Any, product: tuple, args: argparse.Namespace
     model = SentenceTransformer(resolve_model_path(args.model), device="cpu")
     window = model.max_seq_length
     model.max_seq_length = train.max_seq_length
+    # The product run's training budget: its epochs (the most it may train) and its chosen learning rate.
     epochs = int(checkpoint.report.get("epochs") or train.resolved_epochs(len(pairs)))
-    lr = float(checkpoint.report.get("learning_rate") or train.learning_rate)
+    lr = checkpoint.selection.learning_rate if checkpoint.selection else train.learning_rate
     trainer = SentenceTransformerTrainer(
         model=model,
         args=Args(
@@ -364,22 +374,27 @@ def run_dataset(folder: Path, args: argparse.Namespace, work: Path, log, on_resu
     ctx = StageContext.local(root, run_id="corpus", log=_logger(log))
     chunks = chunks_from_beir(folder, ctx)
     log(f"[{folder.name}] {chunks.n_chunks} passages of {chunks.n_docs} documents")
+    defaults: dict[str, Result] = {}
     product = None
-    for mode in _names(args.modes):
+    for mode in _names(args.modes):  # the product's defaults first, then the peer, then the ablations
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
         result, outputs = run_product(folder, chunks, mode, {}, args, root / mode, log)
         on_result(result)
+        defaults[mode] = result
         if mode == "supervised":
             product = outputs
-        for name in _names(args.ablations):
-            overrides, modes = ABLATIONS[name]
-            if mode in modes:
-                ablated, _ = run_product(folder, chunks, mode, overrides, args, root / f"{mode}-{name}", log)
-                ablated.row = f"{mode} / {name}"
-                on_result(ablated)
-    if product is not None and not args.no_peer:
-        on_result(run_peer(folder, chunks, product, args, root / "supervised", log))
+            if not args.no_peer:
+                on_result(run_peer(folder, chunks, product, args, root / "supervised", log))
+    for name in _names(args.ablations):
+        overrides, modes = ABLATIONS[name]
+        for mode in [m for m in _names(args.modes) if m in modes]:
+            if name in LR_FACTORS:
+                lr = LR_FACTORS[name] * float(defaults[mode].chosen["learning_rate"])
+                overrides = {"train": {"lr_candidates": [], "learning_rate": lr}}
+            ablated, _ = run_product(folder, chunks, mode, overrides, args, root / f"{mode}-{name}", log)
+            ablated.row = f"{mode} / {name}"
+            on_result(ablated)
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -83,7 +83,7 @@ def _datasets(rows: Sequence[dict[str, str]]) -> Any:
 
 
 #: Validation evaluations per epoch when ``eval_steps`` is 0 (each is an early-stopping and best-model point).
-EVALS_PER_EPOCH = 2
+EVALS_PER_EPOCH = 1
 
 
 def _steps_per_epoch(rows: Sequence[dict[str, str]], batch_size: int) -> int:

@@ -94,11 +94,11 @@ class TrainSettings(BaseModel):
     eval_steps: int = Field(
         default=0,
         ge=0,
-        description="Validation every N steps when a val split exists (0: twice per epoch); each is a resume "
+        description="Validation every N steps when a val split exists (0: once per epoch); each is a resume "
         "point, and the best one by validation nDCG@10 is the model kept.",
     )
     early_stopping_patience: int = Field(
-        default=2,
+        default=1,
         ge=0,
         description="Stop after this many validations without a better nDCG@10 (0: never stop early).",
     )
