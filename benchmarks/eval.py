@@ -14,7 +14,7 @@ BEIR is not a project dependency: ``pip install --no-deps beir`` (it needs ``pyt
 Usage::
 
     HF_HUB_OFFLINE=1 python benchmarks/eval.py                      # covidqa test split, all 1,930 passages
-    python benchmarks/eval.py --dataset /work/shared/datasets/xquad-de --split test
+    python benchmarks/eval.py --dataset ../shared/datasets/xquad-de --split test
 """
 
 from __future__ import annotations
@@ -37,7 +37,11 @@ from embed_assets.beir_io import load_beir_folder
 from embed_assets.metrics import encode_and_search, encode_corpus, evaluate, round_metrics
 from embed_assets.models import load_sentence_transformer, resolve_model_path
 
-DEFAULT_DATASET = Path(os.environ.get("EMBED_ASSETS_SHARED", "/work/shared")) / "datasets" / "covidqa"
+DEFAULT_DATASET = (
+    Path(os.environ.get("EMBED_ASSETS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    / "datasets"
+    / "covidqa"
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -94,6 +94,14 @@ HEAVY_MODULES = (
 
 
 # ------------------------------------------------------------------------------------------ memory sampling
+def _shown_path(path: str) -> str:
+    """A path relative to the checkout when it is inside it (the table names no machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return Path(path).name
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -1000,7 +1008,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     report: dict[str, Any] = {"spec": spec}
     out = [
-        f"Corpus `{cfg['corpus']['path']}`, base model `{spec['model']['base_model']}`, "
+        f"Corpus `{_shown_path(cfg['corpus']['path'])}`, base model `{spec['model']['base_model']}`, "
         f"{os.cpu_count()} CPU cores, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}; Dagster "
         f"instance: {args.instance}, in-process executor (parts 1-3), multiprocess (part 4).",
         "",

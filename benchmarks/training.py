@@ -61,7 +61,11 @@ from embed_assets.beir_io import load_beir_folder
 from embed_assets.models import BUNDLED_MODEL, load_sentence_transformer, resolve_model_path
 from embed_assets.training import TrainSettings, train, training_rows
 
-DEFAULT_DATASET = Path(os.environ.get("EMBED_ASSETS_SHARED", "/work/shared")) / "datasets" / "covidqa"
+DEFAULT_DATASET = (
+    Path(os.environ.get("EMBED_ASSETS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    / "datasets"
+    / "covidqa"
+)
 OURS = "embed_assets train()"
 PEER = "plain sentence-transformers"
 

@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CORPUS = REPO / "sample_corpus"
 ARTIFACTS = REPO / "test_artifacts"
+#: ../shared beside the checkout (as in CI), unless EMBED_ASSETS_SHARED points elsewhere; tests that need its
+#: datasets skip with a reason when it is absent (a user's fresh clone has none).
+SHARED = Path(os.environ.get("EMBED_ASSETS_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ def _materialized(result: dg.ExecuteInProcessResult) -> set[str]:
 def test_a_broken_fine_tune_stops_at_the_quality_gate_and_the_override_lets_it_through(
     tmp_path: Path, tiny_corpus: Path
 ) -> None:
+    (tmp_path / "home").mkdir()
     instance = dg.DagsterInstance.local_temp(str(tmp_path / "home"))
     resources = pipeline_resources(
         ArtifactStore(root=str(tmp_path / "artifacts")), tracking=MLflowTracking(enabled=False)

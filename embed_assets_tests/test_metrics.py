@@ -24,10 +24,11 @@ from embed_assets.metrics import (
     per_query_ndcg,
     round_metrics,
 )
+from embed_assets_tests.conftest import SHARED
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
-COVIDQA = Path(os.environ.get("EMBED_ASSETS_SHARED", "/work/shared")) / "datasets" / "covidqa"
+COVIDQA = SHARED / "datasets" / "covidqa"
 KS = (1, 2, 3, 5, 10, 100)
 TREC_NAMES = {"NDCG": "ndcg_cut", "MAP": "map_cut", "Recall": "recall", "P": "P"}
 

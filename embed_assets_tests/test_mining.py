@@ -13,7 +13,6 @@ both end to end with the real model on a small subset.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -24,8 +23,9 @@ import pytest
 
 from embed_assets.embedding_cache import EmbeddingCache, encode_with_cache, model_fingerprint
 from embed_assets.mining import MinedRow, MiningResult, mine_hard_negatives
+from embed_assets_tests.conftest import SHARED
 
-DATA = Path(os.environ.get("EMBED_ASSETS_COVIDQA", "/work/shared/datasets/covidqa"))
+DATA = SHARED / "datasets" / "covidqa"
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_corpus" / "python-reference"
 
 N_QUERIES = 100
