@@ -16,12 +16,18 @@ LOCK := requirements.lock
 
 install: $(VENV)/.installed  ## create .venv: torch CPU first (pinned), then the locked dependencies, then the project
 
+# pip prints one line per locked package (no progress bars); setuptools' notice on every editable install is
+# silenced here, deliberately and only here.
 $(VENV)/.installed: pyproject.toml $(LOCK)
+	@echo "== install 1/4: virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --require-hashes -r $(LOCK)
-	$(BIN)/pip install -q --no-deps -e .
+	@echo "== install 2/4: torch 2.13.0 (CPU build)"
+	$(BIN)/pip install -q --progress-bar off torch==2.13.0
+	@echo "== install 3/4: the locked dependencies of $(LOCK)"
+	$(BIN)/pip install --progress-bar off --require-hashes -r $(LOCK)
+	@echo "== install 4/4: embed_assets itself (editable)"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 lock:  ## re-resolve requirements.lock (pyproject.toml + dev extra, Python 3.11, Linux x86_64, with hashes)

@@ -33,17 +33,22 @@ def summary_lines(root: Path) -> list[str]:
     if metrics is not None:
         for s in metrics.sets:
             b = s.bootstrap
+            merged = f", merged {s.merged['NDCG@10']:.4f}" if s.merged else ""
             lines.append(
-                f"  {s.name:<15} nDCG@10 base {s.base['NDCG@10']:.4f} -> fine-tuned {s.finetuned['NDCG@10']:.4f} "
-                f"({100 * b.delta:+.1f} points, 95% CI [{100 * b.ci95_low:+.1f}, {100 * b.ci95_high:+.1f}]) "
+                f"  {s.name:<15} nDCG@10 base {s.base['NDCG@10']:.4f} -> fine-tuned {s.finetuned['NDCG@10']:.4f}"
+                f"{merged} (served {100 * b.delta:+.1f} points, 95% CI [{100 * b.ci95_low:+.1f}, {100 * b.ci95_high:+.1f}]) "
                 f"on {s.queries} queries, {metrics.eval_max_seq_length} tokens"
             )
     gates = [g for m in (get("split_sets"), metrics, onnx, service) if m is not None for g in m.gates()]
     for g in gates:
         verdict = "passed" if g.passed else ("FAILED" if g.severity == "error" else "warning")
         lines.append(f"  gate {g.name}: {verdict}" + ("" if g.passed else f" — {g.message}"))
+    if metrics is not None and metrics.choice is not None:
+        lines.append(f"  served model: {metrics.served_label} ({metrics.choice.reason})")
     if checkpoint is not None:
-        lines.append(f"  model:   {checkpoint.model_dir}")
+        lines.append(
+            f"  model:   {metrics.model_dir if metrics is not None and metrics.model_dir else checkpoint.model_dir}"
+        )
         if checkpoint.mlflow.run_id:
             lines.append(
                 f"  MLflow run {checkpoint.mlflow.run_id}: `make mlflow`, then {checkpoint.mlflow.url}"

@@ -342,6 +342,8 @@ def last_complete_checkpoint(work_dir: str | Path) -> str | None:
 
 #: Optimizer steps the moving rate (and ETA) is measured over.
 RATE_WINDOW_STEPS = 20
+#: Longest quiet stretch: a progress line at least this often (seconds) between loss logs, at step ends.
+PROGRESS_EVERY_S = 20.0
 
 
 def _total_steps(n_rows: int, settings: TrainSettings, epochs: int) -> int:
@@ -368,18 +370,32 @@ def _curve_recorder(progress: Callable[[str], None] | None, total_steps: int) ->
             self.ends: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW_STEPS + 1)
             self.total = total_steps
             self.started = time.monotonic()
+            self.last_line = self.started
+
+        def say(self, line: str) -> None:
+            if progress:
+                progress(line)
+                self.last_line = time.monotonic()
+
+        def eta(self, step: int) -> str:
+            rate = self.rate()
+            left = f"ETA {(self.total - step) / rate:.0f}s" if rate > 0 else "ETA after the next steps"
+            return f"{rate:.2f} steps/s {left}"
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.total = state.max_steps or total_steps
             self.started = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if not self.ends and progress:
-                progress(
+            first = not self.ends
+            self.ends.append((time.monotonic(), state.global_step))
+            if first:
+                self.say(
                     f"step {state.global_step}/{self.total} done ({time.monotonic() - self.started:.1f}s for the "
                     "first step, model and data preparation included)"
                 )
-            self.ends.append((time.monotonic(), state.global_step))
+            elif time.monotonic() - self.last_line >= PROGRESS_EVERY_S:
+                self.say(f"step {state.global_step}/{self.total} {self.eta(state.global_step)}")
 
         def rate(self) -> float:
             """Steps per second over the recent window (0 until two steps have ended)."""
@@ -396,11 +412,8 @@ def _curve_recorder(progress: Callable[[str], None] | None, total_steps: int) ->
             for key, value in logs.items():
                 if key.endswith("ndcg@10"):
                     self.eval.append((step, float(value)))
-                    if progress:
-                        progress(f"step {step}/{self.total} validation nDCG@10 {float(value):.4f}")
-            if progress and "loss" in logs:
-                rate = self.rate()
-                eta = f"ETA {(self.total - step) / rate:.0f}s" if rate > 0 else "ETA after the next steps"
-                progress(f"step {step}/{self.total} loss={logs['loss']:.4f} {rate:.2f} steps/s {eta}")
+                    self.say(f"step {step}/{self.total} validation nDCG@10 {float(value):.4f}")
+            if "loss" in logs:
+                self.say(f"step {step}/{self.total} loss={logs['loss']:.4f} {self.eta(step)}")
 
     return CurveRecorder()

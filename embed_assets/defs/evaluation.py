@@ -16,19 +16,20 @@ class EvalConfig(EvalSettings, dg.Config):
 @dg.asset(
     group_name=GROUP,
     kinds={"pytorch", "json"},
-    code_version="1",
+    code_version="2",
     check_specs=[
         dg.AssetCheckSpec(
             "finetuned_not_worse_than_base",
             blocking=True,
             asset="beir_metrics",
-            description="Fails when fine-tuned nDCG@10 is below the base beyond bootstrap noise (95% CI).",
+            description="Fails when the served model's nDCG@10 (fine-tuned, or its merge with the base) is below "
+            "the base beyond bootstrap noise (95% CI).",
         ),
         dg.AssetCheckSpec(
             "no_forgetting",
             blocking=True,
             asset="beir_metrics",
-            description="Fails when the fine-tuned model loses more than guard_margin nDCG@10 beyond noise on "
+            description="Fails when the served model loses more than guard_margin nDCG@10 beyond noise on "
             "a general-domain set (the forgetting guard).",
         ),
     ],
@@ -44,7 +45,8 @@ def beir_metrics(
     checkpoint: CheckpointManifest,
 ):
     """BEIR metrics (nDCG/Recall/P/MAP/MRR @1,5,10,100) of the base and the fine-tuned model on the same
-    test set at the same window, with deltas and a bootstrap interval on the nDCG@10 difference."""
+    test set at the same window, with deltas and a bootstrap interval on the nDCG@10 difference; with model
+    merging on, also chooses on the validation split which model is served (fine-tuned or a base merge)."""
     manifest = evaluate_checkpoint(
         split_sets,
         checkpoint,

@@ -15,7 +15,7 @@ class TrainingConfig(TrainSettings, dg.Config):
     """Run config of ``checkpoint`` (the fields of :class:`~embed_assets.stages.train.TrainSettings`)."""
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "huggingface"}, code_version="1", **GPU_STEP)
+@dg.asset(group_name=GROUP, kinds={"pytorch", "huggingface"}, code_version="2", **GPU_STEP)
 def checkpoint(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,

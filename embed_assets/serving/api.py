@@ -140,6 +140,9 @@ class ServedModelInfo(BaseModel):
     normalize: bool
     query_prefix: str
     passage_prefix: str
+    merge_weight: float | None = Field(
+        default=None, description="merged models: the fine-tuned weights' share (1 - it is the base model's)"
+    )
     checkpoint_run_id: str | None = None
     dagster_run_id: str | None = None
     base_model: str | None = None

@@ -173,6 +173,7 @@ def startup_line(embedder: object, identity: dict, served_name: str | None = Non
         origin = "source unknown: no embed_assets_model.json in the model folder"
     else:
         labels = {
+            "merge_weight": "fine-tuned weight",
             "checkpoint_run_id": "checkpoint run",
             "dagster_run_id": "dagster run",
             "mlflow_run_id": "mlflow run",

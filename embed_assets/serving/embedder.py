@@ -32,7 +32,14 @@ METADATA_FILE = "embed_assets_onnx.json"
 #: Optional file of the export stage saying which model the folder holds (all keys optional).
 MODEL_IDENTITY_FILE = "embed_assets_model.json"
 #: Keys of :data:`MODEL_IDENTITY_FILE` the server reports (others are ignored).
-IDENTITY_KEYS = ("source", "checkpoint_run_id", "dagster_run_id", "base_model", "mlflow_run_id")
+IDENTITY_KEYS = (
+    "source",
+    "merge_weight",
+    "checkpoint_run_id",
+    "dagster_run_id",
+    "base_model",
+    "mlflow_run_id",
+)
 #: Variant name -> ONNX file name.
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
 TRUNCATE_MODES = ("NONE", "START", "END")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from embed_assets.stages.common import Gate, Manifest, ModelSpec, PathRef, StageContext, Table
 from embed_assets.stages.split import SplitManifest
@@ -56,6 +56,46 @@ class EvalSettings(BaseModel):
     guard_margin: float = Field(
         default=0.01, ge=0, le=1, description="Allowed nDCG@10 loss on the guard set (0.01 = 1 point)."
     )
+    merge: Literal["auto", "off"] = Field(
+        default="auto",
+        description="Model merging (LM-Cocktail): 'auto' builds base/fine-tuned weight interpolations at each of "
+        "merge_weights and serves, of those and the fine-tuned model, the one with the best validation nDCG@10 "
+        "that keeps the forgetting guard (needs the checkpoint's validation split; without one: the fine-tuned "
+        "model). 'off': the fine-tuned model is served.",
+    )
+    merge_weights: list[float] = Field(
+        default=[0.5, 0.75],
+        description="Fine-tuned share of each merged candidate (0 < w < 1; 1 - w is the base model's share).",
+    )
+
+    @field_validator("merge_weights")
+    @classmethod
+    def _weights_inside(cls, weights: list[float]) -> list[float]:
+        outside = [w for w in weights if not 0.0 < w < 1.0]
+        if outside:
+            raise ValueError(f"merge weights must be strictly between 0 and 1, got {outside}")
+        return sorted(set(weights))
+
+
+@dataclass
+class ModelChoice:
+    """The model to serve: ``weight`` is its fine-tuned share (1.0: the fine-tuned model, < 1: a merge).
+
+    ``candidates`` holds what each scored on the validation split and on the guard set (the base model too,
+    as weight 0), which is what the choice was made on.
+    """
+
+    weight: float
+    model_dir: str
+    reason: str
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def merged(self) -> bool:
+        return self.weight < 1.0
+
+    def label(self) -> str:
+        return f"merged (fine-tuned weight {self.weight:g})" if self.merged else "fine-tuned"
 
 
 @dataclass
@@ -79,7 +119,13 @@ class SetMetrics:
     bootstrap: Bootstrap
     queries: int
     passages: int
-    matryoshka: dict[str, float] = field(default_factory=dict)  # trained dimension -> fine-tuned nDCG@10
+    matryoshka: dict[str, float] = field(default_factory=dict)  # trained dimension -> served nDCG@10
+    merged: dict[str, float] = field(default_factory=dict)  # the merged model's metrics, when it is served
+
+    @property
+    def served(self) -> dict[str, float]:
+        """The served model's metrics (the merged model's when merging chose one, else the fine-tuned's)."""
+        return self.merged or self.finetuned
 
 
 @dataclass
@@ -98,6 +144,8 @@ class MetricsManifest(Manifest):
     mlflow: MLflowInfo = field(default_factory=MLflowInfo)
     allow_regression: bool = False
     guard_margin: float = 0.01
+    choice: ModelChoice | None = None  # None: merging off or impossible, the fine-tuned model is served
+    model_dir: str = ""  # the served model's folder (fine-tuned or merged)
 
     @property
     def primary(self) -> SetMetrics:
@@ -112,7 +160,17 @@ class MetricsManifest(Manifest):
         return self.primary.finetuned
 
     @property
+    def served(self) -> dict[str, float]:
+        """The served model's metrics on the primary set (the export parity reference)."""
+        return self.primary.served
+
+    @property
+    def served_label(self) -> str:
+        return self.choice.label() if self.choice else "fine-tuned"
+
+    @property
     def bootstrap(self) -> Bootstrap:
+        """Served − base nDCG@10 on the primary set."""
         return self.primary.bootstrap
 
     @property
@@ -128,7 +186,7 @@ class MetricsManifest(Manifest):
         p = self.primary
         b = p.bootstrap
         passed = b.ci95_high >= 0
-        message = f"on {p.name}: fine-tuned nDCG@10 {_vs(p)}"
+        message = f"on {p.name}: {self.served_label} nDCG@10 {_vs(p)}"
         if not passed:
             message += (
                 " — worse than the base beyond noise, so nothing downstream is exported or served; "
@@ -167,7 +225,7 @@ class MetricsManifest(Manifest):
             )
         else:
             kept = g.bootstrap.ci95_high >= -self.guard_margin
-            message = f"on the guard set {g.beir}: fine-tuned nDCG@10 {_vs(g)}"
+            message = f"on the guard set {g.beir}: {self.served_label} nDCG@10 {_vs(g)}"
             if not kept:
                 message += (
                     f" — loses more than {100 * self.guard_margin:.1f} points beyond noise outside the domain; "
@@ -201,16 +259,22 @@ class MetricsManifest(Manifest):
         meta: dict[str, Any] = {
             "ndcg@10_base": self.base["NDCG@10"],
             "ndcg@10_finetuned": self.finetuned["NDCG@10"],
-            "ndcg@10_delta": self.finetuned["NDCG@10"] - self.base["NDCG@10"],
-            "recall@10_finetuned": self.finetuned["Recall@10"],
+            **({"ndcg@10_merged": self.primary.merged["NDCG@10"]} if self.primary.merged else {}),
+            "ndcg@10_delta": self.served["NDCG@10"] - self.base["NDCG@10"],
+            "recall@10_served": self.served["Recall@10"],
+            "served_model": self.served_label,
+            "served_model_dir": PathRef(self.model_dir),
             "primary_eval_set": self.primary.name,
+            **(self.choice_metadata()),
         }
         for s in self.sets:
             suffix = "" if s.name == "generated_test" else f"_{s.name}"
-            meta[f"metrics{suffix}"] = delta_table(s.deltas)
+            meta[f"metrics{suffix}"] = delta_table(s.deltas, s)
             if suffix:
                 meta[f"ndcg@10_base{suffix}"] = s.base["NDCG@10"]
                 meta[f"ndcg@10_finetuned{suffix}"] = s.finetuned["NDCG@10"]
+                if s.merged:
+                    meta[f"ndcg@10_merged{suffix}"] = s.merged["NDCG@10"]
             meta[f"eval_queries{suffix}"] = s.queries
             if s.matryoshka:
                 full = s.finetuned["NDCG@10"]
@@ -232,23 +296,39 @@ class MetricsManifest(Manifest):
             **self.mlflow.metadata(),
         }
 
+    def choice_metadata(self) -> dict[str, Any]:
+        if self.choice is None:
+            return {}
+        return {
+            "merge_weight": self.choice.weight,
+            "merge_choice": self.choice.reason,
+            "merge_candidates": Table(
+                ["finetuned_weight", "val_ndcg@10", "guard_ndcg@10", "keeps_guard"],
+                self.choice.candidates,
+                max_rows=len(self.choice.candidates),
+            ),
+        }
 
-def delta_table(deltas: list[dict[str, Any]]) -> Table:
-    """Base, fine-tuned and Δ per metric, as a table the asset page shows inline."""
-    return Table(
-        ["metric", "base", "finetuned", "delta"],
-        [
-            {"metric": r["metric"], "base": r["base"], "finetuned": r["tuned"], "delta": r["delta"]}
-            for r in deltas
-        ],
-        max_rows=len(deltas),
-    )
+
+def delta_table(deltas: list[dict[str, Any]], s: SetMetrics | None = None) -> Table:
+    """Base, fine-tuned (merged, when served) and Δ (served − base) per metric, shown inline on the asset page."""
+    merged = s.merged if s is not None else {}
+    columns = ["metric", "base", "finetuned", *(["merged"] if merged else []), "delta"]
+    rows = []
+    for r in deltas:
+        # deltas compare the served model with the base; with a merge served, r["tuned"] is the merged value
+        tuned = s.finetuned.get(r["metric"], r["tuned"]) if s is not None else r["tuned"]
+        row = {"metric": r["metric"], "base": r["base"], "finetuned": tuned, "delta": r["delta"]}
+        if merged:
+            row["merged"] = r["tuned"]
+        rows.append(row)
+    return Table(columns, rows, max_rows=len(deltas))
 
 
 def _vs(s: SetMetrics) -> str:
     b = s.bootstrap
     return (
-        f"{s.finetuned['NDCG@10']:.4f} vs base {s.base['NDCG@10']:.4f} ({100 * b.delta:+.1f} points, "
+        f"{s.served['NDCG@10']:.4f} vs base {s.base['NDCG@10']:.4f} ({100 * b.delta:+.1f} points, "
         f"95% CI [{100 * b.ci95_low:+.1f}, {100 * b.ci95_high:+.1f}])"
     )
 
@@ -293,10 +373,22 @@ def evaluate_checkpoint(
     runs: dict[str, dict[str, Any]] = {name: {} for name in folders}
     per_dim: dict[str, dict[str, dict[str, float]]] = {name: {} for name in folders}
     seconds = {}
-    for side, path in (("base", model.base_model), ("finetuned", checkpoint.model_dir)):
+    start = time.monotonic()
+    choice = choose_model(checkpoint, settings, model, window, device, ctx, data.get("guard"))
+    if choice is not None:
+        seconds["merge_selection"] = round(time.monotonic() - start, 2)
+    sides = [("base", model.base_model), ("finetuned", checkpoint.model_dir)]
+    if choice is not None and choice.merged:
+        sides.append(("merged", choice.model_dir))
+    served_side = sides[-1][0]
+    for side, path in sides:
         start = time.monotonic()
         for name, (corpus, queries, qrels) in data.items():
-            dims = checkpoint.matryoshka_dims if side == "finetuned" else ()
+            dims = checkpoint.matryoshka_dims if side == served_side else ()
+            ctx.log.info(
+                f"evaluating the {side} model on {name}: {len(queries)} queries x {len(corpus)} passages at "
+                f"{window} tokens"
+            )
             results[name][side], runs[name][side], per_dim[name][side] = evaluate_model(
                 path,
                 corpus,
@@ -315,10 +407,11 @@ def evaluate_checkpoint(
     sets = []
     for name, (corpus, queries, qrels) in data.items():
         base, tuned = results[name]["base"], results[name]["finetuned"]
+        served = results[name][served_side]
         boot = Bootstrap(
             *paired_bootstrap(
                 per_query_ndcg(qrels, runs[name]["base"], 10),
-                per_query_ndcg(qrels, runs[name]["finetuned"], 10),
+                per_query_ndcg(qrels, runs[name][served_side], 10),
                 n=settings.noise_bootstrap_samples,
                 seed=0,
             )
@@ -329,16 +422,18 @@ def evaluate_checkpoint(
                 folders[name],
                 base,
                 tuned,
-                compare(base, tuned),
+                compare(base, served),
                 boot,
                 len(queries),
                 len(corpus),
-                per_dim[name].get("finetuned", {}),
+                per_dim[name].get(served_side, {}),
+                merged=results[name].get("merged", {}),
             )
         )
+        merged_note = f", merged {served['NDCG@10']:.4f}" if served_side == "merged" else ""
         ctx.log.info(
-            f"{name}: nDCG@10 base {base['NDCG@10']:.4f} -> fine-tuned {tuned['NDCG@10']:.4f} "
-            f"({100 * boot.delta:+.1f} points, 95% CI [{100 * boot.ci95_low:+.1f}, {100 * boot.ci95_high:+.1f}]) "
+            f"{name}: nDCG@10 base {base['NDCG@10']:.4f} -> fine-tuned {tuned['NDCG@10']:.4f}{merged_note} "
+            f"(served {100 * boot.delta:+.1f} points, 95% CI [{100 * boot.ci95_low:+.1f}, {100 * boot.ci95_high:+.1f}]) "
             f"on {len(queries)} queries at {window} tokens"
         )
     manifest = MetricsManifest(
@@ -349,23 +444,115 @@ def evaluate_checkpoint(
         seconds=seconds,
         allow_regression=settings.allow_regression,
         guard_margin=settings.guard_margin,
+        choice=choice,
+        model_dir=choice.model_dir if choice is not None else checkpoint.model_dir,
     )
     write_json(
-        manifest.path, {s.name: {"base": s.base, "finetuned": s.finetuned, "deltas": s.deltas} for s in sets}
+        manifest.path,
+        {
+            s.name: {"base": s.base, "finetuned": s.finetuned, "merged": s.merged, "deltas": s.deltas}
+            for s in sets
+        },
     )
     manifest.mlflow = _log_to_mlflow(tracker, checkpoint, manifest, ctx)
-    update_card(
-        checkpoint.model_dir,
-        metrics={
+    card = {
+        "metrics": {
             s.name: {
                 side: {k: v for k, v in getattr(s, side).items() if k in CARD_METRICS}
-                for side in ("base", "finetuned")
+                for side in ("base", "finetuned", "merged")
+                if getattr(s, side)
             }
             for s in sets
         },
-        gates={g.name: {"passed": g.passed, "result": g.message} for g in manifest.gates()},
-    )
+        "gates": {g.name: {"passed": g.passed, "result": g.message} for g in manifest.gates()},
+    }
+    for folder in {checkpoint.model_dir, manifest.model_dir}:
+        update_card(folder, **card)
     return manifest
+
+
+def choose_model(
+    checkpoint: CheckpointManifest,
+    settings: EvalSettings,
+    model: ModelSpec,
+    window: int,
+    device: str,
+    ctx: StageContext,
+    guard: tuple[dict[str, Any], dict[str, str], dict[str, dict[str, int]]] | None,
+) -> ModelChoice | None:
+    """Choose between the fine-tuned model and its merges with the base, on validation data only.
+
+    Every candidate (the fine-tuned model, and :func:`embed_assets.merging.interpolate` at each
+    ``merge_weights``) is scored on the checkpoint's validation split and on the guard set. The served model is
+    the best validation nDCG@10 among the candidates whose guard nDCG@10 is within ``guard_margin`` of the
+    base's; when none is, the one that forgets least (the guard gate then says so). The test queries are not
+    looked at. The guard set is the one the ``no_forgetting`` gate checks: the choice is a constraint the gate
+    then verifies with its noise estimate, not an estimate of it.
+
+    Returns:
+        The :class:`ModelChoice`, or ``None`` when merging is off or there is no validation split.
+    """
+    import shutil
+
+    from embed_assets.beir_io import load_beir_folder
+    from embed_assets.merging import interpolate
+
+    if settings.merge == "off" or not settings.merge_weights:
+        return None
+    if not checkpoint.val_beir:
+        ctx.log.info("model merging skipped: the checkpoint has no validation split to choose on")
+        return None
+    val = load_beir_folder(checkpoint.val_beir, split="dev")
+    cache = ctx.cache_dir("embeddings")
+    merges = ctx.out_dir("beir_metrics") / "merged"
+
+    def score(path: str, data: Any) -> float:
+        return evaluate_model(path, *data, settings, model, window, device, cache)[0]["NDCG@10"]
+
+    base_guard = score(model.base_model, guard) if guard else float("nan")
+    # The base model's row is for reference (what the gain is measured from); it is not a candidate.
+    base_row = {
+        "finetuned_weight": 0.0,
+        "val_ndcg@10": score(model.base_model, val),
+        "guard_ndcg@10": base_guard,
+        "keeps_guard": True,
+    }
+    candidates: list[dict[str, Any]] = []
+    folders = {1.0: checkpoint.model_dir}
+    for weight in [*settings.merge_weights, 1.0]:
+        if weight < 1.0:
+            folders[weight] = str(
+                interpolate(model.base_model, checkpoint.model_dir, weight, merges / f"w{weight:g}")
+            )
+        g = score(folders[weight], guard) if guard else float("nan")
+        candidates.append(
+            {
+                "finetuned_weight": weight,
+                "val_ndcg@10": score(folders[weight], val),
+                "guard_ndcg@10": g,
+                "keeps_guard": bool(not guard or g >= base_guard - settings.guard_margin),
+            }
+        )
+        ctx.log.info(
+            f"merge candidate {weight:g}: validation nDCG@10 {candidates[-1]['val_ndcg@10']:.4f}"
+            + (f", guard {g:.4f} (base {base_guard:.4f})" if guard else "")
+        )
+    kept = [c for c in candidates if c["keeps_guard"]]
+    if kept:
+        best = max(kept, key=lambda c: (c["val_ndcg@10"], c["finetuned_weight"]))
+        reason = f"best validation nDCG@10 ({best['val_ndcg@10']:.4f}) of {len(candidates)} candidates" + (
+            f" that keep the guard within {100 * settings.guard_margin:g} points of the base" if guard else ""
+        )
+    else:
+        best = max(candidates, key=lambda c: (c["guard_ndcg@10"], c["val_ndcg@10"]))
+        reason = "no candidate keeps the guard: the one that forgets least"
+    weight = best["finetuned_weight"]
+    for w, folder in folders.items():
+        if w != weight and w < 1.0:
+            shutil.rmtree(folder, ignore_errors=True)  # only the chosen merge is kept
+    choice = ModelChoice(weight, folders[weight], reason, [base_row, *candidates])
+    ctx.log.info(f"serving the {choice.label()} model: {reason}")
+    return choice
 
 
 def resolve_guard(guard_path: str) -> str:
@@ -464,6 +651,22 @@ def evaluate_model(
     return evaluate(qrels, run, k_values=settings.k_values), run, per_dim
 
 
+def _merge_metrics(manifest: MetricsManifest) -> dict[str, float]:
+    """The merge choice as MLflow metrics: the chosen weight, each candidate's validation and guard nDCG@10."""
+    if manifest.choice is None:
+        return {}
+    out = {"merge/finetuned_weight": manifest.choice.weight}
+    for c in manifest.choice.candidates:
+        w = f"{c['finetuned_weight']:g}"
+        out[f"merge/{w}/val_NDCG_at_10"] = c["val_ndcg@10"]
+        if c["guard_ndcg@10"] == c["guard_ndcg@10"]:  # not NaN (no guard set)
+            out[f"merge/{w}/guard_NDCG_at_10"] = c["guard_ndcg@10"]
+    for s in manifest.sets:
+        if s.merged:
+            out[f"{s.name}/merged/NDCG_at_10"] = s.merged["NDCG@10"]
+    return out
+
+
 def _log_to_mlflow(
     tracker: Any, checkpoint: CheckpointManifest, manifest: MetricsManifest, ctx: StageContext
 ) -> MLflowInfo:
@@ -496,6 +699,7 @@ def _log_to_mlflow(
                 "eval_queries": manifest.primary.queries,
                 "eval_passages": manifest.primary.passages,
                 "eval_max_seq_length": manifest.eval_max_seq_length,
+                **_merge_metrics(manifest),
                 **{
                     f"{s.name}/{side}/NDCG_at_10": getattr(s, side)["NDCG@10"]
                     for s in manifest.sets

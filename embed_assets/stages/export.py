@@ -188,7 +188,7 @@ def served_parity(
     from embed_assets.beir_io import load_beir_folder
     from embed_assets.metrics import evaluate_encoder, metric_parity
 
-    reference = metrics.finetuned
+    reference = metrics.served
     corpus, queries, qrels = load_beir_folder(metrics.eval_beir, split="test")
     k_values = sorted({int(k.rsplit("@", 1)[1]) for k in reference})
     served, _ = evaluate_encoder(encode, corpus, queries, qrels, k_values)
@@ -202,11 +202,12 @@ def export_checkpoint(
     settings: ExportSettings,
     ctx: StageContext,
 ) -> OnnxManifest:
-    """Export the checkpoint to ONNX and measure every variant's parity with it.
+    """Export the served model (fine-tuned, or the merge evaluation chose) to ONNX; measure each variant's parity.
 
     Args:
-        checkpoint: The fine-tuned model.
-        metrics: The checkpoint's metrics (the parity reference, on its primary set) and the evaluation window.
+        checkpoint: The fine-tuned model (its run ids are part of the served identity).
+        metrics: The evaluation: which model is served (``model_dir``), its metrics on the primary set (the
+            parity reference) and the evaluation window.
         settings: Opset, int8, served model name.
         ctx: Where to write the ONNX folder.
 
@@ -220,7 +221,7 @@ def export_checkpoint(
     start = time.monotonic()
     out = ctx.out_dir("onnx_model") / "onnx"
     report = export_onnx(
-        checkpoint.model_dir,
+        metrics.model_dir or checkpoint.model_dir,
         str(out),
         opset=settings.opset,
         quantize_int8=settings.quantize_int8,
@@ -228,13 +229,16 @@ def export_checkpoint(
         model_name=settings.served_model_name,
     )
     identity = {
-        "source": "finetuned",
+        "source": "merged" if metrics.choice is not None and metrics.choice.merged else "finetuned",
+        **({"merge_weight": metrics.choice.weight} if metrics.choice is not None else {}),
+        "model_dir": metrics.model_dir or checkpoint.model_dir,
         "served_model_name": settings.served_model_name,
         "checkpoint_run_id": checkpoint.run_id,
         "dagster_run_id": ctx.run_id,
         "base_model": checkpoint.base_model,
         "mlflow_run_id": checkpoint.mlflow.run_id,
         "max_seq_length": metrics.eval_max_seq_length,
+        "ndcg@10_served": metrics.served.get("NDCG@10"),
         "ndcg@10_finetuned": metrics.finetuned.get("NDCG@10"),
         "ndcg@10_base": metrics.base.get("NDCG@10"),
     }

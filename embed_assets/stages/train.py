@@ -195,6 +195,7 @@ class CheckpointManifest(Manifest):
     eval_curve: list[list[float]] = field(default_factory=list)  # (step, validation nDCG@10)
     train_rows: int = 0
     matryoshka_dims: list[int] = field(default_factory=list)  # sizes trained besides the full one
+    val_beir: str = ""  # the validation split as a BEIR folder (model merging chooses on it); "": none
     selection: LRSelection | None = None
     mlflow: MLflowInfo = field(default_factory=MLflowInfo)
 
@@ -342,6 +343,7 @@ def train_checkpoint(
         title=f"checkpoint {ctx.run_id[:8]}",
     )
     write_card(out, card_facts(chunks, pairs, rows, val, settings, model, report))
+    val_beir = write_validation_beir(val, run_dir / "val_beir")
     summary = {k: v for k, v in report.as_metadata().items() if k not in ("model_dir", "resumed_from")}
     return CheckpointManifest(
         model_dir=str(out),
@@ -356,9 +358,22 @@ def train_checkpoint(
         eval_curve=[[s, v] for s, v in report.eval_curve],
         train_rows=len(rows),
         matryoshka_dims=sorted(set(settings.matryoshka_dims), reverse=True),
+        val_beir=val_beir,
         selection=selection,
         mlflow=_log_result(tracker, run_id, summary, report.steps, png, out, ctx),
     )
+
+
+def write_validation_beir(val: dict[str, Any] | None, folder: Path) -> str:
+    """The validation set as a BEIR folder (split ``dev``) for choices made after training; ``""`` if none."""
+    from embed_assets.beir_io import write_beir_folder
+
+    if not val or not val["queries"]:
+        return ""
+    qrels = {q: {c: 1 for c in rel} for q, rel in val["relevant_docs"].items() if rel}
+    corpus = {cid: {"title": "", "text": text} for cid, text in val["corpus"].items()}
+    write_beir_folder(folder, corpus, {q: val["queries"][q] for q in qrels}, qrels, split="dev")
+    return str(folder)
 
 
 @dataclass
