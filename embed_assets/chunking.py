@@ -15,6 +15,31 @@ TokenCounter = Callable[[str], int]
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
 _BLANK_LINES = re.compile(r"\n\s*\n")
 _ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "Mr.", "Dr.", "cf.", "Fig.", "No.")
+# Headings: Markdown ATX (``## Title``) and underlined ones (Markdown setext, reStructuredText: a line of
+# = - * ~ ^ # under the title).
+_ATX_HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
+_UNDERLINED_HEADING = re.compile(r"^[ \t]*([^\s=*~^#-][^\n]*?)[ \t]*\n[ \t]*([=\-*~^#])\2{2,}[ \t]*$", re.M)
+#: Longest heading taken as a passage's title (a longer "heading" is a paragraph that happens to be underlined).
+MAX_TITLE_WORDS = 20
+
+
+def headings(text: str) -> set[str]:
+    """The headings of a document (whitespace-normalized, without Markdown's ``#`` marks)."""
+    found = {m.group(1) for m in _ATX_HEADING.finditer(text)}
+    found |= {m.group(1) for m in _UNDERLINED_HEADING.finditer(text)}
+    return {" ".join(h.split()) for h in found if 0 < len(h.split()) <= MAX_TITLE_WORDS}
+
+
+def section_titles(sentences: list[str], text: str) -> list[str]:
+    """For each sentence, the heading it sits under (``""`` before the first heading)."""
+    known = headings(text)
+    titles, current = [], ""
+    for sentence in sentences:
+        bare = " ".join(sentence.lstrip("#").split())
+        if bare in known:
+            current = bare
+        titles.append(current)
+    return titles
 
 
 def split_sentences(text: str) -> list[str]:
@@ -107,9 +132,11 @@ def chunk_document(
         count_tokens: Token counter for the model in use.
 
     Returns:
-        Chunks in document order; ``chunk_id`` is the content hash of the chunk text.
+        Chunks in document order; ``chunk_id`` is the content hash of the chunk text; ``title`` is the
+        heading the chunk's first sentence sits under.
     """
     sentences = split_sentences(doc.text)
+    titles = section_titles(sentences, doc.text)
     chunks: list[Chunk] = []
     i = 0
     while i < len(sentences):
@@ -130,6 +157,7 @@ def chunk_document(
                     sent_start=i,
                     sent_end=i + n,
                     n_tokens=count_tokens(piece) if len(pieces) > 1 else n_tok,
+                    title=titles[i],
                 )
             )
         i += n

@@ -44,6 +44,7 @@ class Chunk:
     sent_end: int  # exclusive
     n_tokens: int = 0
     source_id: str = ""  # the passage's id in the collection it came from (a BEIR corpus), if any
+    title: str = ""  # the heading the passage sits under (Markdown/reST section, BEIR title), if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -62,3 +62,100 @@ def test_inverse_cloze_is_deterministic_and_points_at_its_chunk(tiny_corpus) -> 
         assert all(w in chunk.text for w in r.query.split())  # a crop of the passage's own sentence
     assert first.stats.pairs_kept == len(first.records) > len(chunks)
     assert InverseClozeGenerator(InverseClozeSettings(queries_per_chunk=1)).fingerprint != gen.fingerprint
+
+
+# ------------------------------------------------------------------ offline query mixture and passage titles
+_MARKDOWN = """# Tide tables
+
+Tide tables list the predicted times of high and low water for a harbour. The predictions come from harmonic
+constants measured at the harbour gauge over many months.
+
+## Spring tides
+
+Spring tides happen near new and full moon. The range between high and low water is then at its largest,
+because the sun and the moon pull along the same line.
+"""
+_REST = """Mooring lines
+*************
+
+A mooring line holds the vessel against the quay. Nylon stretches and absorbs shocks, polyester barely does.
+
+Chafe protection
+================
+
+Where a line crosses a fairlead, chafe gear stops the rope from wearing through within a single season.
+"""
+
+
+def _doc_chunks(name: str, text: str):
+    from embed_assets.chunking import chunk_document
+    from embed_assets.records import Document
+
+    return chunk_document(Document(name, text, "", 0), sentences_per_chunk=2, max_tokens=256)
+
+
+def test_passages_know_the_heading_they_sit_under() -> None:
+    md = _doc_chunks("tides.md", _MARKDOWN)
+    assert [c.title for c in md] == ["Tide tables", "Tide tables", "Spring tides", "Spring tides"][: len(md)]
+    assert {c.title for c in md} == {"Tide tables", "Spring tides"}
+    rest = _doc_chunks("mooring.txt", _REST)
+    assert rest[0].title == "Mooring lines" and rest[-1].title == "Chafe protection"
+    assert not any(c.title for c in _doc_chunks("plain.txt", "No heading here. Just two plain sentences."))
+
+
+def test_chunks_from_beir_keep_the_title(tmp_path) -> None:
+    from embed_assets.beir_io import write_beir_folder
+    from embed_assets.stages.common import StageContext
+    from embed_assets.stages.ingest import chunks_from_beir
+
+    write_beir_folder(
+        tmp_path / "beir",
+        {
+            "d1-0": {"title": "Tide  tables", "text": "Predicted high water."},
+            "d2-0": {"title": "", "text": "x y"},
+        },
+        {"q": "when is high water"},
+        {"q": {"d1-0": 1}},
+    )
+    chunks = chunks_from_beir(tmp_path / "beir", StageContext.local(tmp_path / "a", run_id="r")).load()
+    assert {c.source_id: c.title for c in chunks} == {"d1-0": "Tide tables", "d2-0": ""}
+
+
+def test_offline_mixture_adds_keyword_and_title_queries() -> None:
+    from embed_assets.sdg.runner import run_generation
+
+    chunks = _doc_chunks("tides.md", _MARKDOWN) + _doc_chunks("mooring.txt", _REST)
+    only_cloze = run_generation(InverseClozeGenerator(InverseClozeSettings()), chunks, None).records
+    mixed = run_generation(
+        InverseClozeGenerator(InverseClozeSettings(kinds=("inverse_cloze", "keywords", "titles"))),
+        chunks,
+        None,
+    ).records
+    kinds = {r.query_type for r in mixed}
+    assert kinds == {"inverse_cloze", "keywords", "title"} and {r.query_type for r in only_cloze} == {
+        "inverse_cloze"
+    }
+    cloze = [r.query for r in mixed if r.query_type == "inverse_cloze"]
+    assert cloze == [r.query for r in only_cloze]  # the mixture adds queries, it does not change the others
+    by_id = {c.chunk_id: c for c in chunks}
+    titles = {r.query: by_id[r.positive_chunk_ids[0]] for r in mixed if r.query_type == "title"}
+    assert set(titles) == {"Tide tables", "Spring tides", "Mooring lines", "Chafe protection"}
+    assert titles["Spring tides"].text.startswith("Spring tides happen")  # the section's first passage
+    keywords = [r.query.split() for r in mixed if r.query_type == "keywords"]
+    assert len(keywords) == len(chunks) and all(2 <= len(k) <= 4 for k in keywords)
+    # salient terms, not the function words every passage shares
+    assert "the" not in {w.casefold() for k in keywords for w in k}
+    assert any({"fairlead", "chafe"} & {w.casefold() for w in k} for k in keywords)
+
+
+def test_a_heading_several_documents_share_is_not_a_title_query() -> None:
+    from embed_assets.sdg.runner import run_generation
+
+    chunks = _doc_chunks("a.md", "# Overview\n\nAnchors hold boats. Chains help.") + _doc_chunks(
+        "b.md", "# Overview\n\nSails drive boats. Wind helps."
+    )
+    gen = InverseClozeGenerator(InverseClozeSettings(kinds=("titles",)))
+    result = run_generation(gen, chunks, None)
+    assert not result.records and result.stats.dropped["ambiguous_title"] == 2
+    with pytest.raises(ValueError, match="offline query kinds"):
+        InverseClozeGenerator(InverseClozeSettings(kinds=("questions",)))

@@ -1,18 +1,29 @@
-"""The embedded default generator: inverse-cloze queries, no network, no API key.
+"""The embedded default generator: pseudo-queries from the corpus itself, no network, no API key.
 
-Inverse cloze task (Lee et al., 2019, "Latent Retrieval for Weakly Supervised Open Domain QA"): a sentence
-of a passage, cropped to a query-like span, is a pseudo-query whose positive is the passage it came from.
-It is the classical unsupervised substitute for LLM-written questions: it teaches the model the domain's
-vocabulary and which passages belong together, at zero cost and fully reproducibly.
+Three kinds of query, mixed by ``InverseClozeSettings.kinds`` and deduplicated per document:
+
+* ``inverse_cloze`` (Lee et al., 2019, "Latent Retrieval for Weakly Supervised Open Domain QA"): a sentence of a
+  passage, cropped to a query-like span, whose positive is the passage it came from. It teaches the domain's
+  vocabulary and which passages belong together.
+* ``keywords``: the passage's most salient terms against the corpus (TF-IDF over the passages; terms in more
+  than half of them are treated as function words, so no stop-word list per language is needed), in passage
+  order: the short keyword queries users type into a search box.
+* ``titles``: the heading a passage sits under (Markdown / reStructuredText sections, BEIR ``title`` fields)
+  as a query for the first passage of its section: structure the author wrote, i.e. what the section is about.
+  A heading used by more than one document is ambiguous and skipped.
+
+Everything is deterministic per content and seed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -20,6 +31,10 @@ from embed_assets.records import Chunk, QARecord, content_hash
 from embed_assets.sdg.base import ProgressFn, SDGResult, SDGStats
 
 _WORD = re.compile(r"[A-Za-zÀ-ÿ]")
+#: A term of a keyword query: three or more letters of any script.
+_TERM = re.compile(r"[^\W\d_]{3,}")
+#: Terms in more than this share of the passages behave like function words (``the``, ``der``, ``self``).
+MAX_TERM_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -30,13 +45,17 @@ class InverseClozeSettings:
     min_query_words: int = 6
     max_query_words: int = 16
     seed: int = 42
+    kinds: tuple[str, ...] = ("inverse_cloze",)  # inverse_cloze, keywords, titles
+    keyword_terms: int = 4
 
 
 class InverseClozeGenerator:
-    """Pseudo-queries cut from the passages themselves.
+    """Pseudo-queries cut from the passages themselves (inverse cloze, keywords, titles: see the module).
 
     For each chunk, up to ``queries_per_chunk`` of its most prose-like sentences are chosen (deterministically
-    per chunk content and seed) and cropped to at most ``max_query_words`` contiguous words.
+    per chunk content and seed) and cropped to at most ``max_query_words`` contiguous words; with ``keywords``,
+    one query of its ``keyword_terms`` most salient terms; with ``titles``, each section heading becomes a query
+    for the section's first chunk. Units are documents, so a section's chunks are seen together.
     """
 
     name = "inverse_cloze"
@@ -44,55 +63,120 @@ class InverseClozeGenerator:
 
     def __init__(self, settings: InverseClozeSettings | None = None) -> None:
         self.settings = settings or InverseClozeSettings()
+        unknown = set(self.settings.kinds) - set(QUERY_KINDS)
+        if unknown or not self.settings.kinds:
+            raise ValueError(
+                f"offline query kinds must be a non-empty subset of {QUERY_KINDS}, got {unknown}"
+            )
+        self._df: Counter[str] = Counter()
+        self._n_passages = 0
+        self._shared_titles: set[str] = set()
 
     @property
     def fingerprint(self) -> str:
-        payload = json.dumps({"name": self.name, "v": 1, **asdict(self.settings)}, sort_keys=True)
+        payload = json.dumps({"name": self.name, "v": 2, **asdict(self.settings)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def units(self, chunks: Sequence[Chunk]) -> list[list[Chunk]]:
+        """One unit per document; also learns the corpus statistics keyword and title queries need."""
+        from embed_assets.sdg.runner import units_per_document
+
+        self._df = Counter(t for c in chunks for t in {t.casefold() for t in _terms(c.text)})
+        self._n_passages = len(chunks)
+        docs_per_title: dict[str, set[str]] = {}
+        for c in chunks:
+            if c.title:
+                docs_per_title.setdefault(c.title.casefold(), set()).add(c.doc_id)
+        self._shared_titles = {t for t, docs in docs_per_title.items() if len(docs) > 1}
+        return units_per_document(chunks)
 
     def generate(self, chunks: Sequence[Chunk], progress: ProgressFn | None = None) -> SDGResult:
         """Generate pseudo-queries for every chunk.
 
         Args:
-            chunks: Passages to generate for.
+            chunks: Passages to generate for (a document's, in order, when run through :meth:`units`).
             progress: Optional progress sink.
 
         Returns:
-            Records and statistics; chunks without a usable sentence are counted as ``dropped_no_sentence``.
+            Records and statistics; chunks without a usable sentence are counted as ``dropped_no_sentence``,
+            queries that repeat another of the same document as ``duplicate``, headings several documents share
+            as ``ambiguous_title``.
         """
         from embed_assets.chunking import split_sentences
 
+        if not self._n_passages:  # called without units(): the statistics of these chunks alone
+            self.units(chunks)
         stats = SDGStats(chunks_total=len(chunks))
         records: list[QARecord] = []
+        seen: set[tuple[str, str]] = set()
         start = time.monotonic()
-        for i, chunk in enumerate(chunks, start=1):
-            candidates = [s for s in split_sentences(chunk.text) if self._usable(s)]
-            if not candidates:
-                stats.dropped["no_sentence"] += 1
-            rng = random.Random(f"{self.settings.seed}:{chunk.chunk_id}")
-            picked = rng.sample(candidates, min(self.settings.queries_per_chunk, len(candidates)))
-            for sentence in picked:
-                query = self._crop(sentence, rng)
-                records.append(
-                    QARecord(
-                        qa_id=content_hash(f"{chunk.chunk_id}:{query}"),
-                        query=query,
-                        positive_chunk_ids=[chunk.chunk_id],
-                        doc_id=chunk.doc_id,
-                        answer=sentence,
-                        query_type="inverse_cloze",
-                        reasoning_type="lexical",
-                        complexity=1,
-                        generator=self.name,
-                        model=self.model,
-                    )
+
+        def add(chunk: Chunk, query: str, kind: str, answer: str) -> None:
+            key = (chunk.doc_id, " ".join(query.casefold().split()))
+            if key in seen:
+                stats.drop("duplicate", f"{kind}: {query}")
+                return
+            seen.add(key)
+            records.append(
+                QARecord(
+                    qa_id=content_hash(f"{chunk.chunk_id}:{query}"),
+                    query=query,
+                    positive_chunk_ids=[chunk.chunk_id],
+                    doc_id=chunk.doc_id,
+                    answer=answer,
+                    query_type=kind,
+                    reasoning_type="lexical",
+                    complexity=1,
+                    generator=self.name,
+                    model=self.model,
                 )
+            )
+
+        kinds = self.settings.kinds
+        if "titles" in kinds:
+            for chunk in _section_starts(chunks):
+                if chunk.title.casefold() in self._shared_titles:
+                    stats.drop("ambiguous_title", chunk.title)
+                else:
+                    add(chunk, chunk.title, "title", chunk.title)
+        for i, chunk in enumerate(chunks, start=1):
+            if "inverse_cloze" in kinds:
+                rng = random.Random(f"{self.settings.seed}:{chunk.chunk_id}")
+                candidates = [s for s in split_sentences(chunk.text) if self._usable(s)]
+                if not candidates:
+                    stats.dropped["no_sentence"] += 1
+                for sentence in rng.sample(candidates, min(self.settings.queries_per_chunk, len(candidates))):
+                    add(chunk, self._crop(sentence, rng), "inverse_cloze", sentence)
+            if "keywords" in kinds:
+                query = self._keywords(chunk.text)
+                if query:
+                    add(chunk, query, "keywords", query)
             stats.chunks_generated += 1
             if progress and (i % 200 == 0 or i == len(chunks)):
                 rate = i / max(time.monotonic() - start, 1e-9)
-                progress(f"inverse_cloze: {i}/{len(chunks)} chunks, {rate:.0f} chunks/s")
+                progress(f"{self.name}: {i}/{len(chunks)} chunks, {rate:.0f} chunks/s")
         stats.pairs_generated = stats.pairs_kept = len(records)
         return SDGResult(records=records, stats=stats)
+
+    def _keywords(self, text: str) -> str:
+        """The passage's ``keyword_terms`` highest-TF-IDF terms, in the order they first appear."""
+        terms = _terms(text)
+        if not terms or not self._n_passages:
+            return ""
+        first = {}
+        for pos, t in enumerate(terms):
+            first.setdefault(t.casefold(), (pos, t))
+        tf = Counter(t.casefold() for t in terms)
+        n = self._n_passages
+        scored = [
+            (tf[t] * math.log((1 + n) / (1 + self._df[t])), -first[t][0], t)
+            for t in tf
+            if self._df[t] <= MAX_TERM_SHARE * n or n < 4
+        ]
+        top = sorted(scored, reverse=True)[: self.settings.keyword_terms]
+        if len(top) < 2:
+            return ""
+        return " ".join(first[t][1] for _, _, t in sorted(top, key=lambda x: -x[1]))
 
     def _usable(self, sentence: str) -> bool:
         words = sentence.split()
@@ -108,3 +192,22 @@ class InverseClozeGenerator:
             return sentence
         start = rng.randrange(0, len(words) - n + 1)
         return " ".join(words[start : start + n])
+
+
+#: The kinds of offline query (``InverseClozeSettings.kinds``).
+QUERY_KINDS = ("inverse_cloze", "keywords", "titles")
+
+
+def _terms(text: str) -> list[str]:
+    """Candidate keyword terms, case kept (the document frequency counts them case-folded)."""
+    return _TERM.findall(text)
+
+
+def _section_starts(chunks: Sequence[Chunk]) -> list[Chunk]:
+    """The first chunk of each titled section, in document order."""
+    out, last = [], None
+    for chunk in sorted(chunks, key=lambda c: c.sent_start):
+        if chunk.title and chunk.title != last:
+            out.append(chunk)
+        last = chunk.title
+    return out

@@ -45,6 +45,14 @@ class SDGSettings(BaseModel):
     min_query_words: int = Field(default=6, ge=1, description="inverse_cloze: shortest usable sentence.")
     max_query_words: int = Field(default=16, ge=3, description="inverse_cloze: queries are cropped to this.")
     seed: int = Field(default=42, description="inverse_cloze: seed of the offline generator.")
+    offline_queries: list[Literal["inverse_cloze", "keywords", "titles"]] = Field(
+        default=["inverse_cloze"],
+        min_length=1,
+        description="inverse_cloze: the mixture of offline queries: 'inverse_cloze' (cropped sentences), "
+        "'keywords' (a passage's most salient terms against the corpus), 'titles' (section headings and BEIR "
+        "titles -> the section's first passage); deduplicated per document.",
+    )
+    keyword_terms: int = Field(default=4, ge=2, le=16, description="inverse_cloze: terms per keyword query.")
 
     # ------------------------------------------------------------------ LLM: what is generated
     num_pairs: int = Field(default=7, ge=1, description="llm: QA pairs asked per bundle.")

@@ -251,7 +251,8 @@ def chunks_from_beir(folder: str | Path, ctx: StageContext, doc_id_from: str = "
             continue
         seen.add(cid)
         doc_id = pid.rsplit("-", 1)[0] if doc_id_from == "id_prefix" and "-" in pid else pid
-        chunks.append(Chunk(cid, doc_id, text, 0, 0, n_tokens=len(text.split()), source_id=pid))
+        title = " ".join(str(doc.get("title") or "").split())
+        chunks.append(Chunk(cid, doc_id, text, 0, 0, n_tokens=len(text.split()), source_id=pid, title=title))
     out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
     write_parquet(out, [c.to_dict() for c in chunks])
     return ChunksManifest(

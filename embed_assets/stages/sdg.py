@@ -93,7 +93,12 @@ def make_generator(settings: SDGSettings, model: ModelSpec, endpoint: Any | None
 
         return InverseClozeGenerator(
             InverseClozeSettings(
-                settings.queries_per_chunk, settings.min_query_words, settings.max_query_words, settings.seed
+                settings.queries_per_chunk,
+                settings.min_query_words,
+                settings.max_query_words,
+                settings.seed,
+                kinds=tuple(dict.fromkeys(settings.offline_queries)),
+                keyword_terms=settings.keyword_terms,
             )
         )
     from embed_assets.sdg.llm import LLMQAGenerator
