@@ -267,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["stop"])
     parser.add_argument("--root", default="", help="artifact root (default: as the pipeline)")
     args = parser.parse_args(argv)
+    # Under ``python -m`` this module is ``__main__``: the stored manifest is of the importable module's class.
+    from embed_assets.stages.serve import ServiceManifest as Recorded
+
     service = latest_manifest_at(artifact_root(args.root), "nim_service")
-    if not isinstance(service, ServiceManifest):
+    if not isinstance(service, Recorded):
         print("no nim_service materialization under the artifact root: nothing to stop")
         return 0
     outcome = stop_service(service)
