@@ -232,11 +232,22 @@ def chunk_corpus(
     Returns:
         ``(chunks, n_duplicates_dropped)``.
     """
+    return drop_duplicates(
+        chunk_document(doc, sentences_per_chunk, max_tokens, count_tokens) for doc in documents
+    )
+
+
+def drop_duplicates(per_document: Iterable[list[Chunk]]) -> tuple[list[Chunk], int]:
+    """Concatenate the documents' chunks, keeping each chunk text once (first occurrence).
+
+    Returns:
+        ``(chunks, n_duplicates_dropped)``.
+    """
     seen: set[str] = set()
     out: list[Chunk] = []
     dups = 0
-    for doc in documents:
-        for chunk in chunk_document(doc, sentences_per_chunk, max_tokens, count_tokens):
+    for chunks in per_document:
+        for chunk in chunks:
             if chunk.chunk_id in seen:
                 dups += 1
                 continue

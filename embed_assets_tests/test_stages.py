@@ -225,3 +225,33 @@ def test_the_forgetting_guard_stops_a_model_that_forgot(tmp_path: Path, prepared
     assert "allow_regression: true" in gate.message
     card = (forgot / "README.md").read_text()
     assert "no_forgetting: FAILED" in card and "| guard |" in card
+
+
+def test_chunking_reuses_unchanged_documents_and_evicts_removed_ones(
+    tmp_path: Path, tiny_corpus: Path
+) -> None:
+    ctx = StageContext.local(tmp_path / "artifacts", run_id="run-1")
+    settings = ChunkSettings(passage_max_length=256)
+
+    def cut(run_id: str, chunk_settings: ChunkSettings = settings):
+        c = StageContext.local(tmp_path / "artifacts", run_id=run_id)
+        return chunk_documents(
+            read_documents(CorpusSettings(path=str(tiny_corpus)), c), chunk_settings, MODEL, c
+        )
+
+    first = chunk_documents(read_documents(CorpusSettings(path=str(tiny_corpus)), ctx), settings, MODEL, ctx)
+    assert first.documents_chunked == first.n_docs and first.documents_reused == 0
+    again = cut("run-2")
+    assert again.documents_chunked == 0 and again.documents_reused == first.n_docs
+    assert [c.to_dict() for c in again.load()] == [c.to_dict() for c in first.load()]  # identical passages
+
+    docs = sorted(p for p in tiny_corpus.rglob("*") if p.is_file())
+    docs[0].write_text(docs[0].read_text() + "\n\nA sentence that was not there before the edit.\n")
+    docs[1].unlink()
+    edited = cut("run-3")
+    assert edited.documents_chunked == 1 and edited.documents_reused == first.n_docs - 2
+    assert edited.cache_evicted == 2  # the removed document and the edited one's old content
+    assert edited.metadata()["documents_reused_from_cache"] == first.n_docs - 2
+
+    other = cut("run-4", ChunkSettings(passage_max_length=128))  # other settings: nothing stale is reused
+    assert other.documents_chunked == other.n_docs and other.documents_reused == 0

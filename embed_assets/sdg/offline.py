@@ -63,6 +63,8 @@ class InverseClozeGenerator:
 
     def __init__(self, settings: InverseClozeSettings | None = None) -> None:
         self.settings = settings or InverseClozeSettings()
+        from embed_assets.sdg.settings import OFFLINE_QUERY_KINDS as QUERY_KINDS
+
         unknown = set(self.settings.kinds) - set(QUERY_KINDS)
         if unknown or not self.settings.kinds:
             raise ValueError(
@@ -192,10 +194,6 @@ class InverseClozeGenerator:
             return sentence
         start = rng.randrange(0, len(words) - n + 1)
         return " ".join(words[start : start + n])
-
-
-#: The kinds of offline query (``InverseClozeSettings.kinds``).
-QUERY_KINDS = ("inverse_cloze", "keywords", "titles")
 
 
 def _terms(text: str) -> list[str]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 GeneratorName = Literal["inverse_cloze", "llm", "user_data"]
+#: The kinds of offline pseudo-query (``offline_queries``; see :mod:`embed_assets.sdg.offline`).
+OFFLINE_QUERY_KINDS = ("inverse_cloze", "keywords", "titles")
 
 #: The LLM steps, in order, and the setting that caps each one's completion.
 MAX_TOKENS_FIELDS: dict[str, str] = {
@@ -45,7 +47,8 @@ class SDGSettings(BaseModel):
     min_query_words: int = Field(default=6, ge=1, description="inverse_cloze: shortest usable sentence.")
     max_query_words: int = Field(default=16, ge=3, description="inverse_cloze: queries are cropped to this.")
     seed: int = Field(default=42, description="inverse_cloze: seed of the offline generator.")
-    offline_queries: list[Literal["inverse_cloze", "keywords", "titles"]] = Field(
+    # list[str] with a validator: Dagster's config schema cannot express a list of Literal values.
+    offline_queries: list[str] = Field(
         default=["inverse_cloze"],
         min_length=1,
         description="inverse_cloze: the mixture of offline queries: 'inverse_cloze' (cropped sentences), "
@@ -168,6 +171,16 @@ class SDGSettings(BaseModel):
     usd_per_1m_completion_tokens: float = Field(
         default=0.0, ge=0, description="llm: price per million completion tokens, for the cost estimate."
     )
+
+    @field_validator("offline_queries")
+    @classmethod
+    def _known_query_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = [k for k in kinds if k not in OFFLINE_QUERY_KINDS]
+        if unknown:
+            raise ValueError(
+                f"unknown offline query kind(s) {unknown}; choose from {list(OFFLINE_QUERY_KINDS)}"
+            )
+        return list(dict.fromkeys(kinds))
 
     @model_validator(mode="after")
     def _user_data_needs_path(self) -> SDGSettings:

@@ -21,6 +21,7 @@ from embed_assets.stages.common import (
     PathRef,
     StageContext,
     Table,
+    file_digest,
     fingerprint,
 )
 
@@ -95,6 +96,11 @@ class ChunksManifest(Manifest):
     data_version: str
     duplicates_dropped: int = 0
     unchanged_since_last_run: int = 0
+    documents_chunked: int = 0  # documents cut in this run (new or changed content)
+    documents_reused: int = (
+        0  # documents whose chunks came from the chunk cache (same content, same settings)
+    )
+    cache_evicted: int = 0  # cached documents no longer in the corpus, removed from the cache
     tokens_mean: float = 0.0
     tokens_max: int = 0
     token_histogram: list[int] = field(default_factory=list)  # passages per TOKEN_BINS bucket
@@ -108,6 +114,9 @@ class ChunksManifest(Manifest):
             "duplicate_chunks_dropped": self.duplicates_dropped,
             "chunks_unchanged_since_last_run": self.unchanged_since_last_run,
             "chunks_new": self.n_chunks - self.unchanged_since_last_run,
+            "documents_chunked": self.documents_chunked,
+            "documents_reused_from_cache": self.documents_reused,
+            "chunk_cache_evicted": self.cache_evicted,
             "tokens_mean": self.tokens_mean,
             "tokens_max": self.tokens_max,
             "token_histogram": Markdown(histogram_md(self.token_histogram, TOKEN_BINS)),
@@ -175,6 +184,11 @@ def chunk_documents(
 ) -> ChunksManifest:
     """Cut every document into passages, counting tokens with the base model's tokenizer.
 
+    A document whose content was cut before under the same settings and tokenizer takes its chunks from the
+    chunk cache (``ctx.cache_dir("chunks")``, one SQLite file keyed by content hash), so an unchanged re-run or
+    a small edit pays only for the documents that changed; cached documents no longer in the corpus are
+    evicted.
+
     Args:
         corpus: The scanned corpus.
         settings: Sentences per passage and the passage length limit.
@@ -187,14 +201,34 @@ def chunk_documents(
     """
     import time
 
-    from embed_assets.chunking import chunk_corpus, tokenizer_counter
-    from embed_assets.records import Document
+    from embed_assets.chunking import chunk_document, drop_duplicates, tokenizer_counter
+    from embed_assets.kvstore import KVStore
+    from embed_assets.records import Chunk, Document
     from embed_assets.storage import read_jsonl, write_parquet
 
     start = time.monotonic()
     docs = [Document(**d) for d in read_jsonl(corpus.path)]
-    chunks, dups = chunk_corpus(
-        docs, settings.sentences_per_chunk, settings.passage_max_length, tokenizer_counter(model.path())
+    tokenizer = Path(model.path()) / "tokenizer.json"
+    namespace = fingerprint(
+        settings.model_dump(), model.base_model, file_digest(str(tokenizer)) if tokenizer.is_file() else ""
+    )
+    cache = KVStore(ctx.cache_dir("chunks") / "chunks.sqlite")
+    cached = cache.get_many(namespace, (d.content_hash for d in docs))
+    count_tokens = tokenizer_counter(model.path())
+    per_doc, fresh = [], {}
+    for d in docs:
+        if d.content_hash in cached:
+            per_doc.append([Chunk.from_dict({**c, "doc_id": d.doc_id}) for c in cached[d.content_hash]])
+            continue
+        cut = chunk_document(d, settings.sentences_per_chunk, settings.passage_max_length, count_tokens)
+        fresh[d.content_hash] = [{k: v for k, v in c.to_dict().items() if k != "doc_id"} for c in cut]
+        per_doc.append(cut)
+    cache.put_many(namespace, fresh)
+    evicted = cache.evict(namespace, {d.content_hash for d in docs})
+    chunks, dups = drop_duplicates(per_doc)
+    ctx.log.info(
+        f"chunking: {len(fresh)} documents cut, {len(docs) - len(fresh)} reused from the chunk cache"
+        + (f", {evicted} stale cache entries evicted" if evicted else "")
     )
     out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
     write_parquet(out, [c.to_dict() for c in chunks])
@@ -208,6 +242,9 @@ def chunk_documents(
         data_version=fingerprint(sorted(c.chunk_id for c in chunks)),
         duplicates_dropped=dups,
         unchanged_since_last_run=sum(c.chunk_id in before for c in chunks),
+        documents_chunked=len(fresh),
+        documents_reused=len(docs) - len(fresh),
+        cache_evicted=evicted,
         tokens_mean=round(sum(lengths) / max(len(lengths), 1), 1),
         tokens_max=max(lengths, default=0),
         token_histogram=bucket_counts(lengths, TOKEN_BINS),
