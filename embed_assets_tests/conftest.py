@@ -41,3 +41,37 @@ def tiny_corpus(tmp_path: Path) -> Path:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+def model_checkpoint(model_dir: Path, val_beir: str = ""):
+    """A ``CheckpointManifest`` for a model folder a test made itself (no training run behind it)."""
+    from embed_assets.models import BUNDLED_MODEL
+    from embed_assets.stages.train import CheckpointManifest
+
+    return CheckpointManifest(
+        model_dir=str(model_dir),
+        base_model=BUNDLED_MODEL,
+        run_id="run-1",
+        device="cpu",
+        num_processes=1,
+        work_dir="",
+        report={},
+        curves_png="",
+        val_beir=val_beir,
+    )
+
+
+def perturbed_model(folder: Path, spread: float = 0.4) -> Path:
+    """The bundled model with noise of ``spread`` x each matrix's own std added (a model that forgot), saved."""
+    import torch
+
+    from embed_assets.models import BUNDLED_MODEL, load_sentence_transformer
+
+    st = load_sentence_transformer(BUNDLED_MODEL)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in st.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=generator) * p.std() * spread)
+    st.save(str(folder))
+    return folder

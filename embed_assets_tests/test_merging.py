@@ -10,24 +10,9 @@ from pydantic import ValidationError
 from embed_assets.models import BUNDLED_MODEL
 from embed_assets.stages.common import ModelSpec, StageContext
 from embed_assets.stages.evaluate import EvalSettings, evaluate_checkpoint
+from embed_assets_tests.conftest import model_checkpoint, perturbed_model
 
 MODEL = ModelSpec(BUNDLED_MODEL, device="cpu")
-
-
-def _perturbed(folder: Path, spread: float = 0.4) -> Path:
-    """The bundled model with noise of ``spread`` x each matrix's own std added: a model that forgot."""
-    import torch
-
-    from embed_assets.models import load_sentence_transformer
-
-    st = load_sentence_transformer(BUNDLED_MODEL)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in st.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=generator) * p.std() * spread)
-    st.save(str(folder))
-    return folder
 
 
 def test_interpolation_is_linear_in_the_weights(tmp_path: Path) -> None:
@@ -35,7 +20,7 @@ def test_interpolation_is_linear_in_the_weights(tmp_path: Path) -> None:
     from embed_assets.model_card import write_card
     from embed_assets.models import load_sentence_transformer
 
-    tuned = _perturbed(tmp_path / "tuned")
+    tuned = perturbed_model(tmp_path / "tuned")
     write_card(tuned, {"base_model": BUNDLED_MODEL, "data": {"passages": 7}})
     base = load_sentence_transformer(BUNDLED_MODEL).state_dict()
     other = load_sentence_transformer(str(tuned)).state_dict()
@@ -64,7 +49,7 @@ def test_a_merge_is_served_when_the_fine_tuned_model_forgot(tmp_path: Path, tiny
     from embed_assets.stages.ingest import ChunkSettings, CorpusSettings, chunk_documents, read_documents
     from embed_assets.stages.sdg import SDGSettings, generate_pairs
     from embed_assets.stages.split import SplitSettings, split_pairs
-    from embed_assets.stages.train import CheckpointManifest, validation_set, write_validation_beir
+    from embed_assets.stages.train import validation_set, write_validation_beir
 
     ctx = StageContext.local(tmp_path / "artifacts", run_id="run-1")
     corpus = read_documents(CorpusSettings(path=str(tiny_corpus)), ctx)
@@ -73,18 +58,8 @@ def test_a_merge_is_served_when_the_fine_tuned_model_forgot(tmp_path: Path, tiny
     split = split_pairs(chunks, pairs, SplitSettings(), ctx)
     val_beir = write_validation_beir(validation_set(chunks, pairs, split), tmp_path / "val_beir")
     assert val_beir, "small data keeps a validation split"
-    forgot = _perturbed(tmp_path / "forgot")
-    checkpoint = CheckpointManifest(
-        model_dir=str(forgot),
-        base_model=BUNDLED_MODEL,
-        run_id="run-1",
-        device="cpu",
-        num_processes=1,
-        work_dir="",
-        report={},
-        curves_png="",
-        val_beir=val_beir,
-    )
+    forgot = perturbed_model(tmp_path / "forgot")
+    checkpoint = model_checkpoint(forgot, val_beir=val_beir)
     metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(merge_weights=[0.25, 0.5]), MODEL, ctx)
     choice = metrics.choice
     assert choice is not None and choice.merged and choice.weight in (0.25, 0.5)

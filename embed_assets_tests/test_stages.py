@@ -14,7 +14,7 @@ from embed_assets.stages.evaluate import EvalSettings, evaluate_checkpoint
 from embed_assets.stages.ingest import ChunkSettings, CorpusSettings, chunk_documents, read_documents
 from embed_assets.stages.sdg import SDGSettings, generate_pairs
 from embed_assets.stages.split import SplitSettings, split_pairs
-from embed_assets.stages.train import CheckpointManifest
+from embed_assets_tests.conftest import model_checkpoint, perturbed_model
 
 MODEL = ModelSpec(BUNDLED_MODEL, device="cpu")
 
@@ -90,16 +90,7 @@ def test_golden_set_is_kept_out_of_training_and_evaluated(tmp_path: Path, prepar
     st = load_sentence_transformer(BUNDLED_MODEL)
     st.max_seq_length = 32
     st.save(str(tuned))
-    checkpoint = CheckpointManifest(
-        model_dir=str(tuned),
-        base_model=BUNDLED_MODEL,
-        run_id="run-1",
-        device="cpu",
-        num_processes=1,
-        work_dir="",
-        report={},
-        curves_png="",
-    )
+    checkpoint = model_checkpoint(tuned)
     metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(), MODEL, ctx)
     assert metrics.eval_max_seq_length == 256  # the base model's window, for both models
     assert [s.name for s in metrics.sets] == ["generated_test", "golden", "guard"]
@@ -192,30 +183,10 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
 @pytest.mark.slow  # evaluates two models on the bundled guard set
 def test_the_forgetting_guard_stops_a_model_that_forgot(tmp_path: Path, prepared) -> None:
     """A model made to forget (its weights perturbed) loses on the general-domain guard set: a blocking gate."""
-    import torch
-
-    from embed_assets.models import load_sentence_transformer
-
     ctx, chunks, pairs = prepared
     split = split_pairs(chunks, pairs, SplitSettings(), ctx)
-    forgot = tmp_path / "forgot"
-    st = load_sentence_transformer(BUNDLED_MODEL)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in st.parameters():
-            if p.dim() > 1:  # matrices: noise of 40 % of each one's own spread
-                p.add_(torch.randn(p.shape, generator=generator) * p.std() * 0.4)
-    st.save(str(forgot))
-    checkpoint = CheckpointManifest(
-        model_dir=str(forgot),
-        base_model=BUNDLED_MODEL,
-        run_id="run-1",
-        device="cpu",
-        num_processes=1,
-        work_dir="",
-        report={},
-        curves_png="",
-    )
+    forgot = perturbed_model(tmp_path / "forgot", spread=0.4)  # matrices: noise of 40 % of their spread
+    checkpoint = model_checkpoint(forgot)
     metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(allow_regression=False), MODEL, ctx)
     guard = metrics.guard
     assert guard is not None and guard.bootstrap.ci95_high < -0.01
