@@ -86,3 +86,17 @@ def test_a_merge_is_served_when_the_fine_tuned_model_forgot(tmp_path: Path, tiny
 
     off = evaluate_checkpoint(split, checkpoint, EvalSettings(merge="off"), MODEL, ctx)
     assert off.choice is None and off.model_dir == str(forgot) and not off.primary.merged
+
+    # A fine-tuned model that keeps the guard is served unless a merge beats it beyond noise: here the "fine-tuned"
+    # model is the base itself, so every merge scores the same and the fine-tuned one stays.
+    from embed_assets.models import resolve_model_path
+
+    same = evaluate_checkpoint(
+        split,
+        model_checkpoint(Path(resolve_model_path(BUNDLED_MODEL)), val_beir=val_beir),
+        EvalSettings(merge_weights=[0.5]),
+        MODEL,
+        ctx,
+    )
+    assert same.choice is not None and same.choice.weight == 1.0 and not same.primary.merged
+    assert "no merge is better on validation beyond noise" in same.choice.reason

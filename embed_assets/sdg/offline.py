@@ -146,7 +146,10 @@ class InverseClozeGenerator:
                 rng = random.Random(f"{self.settings.seed}:{chunk.chunk_id}")
                 candidates = [s for s in split_sentences(chunk.text) if self._usable(s)]
                 if not candidates:
-                    stats.dropped["no_sentence"] += 1
+                    stats.drop(
+                        "no_sentence",
+                        f"no prose sentence of ≥ {self.settings.min_query_words} words in: {chunk.text}",
+                    )
                 for sentence in rng.sample(candidates, min(self.settings.queries_per_chunk, len(candidates))):
                     add(chunk, self._crop(sentence, rng), "inverse_cloze", sentence)
             if "keywords" in kinds:

@@ -59,9 +59,9 @@ class EvalSettings(BaseModel):
     merge: Literal["auto", "off"] = Field(
         default="auto",
         description="Model merging (LM-Cocktail): 'auto' builds base/fine-tuned weight interpolations at each of "
-        "merge_weights and serves, of those and the fine-tuned model, the one with the best validation nDCG@10 "
-        "that keeps the forgetting guard (needs the checkpoint's validation split; without one: the fine-tuned "
-        "model). 'off': the fine-tuned model is served.",
+        "merge_weights; a merge is served when the fine-tuned model forgets (the best on validation of those that "
+        "keep the guard) or beats it on validation beyond noise (needs the checkpoint's validation split; without "
+        "one: the fine-tuned model). 'off': the fine-tuned model is served.",
     )
     merge_weights: list[float] = Field(
         default=[0.5, 0.75],
@@ -483,10 +483,12 @@ def choose_model(
     """Choose between the fine-tuned model and its merges with the base, on validation data only.
 
     Every candidate (the fine-tuned model, and :func:`embed_assets.merging.interpolate` at each
-    ``merge_weights``) is scored on the checkpoint's validation split and on the guard set. The served model is
-    the best validation nDCG@10 among the candidates whose guard nDCG@10 is within ``guard_margin`` of the
-    base's; when none is, the one that forgets least (the guard gate then says so). The test queries are not
-    looked at. The guard set is the one the ``no_forgetting`` gate checks: the choice is a constraint the gate
+    ``merge_weights``) is scored on the checkpoint's validation split and on the guard set. A candidate keeps the
+    guard when its guard nDCG@10 is within ``guard_margin`` of the base's. When the fine-tuned model keeps it, it
+    is served unless a merge beats it on validation beyond noise (paired bootstrap over validation queries, 95 %
+    interval above 0). When it forgets, the merge with the best validation nDCG@10 among those that keep the
+    guard is served; when none does, the one that forgets least (the guard gate then says so). The test queries
+    are not looked at. The guard set is the one the ``no_forgetting`` gate checks: the choice is a constraint the gate
     then verifies with its noise estimate, not an estimate of it.
 
     Returns:
@@ -496,6 +498,7 @@ def choose_model(
 
     from embed_assets.beir_io import load_beir_folder
     from embed_assets.merging import interpolate
+    from embed_assets.metrics import paired_bootstrap, per_query_ndcg
 
     if settings.merge == "off" or not settings.merge_weights:
         return None
@@ -506,8 +509,13 @@ def choose_model(
     cache = ctx.cache_dir("embeddings")
     merges = ctx.out_dir("beir_metrics") / "merged"
 
-    def score(path: str, data: Any) -> float:
-        return evaluate_model(path, *data, settings, model, window, device, cache)[0]["NDCG@10"]
+    per_query: dict[float, dict[str, float]] = {}
+
+    def score(path: str, data: Any, weight: float | None = None) -> float:
+        metrics, run, _ = evaluate_model(path, *data, settings, model, window, device, cache)
+        if weight is not None:  # validation: keep per-query nDCG@10 for the noise estimate
+            per_query[weight] = per_query_ndcg(data[2], run, 10)
+        return metrics["NDCG@10"]
 
     base_guard = score(model.base_model, guard) if guard else float("nan")
     # The base model's row is for reference (what the gain is measured from); it is not a candidate.
@@ -528,7 +536,7 @@ def choose_model(
         candidates.append(
             {
                 "finetuned_weight": weight,
-                "val_ndcg@10": score(folders[weight], val),
+                "val_ndcg@10": score(folders[weight], val, weight),
                 "guard_ndcg@10": g,
                 "keeps_guard": bool(not guard or g >= base_guard - settings.guard_margin),
             }
@@ -537,11 +545,37 @@ def choose_model(
             f"merge candidate {weight:g}: validation nDCG@10 {candidates[-1]['val_ndcg@10']:.4f}"
             + (f", guard {g:.4f} (base {base_guard:.4f})" if guard else "")
         )
+    tuned = candidates[-1]
     kept = [c for c in candidates if c["keeps_guard"]]
-    if kept:
+    if tuned["keeps_guard"]:
+        # A merge replaces a fine-tuned model that keeps the guard only when it is better on validation beyond
+        # noise: validation sets are small, and a point-estimate win there is often a loss on test.
+        better = []
+        for c in kept[:-1]:
+            _, low, _ = paired_bootstrap(
+                per_query[1.0], per_query[c["finetuned_weight"]], n=settings.noise_bootstrap_samples, seed=0
+            )
+            if low > 0:
+                better.append(c)
+        if better:
+            best = max(better, key=lambda c: (c["val_ndcg@10"], c["finetuned_weight"]))
+            reason = (
+                f"better than the fine-tuned model on validation beyond noise (nDCG@10 {best['val_ndcg@10']:.4f} vs "
+                f"{tuned['val_ndcg@10']:.4f}, 95% CI of the difference above 0), and keeps the guard"
+            )
+        else:
+            best = tuned
+            reason = (
+                "the fine-tuned model keeps the guard"
+                + (f" (within {100 * settings.guard_margin:g} points of the base)" if guard else "")
+                + " and no merge is better on validation beyond noise"
+            )
+    elif kept:
         best = max(kept, key=lambda c: (c["val_ndcg@10"], c["finetuned_weight"]))
-        reason = f"best validation nDCG@10 ({best['val_ndcg@10']:.4f}) of {len(candidates)} candidates" + (
-            f" that keep the guard within {100 * settings.guard_margin:g} points of the base" if guard else ""
+        reason = (
+            f"the fine-tuned model forgets (guard {tuned['guard_ndcg@10']:.4f} vs base {base_guard:.4f}): the best "
+            f"validation nDCG@10 ({best['val_ndcg@10']:.4f}) of the merges that keep the guard within "
+            f"{100 * settings.guard_margin:g} points"
         )
     else:
         best = max(candidates, key=lambda c: (c["guard_ndcg@10"], c["val_ndcg@10"]))
