@@ -127,6 +127,8 @@ _NOT_OUTPUT_FIELDS: tuple[str, ...] = (
     "min_query_words",
     "max_query_words",
     "seed",
+    "offline_queries",  # the offline generator's options: not the LLM's output
+    "keyword_terms",
     "dedup_model",  # resolved (with embed_model) and fingerprinted as such
     "extraction_model",  # resolved per step and fingerprinted as such
     "qa_model",
