@@ -25,7 +25,9 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	@echo "== install 2/4: torch 2.13.0 (CPU build)"
 	$(BIN)/pip install -q --progress-bar off torch==2.13.0
 	@echo "== install 3/4: the locked dependencies of $(LOCK)"
-	$(BIN)/pip install --progress-bar off --require-hashes -r $(LOCK)
+	@# pip is silent while it unpacks ~240 packages (a minute or more): a heartbeat line every 20 s meanwhile.
+	@( while sleep 20; do echo "   ... still installing the locked dependencies ($$(date +%T))"; done ) & beat=$$!; \
+		$(BIN)/pip install --progress-bar off --require-hashes -r $(LOCK); status=$$?; kill $$beat; exit $$status
 	@echo "== install 4/4: embed_assets itself (editable)"
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q --no-deps -e .
 	touch $@
