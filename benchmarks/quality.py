@@ -295,7 +295,7 @@ def merge_scores(
     from dataclasses import replace
 
     from embed_assets.merging import interpolate
-    from embed_assets.stages.evaluate import evaluate_checkpoint
+    from embed_assets.stages.evaluate import best_on_validation, evaluate_checkpoint
 
     guard = metrics.guard
     out = {
@@ -316,7 +316,7 @@ def merge_scores(
     kept = [c for c in merges if c["keeps_guard"]] or merges
     if not kept:
         return out
-    weight = max(kept, key=lambda c: (c["val_ndcg@10"], c["finetuned_weight"]))["finetuned_weight"]
+    weight = best_on_validation(kept)["finetuned_weight"]
     log(f"merging table: evaluating the best merge candidate (fine-tuned weight {weight:g}) on test")
     folder = interpolate(
         model.base_model, checkpoint.model_dir, weight, root / "merge-for-table" / f"w{weight:g}"

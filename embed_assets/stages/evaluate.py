@@ -277,7 +277,7 @@ class MetricsManifest(Manifest):
                     meta[f"ndcg@10_merged{suffix}"] = s.merged["NDCG@10"]
             meta[f"eval_queries{suffix}"] = s.queries
             if s.matryoshka:
-                full = s.finetuned["NDCG@10"]
+                full = s.served["NDCG@10"]  # the per-dimension numbers are the served model's
                 meta[f"matryoshka{suffix}"] = Table(
                     ["dimensions", "ndcg@10", "share_of_full"],
                     [
@@ -374,7 +374,9 @@ def evaluate_checkpoint(
     per_dim: dict[str, dict[str, dict[str, float]]] = {name: {} for name in folders}
     seconds = {}
     start = time.monotonic()
-    choice = choose_model(checkpoint, settings, model, window, device, ctx, data.get("guard"))
+    # (model folder, set name) -> evaluate_model's result: the merge selection's guard evaluations are reused below.
+    scored: dict[tuple[str, str], tuple[dict[str, float], dict[str, Any], dict[str, float]]] = {}
+    choice = choose_model(checkpoint, settings, model, window, device, ctx, data.get("guard"), scored)
     if choice is not None:
         seconds["merge_selection"] = round(time.monotonic() - start, 2)
     sides = [("base", model.base_model), ("finetuned", checkpoint.model_dir)]
@@ -389,7 +391,8 @@ def evaluate_checkpoint(
                 f"evaluating the {side} model on {name}: {len(queries)} queries x {len(corpus)} passages at "
                 f"{window} tokens"
             )
-            results[name][side], runs[name][side], per_dim[name][side] = evaluate_model(
+            reused = scored.get((path, name)) if not dims else None
+            results[name][side], runs[name][side], per_dim[name][side] = reused or evaluate_model(
                 path,
                 corpus,
                 queries,
@@ -479,6 +482,7 @@ def choose_model(
     device: str,
     ctx: StageContext,
     guard: tuple[dict[str, Any], dict[str, str], dict[str, dict[str, int]]] | None,
+    scored: dict[tuple[str, str], Any] | None = None,
 ) -> ModelChoice | None:
     """Choose between the fine-tuned model and its merges with the base, on validation data only.
 
@@ -490,6 +494,10 @@ def choose_model(
     guard is served; when none does, the one that forgets least (the guard gate then says so). The test queries
     are not looked at. The guard set is the one the ``no_forgetting`` gate checks: the choice is a constraint the gate
     then verifies with its noise estimate, not an estimate of it.
+
+    Args:
+        scored: Receives each guard evaluation as ``(model folder, "guard") -> evaluate_model(...)``, for the
+            caller to reuse.
 
     Returns:
         The :class:`ModelChoice`, or ``None`` when merging is off or there is no validation split.
@@ -512,10 +520,12 @@ def choose_model(
     per_query: dict[float, dict[str, float]] = {}
 
     def score(path: str, data: Any, weight: float | None = None) -> float:
-        metrics, run, _ = evaluate_model(path, *data, settings, model, window, device, cache)
+        result = evaluate_model(path, *data, settings, model, window, device, cache)
         if weight is not None:  # validation: keep per-query nDCG@10 for the noise estimate
-            per_query[weight] = per_query_ndcg(data[2], run, 10)
-        return metrics["NDCG@10"]
+            per_query[weight] = per_query_ndcg(data[2], result[1], 10)
+        elif scored is not None and data is guard:
+            scored[(path, "guard")] = result
+        return result[0]["NDCG@10"]
 
     base_guard = score(model.base_model, guard) if guard else float("nan")
     # The base model's row is for reference (what the gain is measured from); it is not a candidate.
@@ -551,14 +561,14 @@ def choose_model(
         # A merge replaces a fine-tuned model that keeps the guard only when it is better on validation beyond
         # noise: validation sets are small, and a point-estimate win there is often a loss on test.
         better = []
-        for c in kept[:-1]:
+        for c in (c for c in kept if c is not tuned):
             _, low, _ = paired_bootstrap(
                 per_query[1.0], per_query[c["finetuned_weight"]], n=settings.noise_bootstrap_samples, seed=0
             )
             if low > 0:
                 better.append(c)
         if better:
-            best = max(better, key=lambda c: (c["val_ndcg@10"], c["finetuned_weight"]))
+            best = best_on_validation(better)
             reason = (
                 f"better than the fine-tuned model on validation beyond noise (nDCG@10 {best['val_ndcg@10']:.4f} vs "
                 f"{tuned['val_ndcg@10']:.4f}, 95% CI of the difference above 0), and keeps the guard"
@@ -571,7 +581,7 @@ def choose_model(
                 + " and no merge is better on validation beyond noise"
             )
     elif kept:
-        best = max(kept, key=lambda c: (c["val_ndcg@10"], c["finetuned_weight"]))
+        best = best_on_validation(kept)
         reason = (
             f"the fine-tuned model forgets (guard {tuned['guard_ndcg@10']:.4f} vs base {base_guard:.4f}): the best "
             f"validation nDCG@10 ({best['val_ndcg@10']:.4f}) of the merges that keep the guard within "
@@ -587,6 +597,11 @@ def choose_model(
     choice = ModelChoice(weight, folders[weight], reason, [base_row, *candidates])
     ctx.log.info(f"serving the {choice.label()} model: {reason}")
     return choice
+
+
+def best_on_validation(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate with the best validation nDCG@10 (ties: the larger fine-tuned weight)."""
+    return max(candidates, key=lambda c: (c["val_ndcg@10"], c["finetuned_weight"]))
 
 
 def resolve_guard(guard_path: str) -> str:

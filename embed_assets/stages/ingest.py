@@ -97,9 +97,8 @@ class ChunksManifest(Manifest):
     duplicates_dropped: int = 0
     unchanged_since_last_run: int = 0
     documents_chunked: int = 0  # documents cut in this run (new or changed content)
-    documents_reused: int = (
-        0  # documents whose chunks came from the chunk cache (same content, same settings)
-    )
+    # documents whose chunks came from the chunk cache (same content, same settings)
+    documents_reused: int = 0
     cache_evicted: int = 0  # cached documents no longer in the corpus, removed from the cache
     tokens_mean: float = 0.0
     tokens_max: int = 0
