@@ -86,6 +86,39 @@ def test_chunks_respect_sentence_count_and_token_limit(bundled_model_path: str) 
     assert len(huge) > 1 and all(count(c.text) <= 64 for c in huge)
 
 
+def test_one_tokenizer_pass_gives_exact_counts(bundled_model_path: str) -> None:
+    """Span-summed sentence counts equal a per-chunk encode, at ~1 batched tokenizer call per 64 documents."""
+    from tokenizers import Tokenizer
+
+    exact = Tokenizer.from_file(str(Path(bundled_model_path) / "tokenizer.json"))
+    exact.no_truncation()
+    exact.no_padding()
+    count = tokenizer_counter(bundled_model_path)
+    calls = {"encode_batch": 0, "encode": 0}
+    inner = count._tokenizer  # type: ignore[attr-defined]
+
+    class Spy:
+        post_processor = inner.post_processor
+
+        def encode_batch(self, *a, **k):
+            calls["encode_batch"] += 1
+            return inner.encode_batch(*a, **k)
+
+        def encode(self, *a, **k):
+            calls["encode"] += 1
+            return inner.encode(*a, **k)
+
+    count._tokenizer = Spy()  # type: ignore[attr-defined]
+    docs = read_corpus(Path(__file__).resolve().parents[1] / "sample_corpus").documents
+    for limit in (64, 512):
+        calls.update(encode_batch=0, encode=0)
+        chunks, _ = chunk_corpus(docs, sentences_per_chunk=5, max_tokens=limit, count_tokens=count)
+        assert chunks and all(c.n_tokens == len(exact.encode(c.text).ids) <= limit for c in chunks)
+        assert calls["encode_batch"] == 1  # 28 documents: one batch
+    # At 512 tokens no sentence is too long: nothing is encoded twice (3.1 encode calls per chunk before).
+    assert calls["encode"] == 0, calls
+
+
 def test_chunk_ids_are_stable_and_duplicates_dropped() -> None:
     a = _doc("Alpha one. Alpha two.", "a.txt")
     b = _doc("Alpha one. Alpha two.", "b.txt")  # identical text in another file

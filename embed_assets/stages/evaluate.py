@@ -64,7 +64,9 @@ class EvalSettings(BaseModel):
         "one: the fine-tuned model). 'off': the fine-tuned model is served.",
     )
     merge_weights: list[float] = Field(
-        default=[0.5, 0.75],
+        # Denser towards the fine-tuned end: a model that forgets a little is usually rescued by a light merge
+        # (w = 0.9) that keeps nearly all of its gain; 0.5 is the LM-Cocktail midpoint for one that forgets a lot.
+        default=[0.5, 0.75, 0.9],
         description="Fine-tuned share of each merged candidate (0 < w < 1; 1 - w is the base model's share).",
     )
 

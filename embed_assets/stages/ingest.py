@@ -200,7 +200,7 @@ def chunk_documents(
     """
     import time
 
-    from embed_assets.chunking import chunk_document, drop_duplicates, tokenizer_counter
+    from embed_assets.chunking import chunk_documents_batched, drop_duplicates, tokenizer_counter
     from embed_assets.kvstore import KVStore
     from embed_assets.records import Chunk, Document
     from embed_assets.storage import read_jsonl, write_parquet
@@ -214,19 +214,21 @@ def chunk_documents(
     cache = KVStore(ctx.cache_dir("chunks") / "chunks.sqlite")
     cached = cache.get_many(namespace, (d.content_hash for d in docs))
     count_tokens = tokenizer_counter(model.path())
-    per_doc, fresh = [], {}
-    for d in docs:
-        if d.content_hash in cached:
-            per_doc.append([Chunk.from_dict({**c, "doc_id": d.doc_id}) for c in cached[d.content_hash]])
-            continue
-        cut = chunk_document(d, settings.sentences_per_chunk, settings.passage_max_length, count_tokens)
-        fresh[d.content_hash] = [{k: v for k, v in c.to_dict().items() if k != "doc_id"} for c in cut]
-        per_doc.append(cut)
+    todo = list({d.content_hash: d for d in docs if d.content_hash not in cached}.values())
+    cut = chunk_documents_batched(
+        todo, settings.sentences_per_chunk, settings.passage_max_length, count_tokens
+    )
+    fresh = {
+        d.content_hash: [{k: v for k, v in c.to_dict().items() if k != "doc_id"} for c in chunks]
+        for d, chunks in zip(todo, cut, strict=True)
+    }
     cache.put_many(namespace, fresh)
+    cached.update(fresh)
+    per_doc = [[Chunk.from_dict({**c, "doc_id": d.doc_id}) for c in cached[d.content_hash]] for d in docs]
     evicted = cache.evict(namespace, {d.content_hash for d in docs})
     chunks, dups = drop_duplicates(per_doc)
     ctx.log.info(
-        f"chunking: {len(fresh)} documents cut, {len(docs) - len(fresh)} reused from the chunk cache"
+        f"chunking: {len(todo)} documents cut, {len(docs) - len(todo)} reused from the chunk cache"
         + (f", {evicted} stale cache entries evicted" if evicted else "")
     )
     out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
@@ -241,8 +243,8 @@ def chunk_documents(
         data_version=fingerprint(sorted(c.chunk_id for c in chunks)),
         duplicates_dropped=dups,
         unchanged_since_last_run=sum(c.chunk_id in before for c in chunks),
-        documents_chunked=len(fresh),
-        documents_reused=len(docs) - len(fresh),
+        documents_chunked=len(todo),
+        documents_reused=len(docs) - len(todo),
         cache_evicted=evicted,
         tokens_mean=round(sum(lengths) / max(len(lengths), 1), 1),
         tokens_max=max(lengths, default=0),

@@ -77,9 +77,15 @@ def test_huge_file_without_sentence_breaks_is_chunked_quickly_within_the_token_l
     tokenizer = tokenizer_counter(bundled_model_path)
     calls = [0]
 
-    def count(text: str) -> int:
-        calls[0] += 1
-        return tokenizer(text)
+    class Counting:
+        special_tokens = tokenizer.special_tokens
+        sentence_lengths = tokenizer.sentence_lengths
+
+        def __call__(self, text: str) -> int:
+            calls[0] += 1
+            return tokenizer(text)
+
+    count = Counting()
 
     start = time.monotonic()
     chunks, _ = chunk_corpus(docs, sentences_per_chunk=5, max_tokens=512, count_tokens=count)
