@@ -12,7 +12,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 #: Exact versions and hashes of every dependency but torch (`make lock` refreshes it from pyproject.toml).
 LOCK := requirements.lock
 
-.PHONY: install run test test-fast test-llm lint lock dev mlflow serve stop-service bench clean
+.PHONY: install run test test-fast test-llm lint lock dev mlflow serve stop-service gc bench clean
 
 install: $(VENV)/.installed  ## create .venv: torch CPU first (pinned), then the locked dependencies, then the project
 
@@ -84,6 +84,9 @@ serve: install  ## serve an exported ONNX folder without Dagster: make serve ONN
 
 stop-service:  ## stop the server the nim_service asset started (its recorded PID, checked to be that server)
 	$(BIN)/python -m embed_assets.stages.serve stop
+
+gc: install  ## remove old runs' artifacts nothing live refers to (KEEP=3 newest per asset; DRY_RUN=1 to only list)
+	$(BIN)/python -m embed_assets.retention $(if $(KEEP),--keep-runs $(KEEP)) $(if $(DRY_RUN),--dry-run)
 
 bench: install  ## all benchmarks, table in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run_all.py
