@@ -107,12 +107,13 @@ class WhitespaceTokenCounter:
     """A tokenizer-free estimate: word pieces ≈ 1.3 × words (for models without a ``tokenizer.json``)."""
 
     special_tokens = 1
+    pieces_per_word = 1.3
 
     def __call__(self, text: str) -> int:
-        return int(len(text.split()) * 1.3) + self.special_tokens
+        return int(len(text.split()) * self.pieces_per_word) + self.special_tokens
 
     def sentence_lengths(self, documents: list[list[str]]) -> list[list[int]]:
-        return [[int(len(s.split()) * 1.3) for s in sentences] for sentences in documents]
+        return [[int(len(s.split()) * self.pieces_per_word) for s in sentences] for sentences in documents]
 
 
 whitespace_token_counter = WhitespaceTokenCounter()

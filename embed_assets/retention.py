@@ -24,10 +24,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from embed_assets.stages.common import artifact_root
+from embed_assets.stages.common import MANIFESTS_DIR, artifact_root
 from embed_assets.stages.split import FROZEN_DIR
-
-MANIFESTS_DIR = "manifests"
 
 
 class RetentionSettings(BaseModel):

@@ -4,9 +4,8 @@ import os
 from pathlib import Path
 
 from embed_assets.retention import RetentionSettings, collect_garbage, main
-from embed_assets.stages.common import ModelSpec, StageContext, manifest_file, read_manifest
+from embed_assets.stages.common import ModelSpec, StageContext, manifest_file, read_manifest, write_manifest
 from embed_assets.stages.ingest import ChunkSettings, CorpusSettings, chunk_documents, read_documents
-from embed_assets.storage import write_json
 
 
 def _materialize(root: Path, run_id: str, corpus: Path, age_s: float) -> None:
@@ -15,8 +14,7 @@ def _materialize(root: Path, run_id: str, corpus: Path, age_s: float) -> None:
     docs = read_documents(CorpusSettings(path=str(corpus)), ctx)
     chunks = chunk_documents(docs, ChunkSettings(), ModelSpec(), ctx)
     for asset, manifest in (("corpus", docs), ("corpus_chunks", chunks)):
-        payload = {"manifest_type": f"{type(manifest).__module__}.{type(manifest).__qualname__}"}
-        write_json(manifest_file(root, asset), {**payload, "manifest": manifest.to_dict()})
+        write_manifest(manifest, manifest_file(root, asset))
         run_dir = root / asset / run_id
         os.utime(run_dir, (run_dir.stat().st_atime - age_s, run_dir.stat().st_mtime - age_s))
 

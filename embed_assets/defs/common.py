@@ -23,6 +23,7 @@ from embed_assets.stages.common import (
     latest_manifest_at,
     manifest_file,
     read_manifest,
+    write_manifest,
 )
 
 GROUP = "embed_pipeline"
@@ -57,16 +58,9 @@ class ManifestIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Manifest | None) -> None:
         if obj is None:  # an asset that yielded no output (e.g. a skipped TensorRT build)
             return
-        from embed_assets.storage import write_json
-
         asset = context.asset_key.to_python_identifier()
-        payload = {
-            "manifest_type": f"{type(obj).__module__}.{type(obj).__qualname__}",
-            "manifest": obj.to_dict(),
-        }
         copy = self.store.run_dir(asset, context.run_id) / "manifest.json"
-        write_json(copy, payload)
-        write_json(manifest_file(self.store.root_path(), asset), payload)
+        write_manifest(obj, copy, manifest_file(self.store.root_path(), asset))
         context.add_output_metadata({"manifest": dg.MetadataValue.path(str(copy))})
 
     def load_input(self, context: dg.InputContext) -> Manifest:

@@ -213,9 +213,24 @@ def file_digest(*paths: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------- stored manifests
+#: Folder of the artifact root holding each asset's latest manifest.
+MANIFESTS_DIR = "manifests"
+
+
 def manifest_file(root: Path, asset: str) -> Path:
     """Where the latest manifest of ``asset`` is stored under the artifact root."""
-    return root / "manifests" / f"{asset}.json"
+    return root / MANIFESTS_DIR / f"{asset}.json"
+
+
+def write_manifest(manifest: Manifest, *paths: Path) -> None:
+    """Store a manifest as JSON at each of ``paths``, its class recorded next to its fields (what
+    :func:`read_manifest` reads)."""
+    from embed_assets.storage import write_json
+
+    cls = type(manifest)
+    payload = {"manifest_type": f"{cls.__module__}.{cls.__qualname__}", "manifest": manifest.to_dict()}
+    for path in paths:
+        write_json(path, payload)
 
 
 def read_manifest(path: Path) -> Manifest:

@@ -214,17 +214,27 @@ def chunk_documents(
     cache = KVStore(ctx.cache_dir("chunks") / "chunks.sqlite")
     cached = cache.get_many(namespace, (d.content_hash for d in docs))
     count_tokens = tokenizer_counter(model.path())
-    todo = list({d.content_hash: d for d in docs if d.content_hash not in cached}.values())
-    cut = chunk_documents_batched(
+    # Each new content is cut once, as its first document (a later document with the same text only adds
+    # duplicate chunks, which drop_duplicates removes).
+    todo, seen = [], set(cached)
+    for d in docs:
+        if d.content_hash not in seen:
+            seen.add(d.content_hash)
+            todo.append(d)
+    batches = chunk_documents_batched(
         todo, settings.sentences_per_chunk, settings.passage_max_length, count_tokens
     )
-    fresh = {
-        d.content_hash: [{k: v for k, v in c.to_dict().items() if k != "doc_id"} for c in chunks]
-        for d, chunks in zip(todo, cut, strict=True)
-    }
-    cache.put_many(namespace, fresh)
-    cached.update(fresh)
-    per_doc = [[Chunk.from_dict({**c, "doc_id": d.doc_id}) for c in cached[d.content_hash]] for d in docs]
+    cut = {d.content_hash: chunks for d, chunks in zip(todo, batches, strict=True)}
+    cache.put_many(
+        namespace,
+        {h: [{k: v for k, v in c.to_dict().items() if k != "doc_id"} for c in cs] for h, cs in cut.items()},
+    )
+    per_doc = [
+        cut[d.content_hash]
+        if d.content_hash in cut
+        else [Chunk.from_dict({**c, "doc_id": d.doc_id}) for c in cached[d.content_hash]]
+        for d in docs
+    ]
     evicted = cache.evict(namespace, {d.content_hash for d in docs})
     chunks, dups = drop_duplicates(per_doc)
     ctx.log.info(
