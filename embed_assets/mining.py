@@ -7,7 +7,8 @@ same order, same negatives in the same order, same scores. It differs in how the
 - the corpus is embedded once, or not at all when ``corpus_embeddings`` are passed (e.g. from
   :func:`embed_assets.embedding_cache.encode_with_cache`, which never re-encodes an unchanged chunk);
 - identical queries are encoded once;
-- top-k search runs in bounded query batches (exact matmul + ``torch.topk``) or with a FAISS ``IndexFlatIP``;
+- top-k search runs in bounded query batches (exact matmul + ``torch.topk``), with a FAISS ``IndexFlatIP``, or
+  past a corpus size with an approximate FAISS index whose recall is measured (:mod:`embed_assets.search`);
 - filtering and sampling are vectorized over all queries.
 
 Semantics, step by step (``K = range_max + max_positives`` candidates per query):
@@ -44,13 +45,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-#: ``use_faiss="auto"`` picks FAISS from this many distinct passages on (or always when FAISS sees a GPU).
-#: Below it, exact batched matmul + ``torch.topk`` is as fast on CPU and bit-identical to sentence-transformers.
-AUTO_FAISS_MIN_CORPUS = 100_000
 #: The exact backend scores this many (query, passage) pairs per batch (128 MiB of float32).
 EXACT_BATCH_CELLS = 1 << 25
-#: FAISS queries per ``index.search`` call.
-FAISS_QUERY_BATCH = 16384
 #: FAISS on GPU cannot return more than this many neighbours per query.
 FAISS_GPU_MAX_K = 2048
 
@@ -116,6 +112,8 @@ class MiningStats:
     search_seconds: float = 0.0
     search_backend: str = "exact"
     search_device: str = "cpu"
+    search_recall_at_k: float | None = None  # approximate index only: share of exact top-k found (sampled)
+    search_knob: int = 0  # approximate index only: the nprobe / efSearch the recall calibration chose
     corpus_embeddings_reused: bool = False
     passages_encoded: int = 0  # distinct passages the model encoded in this run (0 = all reused)
     queries_encoded: int = 0  # distinct queries the model encoded in this run
@@ -312,19 +310,23 @@ def _rows_for(embeddings: np.ndarray, first: list[int], n_expected: int, what: s
 
 
 # ------------------------------------------------------------------------------------------------ search
-def _faiss_gpus() -> int:
-    try:
-        import faiss
-    except ImportError:
-        return 0
-    return int(getattr(faiss, "get_num_gpus", lambda: 0)())
+_USE_FAISS = {
+    True: "faiss",
+    "yes": "faiss",
+    False: "exact",
+    "no": "exact",
+    "ivf": "faiss-ivf",
+    "hnsw": "faiss-hnsw",
+}
 
 
 def _choose_backend(use_faiss: bool | str, n_corpus: int, k: int, similarity: str) -> str:
-    """Pick ``"faiss"`` or ``"exact"``.
+    """Pick ``"exact"``, ``"faiss"`` (exhaustive ``IndexFlatIP``), ``"faiss-ivf"`` or ``"faiss-hnsw"``.
 
     Args:
-        use_faiss: ``True``/``"yes"``, ``False``/``"no"`` or ``"auto"``.
+        use_faiss: ``True``/``"yes"``, ``False``/``"no"``, ``"ivf"``, ``"hnsw"`` or ``"auto"`` (exhaustive
+            FAISS on GPU; on CPU exact below :data:`~embed_assets.search.AUTO_ANN_MIN_CORPUS` passages, IVF
+            from there on).
         n_corpus: Distinct passages.
         k: Neighbours per query.
         similarity: The model's ``similarity_fn_name``.
@@ -332,34 +334,37 @@ def _choose_backend(use_faiss: bool | str, n_corpus: int, k: int, similarity: st
     Returns:
         The backend name.
     """
-    # The config spelling ("yes"/"no") and the Python one (True/False) mean the same.
-    use_faiss = (
-        {"yes": True, "no": False}.get(use_faiss, use_faiss) if isinstance(use_faiss, str) else use_faiss
-    )
-    if use_faiss not in (True, False, "auto"):
-        raise ValueError(f"use_faiss must be True/'yes', False/'no' or 'auto', got {use_faiss!r}")
+    from embed_assets.search import AUTO_ANN_MIN_CORPUS, faiss_gpus
+
+    if use_faiss != "auto" and use_faiss not in _USE_FAISS:
+        raise ValueError(
+            f"use_faiss must be True/'yes', False/'no', 'ivf', 'hnsw' or 'auto', got {use_faiss!r}"
+        )
+    chosen = _USE_FAISS.get(use_faiss, "auto")
     if similarity not in ("cosine", "dot"):
-        if use_faiss is True:
+        if chosen.startswith("faiss"):
             logger.warning("FAISS inner product cannot express %r similarity; using exact search", similarity)
         return "exact"
-    if use_faiss is False:
+    if chosen == "exact":
         return "exact"
     has_faiss = importlib.util.find_spec("faiss") is not None
-    gpus = _faiss_gpus() if has_faiss else 0
-    if use_faiss is True:
+    gpus = faiss_gpus() if has_faiss else 0
+    if chosen != "auto":
         if not has_faiss:
-            raise ImportError("use_faiss=True needs faiss: pip install faiss-cpu (or faiss-gpu)")
+            raise ImportError(f"use_faiss={use_faiss!r} needs faiss: pip install faiss-cpu (or faiss-gpu)")
         if gpus and k > FAISS_GPU_MAX_K:
             logger.warning(
-                "FAISS on GPU returns at most %d neighbours, %d needed; using exact search", 2048, k
+                "FAISS on GPU returns at most %d neighbours, %d needed; using exact search",
+                FAISS_GPU_MAX_K,
+                k,
             )
             return "exact"
-        return "faiss"
+        return chosen
     if not has_faiss:
         return "exact"
     if gpus and k <= FAISS_GPU_MAX_K:
         return "faiss"
-    return "faiss" if n_corpus >= AUTO_FAISS_MIN_CORPUS else "exact"
+    return "faiss-ivf" if n_corpus >= AUTO_ANN_MIN_CORPUS else "exact"
 
 
 def _search_exact(model: Any, query_emb: np.ndarray, corpus_emb: np.ndarray, k: int, device: str, progress):
@@ -403,36 +408,6 @@ def _search_exact(model: Any, query_emb: np.ndarray, corpus_emb: np.ndarray, k: 
         scores = torch.cat([scores, scores.new_full((scores.size(0), k - k_eff), -float("inf"))], dim=1)
         indices = torch.cat([indices, indices.new_full((indices.size(0), k - k_eff), -1)], dim=1)
     return scores, indices
-
-
-def _search_faiss(query_emb: np.ndarray, corpus_emb: np.ndarray, k: int, progress):
-    """Top-k by inner product with a FAISS ``IndexFlatIP`` (on all GPUs FAISS sees, else CPU).
-
-    Args:
-        query_emb: ``[n_q, dim]`` normalized query embeddings.
-        corpus_emb: ``[n_c, dim]`` normalized passage embeddings.
-        k: Neighbours per query.
-        progress: Optional message callback.
-
-    Returns:
-        ``(scores, indices)`` torch tensors ``[n_q, k]``; missing neighbours have index -1.
-    """
-    import faiss
-    import torch
-
-    index = faiss.IndexFlatIP(corpus_emb.shape[1])
-    if _faiss_gpus():
-        co = faiss.GpuMultipleClonerOptions()
-        co.shard = True
-        index = faiss.index_cpu_to_all_gpus(index, co=co)
-    index.add(corpus_emb)
-    scores_parts, index_parts = [], []
-    for start in range(0, len(query_emb), FAISS_QUERY_BATCH):
-        s, i = index.search(query_emb[start : start + FAISS_QUERY_BATCH], k)
-        scores_parts.append(s)
-        index_parts.append(i)
-        _report_batch(progress, "faiss search", start, FAISS_QUERY_BATCH, len(query_emb))
-    return torch.from_numpy(np.concatenate(scores_parts)), torch.from_numpy(np.concatenate(index_parts))
 
 
 def _positive_scores(model: Any, query_emb: np.ndarray, corpus_emb: np.ndarray, groups: _Queries):
@@ -750,7 +725,9 @@ def mine_hard_negatives(
         min_score: Drop candidates scoring below this.
         sampling_strategy: ``"top"`` (hardest first) or ``"random"`` (uniform within the window, seeded).
         use_faiss: ``True``/``"yes"`` (FAISS ``IndexFlatIP``, GPU when FAISS has one), ``False``/``"no"``
-            (exact batched matmul), ``"auto"`` (FAISS on GPU or from :data:`AUTO_FAISS_MIN_CORPUS` passages).
+            (exact batched matmul), ``"ivf"`` / ``"hnsw"`` (an approximate FAISS index whose recall against
+            exact search is calibrated and reported, :mod:`embed_assets.search`), ``"auto"`` (exhaustive FAISS
+            on GPU; on CPU exact up to :data:`~embed_assets.search.AUTO_ANN_MIN_CORPUS` passages, then IVF).
         batch_size: Encoding batch size.
         query_prompt: Raw prompt for queries (``None`` = the model's ``query`` prompt, as ST does).
         corpus_prompt: Raw prompt for passages (``None`` = the model's document prompt).
@@ -797,9 +774,7 @@ def mine_hard_negatives(
         candidates_per_query=k,
         range_max=range_max,
         search_backend=backend,
-        search_device="cuda"
-        if backend == "faiss" and _faiss_gpus()
-        else (device if backend == "exact" else "cpu"),
+        search_device=device if backend == "exact" else "cpu",
         corpus_embeddings_reused=corpus_embeddings is not None,
         passages_encoded=0 if corpus_embeddings is not None else len(corpus.texts),
         queries_encoded=0 if query_embeddings is not None else len(groups.texts),
@@ -815,8 +790,20 @@ def mine_hard_negatives(
     _report(
         progress, f"mining: {backend} top-{k} search, {len(query_emb)} queries x {len(corpus_emb)} passages"
     )
-    if backend == "faiss":
-        scores, indices = _search_faiss(query_emb, corpus_emb, k, progress)
+    if backend != "exact":
+        import torch
+
+        from embed_assets.search import ann_search, flat_search
+
+        if backend == "faiss":
+            found_scores, found, report = flat_search(query_emb, corpus_emb, k, progress)
+        else:
+            found_scores, found, report = ann_search(
+                query_emb, corpus_emb, k, backend.removeprefix("faiss-"), seed=seed, progress=progress
+            )
+            stats.search_recall_at_k, stats.search_knob = report.recall_at_k, report.knob
+        stats.search_device = report.device
+        scores, indices = torch.from_numpy(found_scores), torch.from_numpy(found)
     else:
         scores, indices = _search_exact(model, query_emb, corpus_emb, k, device, progress)
     stats.search_seconds = time.perf_counter() - t0

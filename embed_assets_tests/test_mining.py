@@ -347,6 +347,20 @@ def test_faiss_and_exact_backends_agree(model, data):
         _ours(data, model, use_faiss="sometimes")
 
 
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_index_is_calibrated_and_reported(model, data, index, monkeypatch):
+    import embed_assets.search
+
+    exact = _ours(data, model, use_faiss=False)
+    approx = _ours(data, model, use_faiss=index)
+    assert approx.stats.search_backend == f"faiss-{index}" and approx.stats.search_recall_at_k >= 0.99
+    assert approx.as_metadata()["search_knob"] > 0
+    assert [(r.query, r.negative_ids) for r in approx.rows] == [(r.query, r.negative_ids) for r in exact.rows]
+    # 'auto' switches to IVF past the size limit
+    monkeypatch.setattr(embed_assets.search, "AUTO_ANN_MIN_CORPUS", 10)
+    assert _ours(data, model, use_faiss="auto").stats.search_backend == "faiss-ivf"
+
+
 def test_precomputed_embeddings_skip_encoding(model, data):
     corpus_emb = np.stack([model._table[t] for t in data["corpus_texts"]])
     query_emb = np.stack([model._table[q] for q in data["queries"]])

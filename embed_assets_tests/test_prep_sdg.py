@@ -159,3 +159,34 @@ def test_a_heading_several_documents_share_is_not_a_title_query() -> None:
     assert not result.records and result.stats.dropped["ambiguous_title"] == 2
     with pytest.raises(ValueError, match="offline query kinds"):
         InverseClozeGenerator(InverseClozeSettings(kinds=("questions",)))
+
+
+def test_sdg_cache_is_one_store_reused_and_evicted_to_the_live_chunks(tmp_path) -> None:
+    from embed_assets.sdg.cache import STORE_FILE, SDGCache
+    from embed_assets.sdg.runner import run_generation
+
+    docs = {
+        f"d{i}.md": f"Topic number {i} starts right here in this file. It has a second sentence about tides. "
+        f"And there is a third sentence about boats number {i}."
+        for i in range(4)
+    }
+    chunks = [c for name, text in docs.items() for c in _doc_chunks(name, text)]
+    gen = InverseClozeGenerator(InverseClozeSettings())
+    cache = SDGCache(tmp_path)
+    first = run_generation(gen, chunks, cache, evict=True)
+    assert first.stats.chunks_reused == 0 and first.records
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(STORE_FILE)] == []  # one file
+
+    edited = [c for c in chunks if c.doc_id != "d3.md"] + _doc_chunks(
+        "d3.md", "A completely new text was written for this file today. It is quite different from before."
+    )
+    again = run_generation(gen, edited, cache, evict=True)
+    assert again.stats.chunks_reused == len(edited) - 1 and again.stats.cache_evicted == 1
+    assert again.stats.as_metadata()["cache_evicted"] == 1
+    # what stays is exactly what the live chunks use: d3's old unit went
+    assert {r.doc_id for r in cache.records()} == set(docs)
+    assert not {r.positive_chunk_ids[0] for r in cache.records()} - {c.chunk_id for c in edited}
+    cache.put_json("k", "v1", {"chunk_ids": [chunks[-1].chunk_id]})  # tied to d3's old passage
+    cache.put_json("k2", "v1", {"chunk_ids": [edited[0].chunk_id]})
+    assert run_generation(gen, edited, cache, evict=True).stats.cache_evicted == 1
+    assert cache.get_json("k", "v1") is None and cache.get_json("k2", "v1") is not None

@@ -50,6 +50,7 @@ class SDGStats:
     dropped: Counter[str] = field(default_factory=Counter)  # reason -> count
     drop_examples: dict[str, str] = field(default_factory=dict)  # reason -> first example
     failed_chunk_ids: list[str] = field(default_factory=list)
+    cache_evicted: int = 0  # cache entries no live chunk uses any more, removed after the run
 
     def drop(self, reason: str, example: str, n: int = 1) -> None:
         """Count ``n`` items dropped for ``reason``; the first ``example`` of each reason is kept.

@@ -1,10 +1,10 @@
-"""Content-addressed cache of generated QA records.
+"""Content-addressed cache of generated QA records, in one SQLite file (:class:`~embed_assets.kvstore.KVStore`).
 
 Key = (chunk content hash, generator fingerprint). An unchanged chunk under an unchanged generator never pays
-for generation twice, and an interrupted run resumes from what it already stored: each entry is written
-atomically as soon as its chunk is done.
+for generation twice, and an interrupted run resumes from what it already stored: each entry is committed as
+soon as its unit (or LLM call) is done.
 
-Two kinds of entries share the folder:
+Two kinds of entries share the store:
 
 - record entries (:meth:`SDGCache.get` / :meth:`SDGCache.put`): the QA records of one generation unit, written
   by :func:`embed_assets.sdg.runner.run_generation`;
@@ -12,51 +12,55 @@ Two kinds of entries share the folder:
   request, written by :class:`embed_assets.sdg.llm.LLMQAGenerator`, so even a partially finished unit
   reuses its finished calls.
 
-Entries never contain credentials: callers key them by content hashes and store only answers and counts.
+:meth:`SDGCache.evict` removes what no live chunk uses any more. Entries never contain credentials: callers
+key them by content hashes and store only answers and counts. A cache folder from an older version (one JSON
+file per entry) is imported into the store on first use, then those files are removed.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from embed_assets.kvstore import KVStore
 from embed_assets.records import QARecord
-from embed_assets.storage import atomic_path
+
+#: The store's file inside the cache folder.
+STORE_FILE = "sdg.sqlite"
+_RECORDS, _RAW = "records:", "raw:"
 
 
 class SDGCache:
-    """A folder of JSON files, one per (key, fingerprint)."""
+    """QA records per generation unit and raw JSON answers, by content key and generator fingerprint."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.store = KVStore(self.root / STORE_FILE)
+        self._import_legacy_files()
 
-    def _path(self, key: str, fingerprint: str) -> Path:
-        digest = hashlib.sha256(f"{key}\x00{fingerprint}".encode()).hexdigest()
-        return self.root / digest[:2] / f"{digest}.json"
+    def close(self) -> None:
+        self.store.close()
 
     def get(self, key: str, fingerprint: str) -> list[QARecord] | None:
         """Return the cached records for ``key`` or ``None`` when absent (or unreadable)."""
-        path = self._path(key, fingerprint)
-        if not path.exists():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None  # a corrupt entry is treated as a miss and rewritten
-        return [QARecord.from_dict(r) for r in data["records"]]
+        return self.get_many([key], fingerprint).get(key)
+
+    def get_many(self, keys: Iterable[str], fingerprint: str) -> dict[str, list[QARecord]]:
+        """The cached records of those ``keys`` that are present, in one lookup."""
+        found: dict[str, list[QARecord]] = {}
+        for key, value in self.store.get_many(_RECORDS + fingerprint, keys).items():
+            try:
+                found[key] = [QARecord.from_dict(r) for r in value["records"]]
+            except (KeyError, TypeError, ValueError):
+                continue  # an entry of an older format: a miss, rewritten by the caller
+        return found
 
     def put(self, key: str, fingerprint: str, records: list[QARecord]) -> None:
-        """Store records for ``key`` atomically."""
-        path = self._path(key, fingerprint)
-        with atomic_path(path) as tmp:
-            tmp.write_text(
-                json.dumps(
-                    {"key": key, "fingerprint": fingerprint, "records": [r.to_dict() for r in records]}
-                ),
-                encoding="utf-8",
-            )
+        """Store records for ``key`` (committed at once)."""
+        self.store.put(_RECORDS + fingerprint, key, {"records": [r.to_dict() for r in records]})
 
     def get_json(self, key: str, fingerprint: str = "") -> dict[str, Any] | None:
         """Return a raw JSON entry stored by :meth:`put_json`, or ``None`` when absent (or unreadable).
@@ -68,27 +72,63 @@ class SDGCache:
         Returns:
             The stored payload.
         """
-        path = self._path(key, fingerprint)
-        if not path.exists():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        payload = data.get("payload") if isinstance(data, dict) else None
+        payload = self.store.get(_RAW + fingerprint, key)
         return payload if isinstance(payload, dict) else None
 
     def put_json(self, key: str, fingerprint: str, payload: dict[str, Any]) -> None:
-        """Store a JSON-serializable ``payload`` atomically.
+        """Store a JSON-serializable ``payload`` (committed at once).
 
         Args:
             key: Content-derived key of the entry.
             fingerprint: Optional second key part.
-            payload: The object to store.
+            payload: The object to store; a ``chunk_ids`` list in it ties it to chunks for :meth:`evict`.
         """
-        path = self._path(key, fingerprint)
-        with atomic_path(path) as tmp:
-            tmp.write_text(
-                json.dumps({"key": key, "fingerprint": fingerprint, "payload": payload}, ensure_ascii=False),
-                encoding="utf-8",
-            )
+        self.store.put(_RAW + fingerprint, key, payload)
+
+    def records(self) -> list[QARecord]:
+        """Every cached record (any unit, any fingerprint): what a run stored, for inspection."""
+        return [QARecord.from_dict(r) for _, _, v in self.store.items(_RECORDS) for r in v.get("records", [])]
+
+    def raw_entries(self) -> list[dict[str, Any]]:
+        """Every raw JSON payload (any fingerprint)."""
+        return [v for _, _, v in self.store.items(_RAW) if isinstance(v, dict)]
+
+    def evict(self, live_unit_keys: Iterable[str], live_chunk_ids: Iterable[str]) -> int:
+        """Remove entries no live chunk uses: record entries of units that no longer exist (under any
+        fingerprint: a unit key is a hash of its chunks' content) and raw entries tied to a chunk that is gone.
+
+        Args:
+            live_unit_keys: The unit keys of the current corpus.
+            live_chunk_ids: The chunk ids of the current corpus.
+
+        Returns:
+            How many entries were removed.
+        """
+        units, chunks = set(live_unit_keys), set(live_chunk_ids)
+        gone = self.store.evict_where(_RECORDS, lambda ns, key, value: key not in units)
+        return gone + self.store.evict_where(
+            _RAW, lambda ns, key, value: not set(_chunk_ids(value)) <= chunks
+        )
+
+    def _import_legacy_files(self) -> None:
+        """Move entries of the one-file-per-entry layout (``<2 hex>/<sha256>.json``) into the store."""
+        files: Sequence[Path] = sorted(self.root.glob("[0-9a-f][0-9a-f]/*.json"))
+        for path in files:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                key, fp = data["key"], data.get("fingerprint", "")
+                if "records" in data:
+                    self.store.put(_RECORDS + fp, key, {"records": data["records"]})
+                elif isinstance(data.get("payload"), dict):
+                    self.store.put(_RAW + fp, key, data["payload"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable: dropped (a miss the next run fills)
+            path.unlink(missing_ok=True)
+        for folder in {p.parent for p in files}:
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                folder.rmdir()
+
+
+def _chunk_ids(payload: Any) -> list[str]:
+    ids = payload.get("chunk_ids") if isinstance(payload, dict) else None
+    return [str(i) for i in ids] if isinstance(ids, list) else []

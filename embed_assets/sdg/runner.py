@@ -160,6 +160,7 @@ def run_generation(
     chunks: Sequence[Chunk],
     cache: SDGCache | None,
     progress: ProgressFn | None = None,
+    evict: bool = False,
 ) -> SDGResult:
     """Generate QA records for ``chunks``, reusing cached units.
 
@@ -168,6 +169,8 @@ def run_generation(
         chunks: All chunks of the corpus.
         cache: Where unit results are stored (``None``: no caching).
         progress: Receives progress lines (rate, ETA).
+        evict: After the run, remove cache entries that no chunk of ``chunks`` uses (when ``chunks`` is the
+            whole corpus).
 
     Returns:
         Records in unit order and honest statistics: ``chunks_reused`` counts chunks of cached units plus
@@ -187,8 +190,10 @@ def run_generation(
     meter = ProgressMeter(stats.chunks_total, progress, label=f"sdg[{generator.name}]")
     per_unit: list[list[QARecord] | None] = [None] * len(units)
     pending: list[int] = []
+    keys = [unit_key(unit) for unit in units]
+    hits = cache.get_many(keys, fingerprint) if cache is not None else {}
     for i, unit in enumerate(units):
-        cached = cache.get(unit_key(unit), fingerprint) if cache is not None else None
+        cached = hits.get(keys[i])
         if cached is None:
             pending.append(i)
             continue
@@ -211,7 +216,7 @@ def run_generation(
         ids = {c.chunk_id for c in unit}
         failed = [cid for cid in dict.fromkeys(result.stats.failed_chunk_ids) if cid in ids]
         if not failed and cache is not None:
-            cache.put(unit_key(unit), fingerprint, result.records)
+            cache.put(keys[i], fingerprint, result.records)
         reused = min(result.stats.chunks_reused, len(unit) - len(failed))
         with lock:
             per_unit[i] = result.records
@@ -224,6 +229,8 @@ def run_generation(
 
     _run_all(work, pending, max(1, int(getattr(generator, "max_parallel_units", 1) or 1)))
     records = [r for recs in per_unit if recs for r in recs]
+    if evict and cache is not None:
+        stats.cache_evicted = cache.evict(keys, (c.chunk_id for unit in units for c in unit))
     return SDGResult(records=records, stats=stats)
 
 

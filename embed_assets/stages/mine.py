@@ -51,8 +51,11 @@ class MiningSettings(BaseModel):
     sampling_strategy: Literal["top", "random"] = Field(
         default="top", description="'top' (hardest) or 'random' within the range."
     )
-    use_faiss: Literal["auto", "yes", "no"] = Field(
-        default="auto", description="'auto', 'yes' or 'no' (exact matmul search)."
+    use_faiss: Literal["auto", "yes", "no", "ivf", "hnsw"] = Field(
+        default="auto",
+        description="'no': exact matmul search; 'yes': FAISS exhaustive search; 'ivf' / 'hnsw': an approximate "
+        "FAISS index whose recall@k against exact search is calibrated on a sample of the queries and shown in "
+        "the metadata; 'auto': exact up to 100,000 passages on CPU, IVF past that (exhaustive FAISS on a GPU).",
     )
     batch_size: int = Field(default=64, ge=1, description="Encoding batch size.")
     cross_encoder: str = Field(

@@ -154,11 +154,11 @@ def generate_pairs(
         from embed_assets.sdg.runner import run_generation
 
         generator = make_generator(settings, model, endpoint, log=ctx.log)
+        cache = SDGCache(ctx.cache_dir("sdg"))
         try:
-            result = run_generation(
-                generator, chunks.load(), SDGCache(ctx.cache_dir("sdg")), progress=ctx.log.info
-            )
+            result = run_generation(generator, chunks.load(), cache, progress=ctx.log.info, evict=True)
         finally:
+            cache.close()
             if hasattr(generator, "close"):
                 generator.close()  # the LLM generator's HTTP connection pool
         records, generator_name, model_name = result.records, generator.name, generator.model

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from embed_assets.records import QARecord
-from embed_assets.sdg.cache import SDGCache
+from embed_assets.sdg.cache import STORE_FILE, SDGCache
 from embed_assets.storage import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from embed_assets_tests.reliability.conftest import Children, wait_for
 
@@ -131,9 +132,23 @@ def test_corrupt_cache_entry_is_a_miss_and_is_rewritten(tmp_path: Path) -> None:
     cache = SDGCache(tmp_path)
     record = QARecord(qa_id="a", query="q", positive_chunk_ids=["c"], doc_id="d")
     cache.put("unit:1", "fp", [record])
-    (entry,) = tmp_path.rglob("*.json")
-    entry.write_text('{"key": "unit:1", "records": [{"qa_id": "a", "qu')  # e.g. a copy interrupted by a crash
+    with sqlite3.connect(tmp_path / STORE_FILE) as db:  # e.g. a value damaged by a disk error
+        n = db.execute(
+            "UPDATE entries SET value = ? WHERE key = 'unit:1'", ['{"records": [{"qa_id"']
+        ).rowcount
+    assert n == 1
     assert cache.get("unit:1", "fp") is None
     cache.put("unit:1", "fp", [record])
     assert cache.get("unit:1", "fp") == [record]
-    assert json.loads(entry.read_text())["records"][0]["qa_id"] == "a"
+
+
+def test_a_cache_of_the_file_per_entry_layout_is_imported_once(tmp_path: Path) -> None:
+    record = QARecord(qa_id="a", query="q", positive_chunk_ids=["c"], doc_id="d")
+    legacy = tmp_path / "ab" / ("ab" + "0" * 62 + ".json")
+    legacy.parent.mkdir()
+    legacy.write_text(json.dumps({"key": "unit:1", "fingerprint": "fp", "records": [record.to_dict()]}))
+    broken = legacy.with_name("ab" + "1" * 62 + ".json")
+    broken.write_text('{"key": "unit:2", "rec')  # half-written by a killed writer of that version
+    cache = SDGCache(tmp_path)
+    assert cache.get("unit:1", "fp") == [record] and cache.get("unit:2", "fp") is None
+    assert not (tmp_path / "ab").exists() and sorted(p.name for p in tmp_path.iterdir())[0] == STORE_FILE

@@ -146,7 +146,7 @@ def test_endpoint_down_fails_every_chunk_without_crashing_then_resumes(
     assert first.stats.calls_made == first.stats.calls_failed == len(chunks) * (1 + MAX_RETRIES)
     assert first.stats.bundles_failed == first.stats.bundles_total == len(chunks)
     assert first.stats.check_requests == 2  # the endpoint check did not stop the run either
-    assert not list(Path(tmp_path).rglob("*.json"))  # nothing half-done was cached
+    assert cache.records() == [] and cache.raw_entries() == []  # nothing half-done was cached
 
     second = run_generation(make_gen(stub.base_url), chunks, cache)
     assert second.stats.failed_chunk_ids == [] and stub.count() == 36

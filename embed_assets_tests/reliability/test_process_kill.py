@@ -6,7 +6,6 @@ runs in the test process, so it counts every call the child makes, per step and 
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 from collections import Counter
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from embed_assets.sdg.cache import SDGCache
 from embed_assets.storage import read_json, read_jsonl
 from embed_assets_tests.openai_stub_server import Fault, OpenAIStub
 from embed_assets_tests.reliability.conftest import Children, child_env, wait_for
@@ -42,15 +42,12 @@ def test_sigkill_during_llm_generation_then_rerun_repeats_no_finished_call(
     assert not (tmp_path / "killed.jsonl").exists()  # it never got to write its output
 
     served_before = answered(stub)
-    # What the killed run stored: every entry is complete JSON (written atomically), none half-written.
-    entries = [json.loads(p.read_text()) for p in cache.rglob("*.json")]
+    # What the killed run stored: every entry is a committed SQLite row, none half-written.
+    stored = SDGCache(cache)
     text = {c.chunk_id: c.text for c in sdg_chunks()}
-    stored_calls = {
-        (e["payload"]["step"], tuple(text[cid] for cid in e["payload"]["chunk_ids"]))
-        for e in entries
-        if "payload" in e
-    }
-    finished_docs = {r["doc_id"] for e in entries if "records" in e for r in e["records"]}
+    stored_calls = {(e["step"], tuple(text[cid] for cid in e["chunk_ids"])) for e in stored.raw_entries()}
+    finished_docs = {r.doc_id for r in stored.records()}
+    stored.close()
     assert 0 < len(stored_calls) < CLEAN_CALLS
     assert stored_calls <= set(served_before)
     # one request at a time: at most the call in flight at the kill was answered but not stored
