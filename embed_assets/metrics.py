@@ -106,6 +106,8 @@ def encode_and_search(
     score_function: ScoreFunction = "cos_sim",
     ignore_identical_ids: bool = True,
     show_progress_bar: bool = False,
+    index: Literal["auto", "exact", "ivf", "hnsw"] = "auto",
+    reports: list[Any] | None = None,
 ) -> tuple[Run, np.ndarray]:
     """Encode queries (and the corpus unless given) with a sentence-transformers model, then search.
 
@@ -127,6 +129,10 @@ def encode_and_search(
         score_function: ``"cos_sim"`` or ``"dot"``.
         ignore_identical_ids: See :func:`exact_search`.
         show_progress_bar: Forwarded to ``model.encode``.
+        index: ``"exact"``; ``"ivf"`` / ``"hnsw"``: an approximate FAISS index calibrated to recall@``top_k``
+            ≥ 0.99 against exact search (:func:`embed_assets.search.ann_search`); ``"auto"``: exact below
+            :data:`embed_assets.search.AUTO_ANN_MIN_CORPUS` documents (or without faiss), IVF from there on.
+        reports: Receives the :class:`~embed_assets.search.SearchReport` of an approximate search (its recall).
 
     Returns:
         ``(run, corpus_embeddings)``: the run and the ``float32`` corpus embeddings in ``corpus`` order.
@@ -144,6 +150,15 @@ def encode_and_search(
     query_embeddings = _encode(
         model, [queries[q] for q in query_ids], query_prompt, batch_size, show_progress_bar
     )
+    chosen = _choose_index(index, len(corpus_ids))
+    if chosen != "exact":
+        run, report = ann_run(
+            query_embeddings, corpus_embeddings, query_ids, corpus_ids, top_k, chosen, score_function,
+            ignore_identical_ids,
+        )  # fmt: skip
+        if reports is not None:
+            reports.append(report)
+        return run, np.asarray(corpus_embeddings, dtype=np.float32)
     run = exact_search(
         query_embeddings,
         corpus_embeddings,
@@ -154,6 +169,50 @@ def encode_and_search(
         ignore_identical_ids=ignore_identical_ids,
     )
     return run, np.asarray(corpus_embeddings, dtype=np.float32)
+
+
+def _choose_index(index: str, n_corpus: int) -> str:
+    import importlib.util
+
+    from embed_assets.search import AUTO_ANN_MIN_CORPUS
+
+    if index != "auto":
+        return index
+    has_faiss = importlib.util.find_spec("faiss") is not None
+    return "ivf" if has_faiss and n_corpus >= AUTO_ANN_MIN_CORPUS else "exact"
+
+
+def ann_run(
+    query_embeddings: Any,
+    corpus_embeddings: Any,
+    query_ids: Sequence[str],
+    corpus_ids: Sequence[str],
+    top_k: int,
+    index: Literal["ivf", "hnsw"] = "ivf",
+    score_function: ScoreFunction = "cos_sim",
+    ignore_identical_ids: bool = True,
+) -> tuple[Run, Any]:
+    """:func:`exact_search`'s run from an approximate index (for corpora past exact search's size).
+
+    Returns:
+        ``(run, report)``: the run in rank order (ties as the index returns them) and the
+        :class:`~embed_assets.search.SearchReport` with the recall@``top_k`` measured against exact search.
+    """
+    from embed_assets.search import ann_search
+
+    queries = _as_matrix(query_embeddings, "query_embeddings")
+    docs = _as_matrix(corpus_embeddings, "corpus_embeddings")
+    query_ids, corpus_ids = list(query_ids), list(corpus_ids)
+    _check_search_args(queries, docs, query_ids, corpus_ids, top_k, score_function)
+    if score_function == "cos_sim":
+        queries, docs = _l2_normalize(queries), _l2_normalize(docs)
+    k = min(top_k + int(ignore_identical_ids), len(corpus_ids))  # one more: a hit on the query's own id
+    scores, found, report = ann_search(queries, docs, k, index)
+    run: Run = {}
+    for qid, row_idx, row_scores in zip(query_ids, found, scores, strict=True):
+        hits = [(corpus_ids[i], float(sc)) for i, sc in zip(row_idx, row_scores, strict=True) if i >= 0]
+        run[qid] = dict([h for h in hits if not (ignore_identical_ids and h[0] == qid)][:top_k])
+    return run, report
 
 
 def encode_corpus(

@@ -8,7 +8,9 @@ them, so the root grows with every run. This removes the run folders no live sta
 - the newest ``keep_runs`` run folders of each asset (to inspect or roll back);
 - folders younger than ``min_age_hours`` (a run may be writing them right now).
 
-Caches (``<root>/cache``), MLflow's store and the manifests themselves are never touched. Written by hand
+Artifact files are stored once by content (``<root>/objects``, hard-linked from the run folders): an object no
+run folder links to any more is removed with its last run folder. Caches (``<root>/cache``), MLflow's store and
+the manifests themselves are never touched. Written by hand
 because Dagster has no retention for artifacts an asset writes itself (its own retention covers run storage).
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from embed_assets.stages.common import MANIFESTS_DIR, artifact_root
+from embed_assets.stages.common import MANIFESTS_DIR, OBJECTS_DIR, STEPS_DIR, artifact_root
 from embed_assets.stages.split import FROZEN_DIR
 
 
@@ -50,12 +52,14 @@ class RetentionReport:
     kept_live: list[str] = field(default_factory=list)
     kept_recent: list[str] = field(default_factory=list)
     freed_bytes: int = 0
+    objects_removed: int = 0  # content-addressed artifact files no run folder links to any more
     dry_run: bool = False
 
     def summary(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
         return (
-            f"{verb} {len(self.removed)} run folders ({self.freed_bytes / 2**20:.1f} MiB); kept "
+            f"{verb} {len(self.removed)} run folders and {self.objects_removed} unlinked objects "
+            f"({self.freed_bytes / 2**20:.1f} MiB); kept "
             f"{len(self.kept_live)} live and {len(self.kept_recent)} recent"
         )
 
@@ -86,9 +90,10 @@ def _strings(value: object) -> Iterator[str]:
 
 
 def run_folders(root: Path) -> dict[str, list[Path]]:
-    """Run folders per asset (assets = those with a manifest), newest first."""
+    """Run folders per asset (assets = those with a manifest, plus the inner steps' folder), newest first."""
     manifests = root / MANIFESTS_DIR
     assets = sorted(p.stem for p in manifests.glob("*.json")) if manifests.is_dir() else []
+    assets.append(STEPS_DIR)  # inner steps' outputs (e.g. chunking shards' manifests), one folder per run
     out = {}
     for asset in assets:
         runs = [p for p in (root / asset).iterdir() if p.is_dir()] if (root / asset).is_dir() else []
@@ -117,10 +122,20 @@ def collect_garbage(root: str | Path, settings: RetentionSettings) -> RetentionR
             elif rank < settings.keep_runs or run.stat().st_mtime > cutoff:
                 report.kept_recent.append(str(run))
             else:
-                report.freed_bytes += sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
+                # a file linked from the object store frees its bytes only with its last link (below)
+                report.freed_bytes += sum(
+                    st.st_size for f in run.rglob("*") if f.is_file() and (st := f.stat()).st_nlink == 1
+                )
                 report.removed.append(str(run))
                 if not settings.dry_run:
                     shutil.rmtree(run)
+    objects = root / OBJECTS_DIR
+    for obj in sorted(objects.iterdir()) if objects.is_dir() and not settings.dry_run else []:
+        st = obj.stat()
+        if obj.is_file() and st.st_nlink == 1:  # no run folder links to it any more
+            report.freed_bytes += st.st_size
+            report.objects_removed += 1
+            obj.unlink()
     return report
 
 

@@ -92,6 +92,43 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def dedupe_file(path: str | os.PathLike[str], objects: str | os.PathLike[str]) -> bool:
+    """Make ``path`` a hard link to the object of the same content in ``objects`` (content-addressed storage).
+
+    The first file with some content becomes the object (a second link, no copy); a later file with the same
+    bytes is replaced, atomically, by a link to it, so an unchanged output of a re-run costs no disk. Safe
+    because artifacts are never modified in place (every write renames a new file over the old one).
+
+    Args:
+        path: A finished artifact file.
+        objects: The object folder (``<sha256>.<suffix>`` files).
+
+    Returns:
+        Whether an earlier identical file was found (this one's bytes were freed).
+    """
+    import hashlib
+
+    final = Path(path)
+    digest = hashlib.sha256()
+    with final.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    obj = Path(objects) / f"{digest.hexdigest()}{final.suffix}"
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if not obj.exists():
+            os.link(final, obj)
+            return False
+        if os.path.samefile(obj, final):
+            return True
+        link = final.with_name(f".{final.name}.{os.getpid()}.link")
+        os.link(obj, link)
+        os.replace(link, final)
+        return True
+    except OSError:
+        return False  # no hard links on this filesystem (or across two): the file stays a copy
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Atomically write ``obj`` as pretty JSON."""
     with atomic_path(path) as tmp:
@@ -117,9 +154,9 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     return n
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read JSON Lines; a malformed or non-UTF-8 line raises ``ValueError`` naming the file and line."""
-    rows = []
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Stream JSON Lines, one row at a time; a malformed or non-UTF-8 line raises ``ValueError`` naming the file
+    and line."""
     with Path(path).open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -129,10 +166,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-    return rows
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read JSON Lines (all rows; :func:`iter_jsonl` streams them)."""
+    return list(iter_jsonl(path))
 
 
 def write_parquet(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> Path:

@@ -22,6 +22,7 @@ from dagster._config import process_config, resolve_to_config_type, validate_con
 from dagster._core.execution.api import create_execution_plan
 from dagster._core.execution.context.system import PlanData, PlanOrchestrationContext
 from dagster._core.execution.context_creation_job import create_context_free_log_manager
+from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.retries import RetryMode
 from dagster._core.executor.init import InitExecutorContext
 from dagster._core.executor.step_delegating.step_handler.base import StepHandlerContext
@@ -40,7 +41,7 @@ from dagster_k8s.job import (
 )
 
 from embed_assets.definitions import ALL_ASSETS, defs
-from embed_assets.defs.common import GPU_OP_TAGS, GPU_TAGS, GROUP
+from embed_assets.defs.common import GPU_OP_TAGS, GPU_TAGS, GROUP, SHARD_OP_TAGS
 from embed_assets.defs.jobs import GPU_TAG_LIMITS, K8S_EXECUTOR_CONFIG, build_executor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,8 +161,10 @@ def k8s_instance(tmp_path: Path):
         yield instance, str(kubeconfig)
 
 
-def _launch_step_job(instance, kubeconfig: str, step_key: str) -> dict:
-    """Let dagster-k8s's step handler launch ``step_key``; return the Kubernetes Job it submitted."""
+def _launch_step_job(instance, kubeconfig: str, step_key: str, known_state=None) -> dict:
+    """Let dagster-k8s's step handler launch ``step_key``; return the Kubernetes Job it submitted.
+
+    ``known_state`` resolves dynamic steps (a chunking shard's key exists once its plan step has run)."""
     recon = dg.reconstructable(embed_pipeline_on_k8s)
     job_def = recon.get_definition()
     config = process_config(
@@ -174,7 +177,7 @@ def _launch_step_job(instance, kubeconfig: str, step_key: str) -> dict:
             job=recon, executor_def=k8s_job_executor, executor_config=config.value, instance=instance
         )
     )
-    plan = create_execution_plan(recon)
+    plan = create_execution_plan(recon, known_state=known_state)
     plan_context = PlanOrchestrationContext(
         plan_data=PlanData(
             job=recon, dagster_run=run, instance=instance, execution_plan=plan, retry_mode=RetryMode.DISABLED
@@ -187,7 +190,9 @@ def _launch_step_job(instance, kubeconfig: str, step_key: str) -> dict:
         instance=instance,
         plan_context=plan_context,
         steps=plan.steps,
-        execute_step_args=ExecuteStepArgs(recon.get_python_origin(), run.run_id, [step_key]),
+        execute_step_args=ExecuteStepArgs(
+            recon.get_python_origin(), run.run_id, [step_key], known_state=known_state
+        ),
     )
     batch_api = mock.MagicMock()
     handler = K8sStepHandler(
@@ -227,6 +232,23 @@ def test_step_pods_of_the_real_pipeline(k8s_instance) -> None:
     assert resources["requests"] == {"cpu": "1", "memory": "4Gi"}
     assert "nvidia.com/gpu" not in (resources.get("limits") or {})
     assert not pod.get("node_selector") and not pod.get("tolerations")
+
+
+def test_chunking_shards_are_pods_of_their_own(k8s_instance) -> None:
+    result = validate_config(USER_DEFINED_K8S_JOB_CONFIG_SCHEMA, SHARD_OP_TAGS[USER_DEFINED_K8S_CONFIG_KEY])
+    assert result.success, result.errors
+    instance, kubeconfig = k8s_instance
+    shards = ["shard_000", "shard_001"]  # what the plan step would have yielded
+    known = KnownExecutionState(dynamic_mappings={"corpus_chunks.plan_chunk_shards": {"result": shards}})
+    for shard in shards:
+        job = _launch_step_job(instance, kubeconfig, f"corpus_chunks.chunk_corpus_shard[{shard}]", known)
+        pod = job["spec"]["template"]["spec"]
+        resources = pod["containers"][0]["resources"]
+        assert resources["requests"] == {"cpu": "1", "memory": "2Gi"}  # the shard's own, not the executor's
+        assert resources["limits"] == {"memory": "4Gi"} and not pod.get("node_selector")
+        env = {e["name"]: e.get("value") or "" for e in pod["containers"][0]["env"]}
+        assert env["DAGSTER_RUN_STEP_KEY"] == f"corpus_chunks.chunk_corpus_shard[{shard}]"  # its own step
+        assert job["metadata"]["labels"]["dagster/op"] == f"corpus_chunks.chunk_corpus_shard-{shard}"
 
 
 # ------------------------------------------------------------------------------- instance and deploy files

@@ -21,7 +21,10 @@ def _materialize(root: Path, run_id: str, corpus: Path, age_s: float) -> None:
 
 def test_gc_removes_old_runs_and_keeps_live_and_recent(tmp_path: Path, tiny_corpus: Path) -> None:
     root = (tmp_path / "artifacts").resolve()
+    edited = sorted(tiny_corpus.iterdir())[0]
     for i, run in enumerate(["r1", "r2", "r3", "r4"]):
+        with edited.open("a", encoding="utf-8") as f:  # each run sees other content: its own objects
+            f.write(f"\nAnother sentence was added before run number {i} of this corpus.\n")
         _materialize(root, run, tiny_corpus, age_s=(4 - i) * 7200)  # r1 oldest ... r4 newest (2 h old)
     before = sorted(p.name for p in (root / "corpus").iterdir())
 
@@ -31,6 +34,8 @@ def test_gc_removes_old_runs_and_keeps_live_and_recent(tmp_path: Path, tiny_corp
     report = collect_garbage(root, RetentionSettings(keep_runs=1))
     assert sorted(Path(p).name for p in report.removed) == ["r1", "r1", "r2", "r2", "r3", "r3"]
     assert report.freed_bytes > 0 and report.removed == dry.removed
+    assert report.objects_removed == 6  # documents.jsonl and chunks.parquet of r1-r3, now linked from nowhere
+    assert len(list((root / "objects").iterdir())) == 2
     for asset in ("corpus", "corpus_chunks"):
         assert [p.name for p in (root / asset).iterdir()] == ["r4"]
         manifest = read_manifest(manifest_file(root, asset))  # the latest still loads, its files exist
@@ -63,3 +68,17 @@ def test_gc_cli_reports(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     assert (root / "corpus" / "a").is_dir()  # a dry run
     assert main(["--root", str(root), "--keep-runs", "0"]) == 0
     assert sorted(p.name for p in (root / "corpus").iterdir()) == ["b", "c"]
+
+
+def test_an_unchanged_rerun_adds_no_disk(tmp_path: Path, tiny_corpus: Path) -> None:
+    root = (tmp_path / "artifacts").resolve()
+    _materialize(root, "first", tiny_corpus, age_s=0)
+    _materialize(root, "again", tiny_corpus, age_s=0)
+    for asset, name in (("corpus", "documents.jsonl"), ("corpus_chunks", "chunks.parquet")):
+        first, again = (root / asset / run / name for run in ("first", "again"))
+        assert first.read_bytes() and first.samefile(again)  # one file, linked twice (and from objects/)
+        assert again.stat().st_nlink == 3
+    # a run folder's removal leaves the other's file intact
+    report = collect_garbage(root, RetentionSettings(keep_runs=0, min_age_hours=0))
+    assert report.objects_removed == 0
+    assert all(p.stat().st_nlink == 2 for p in (root / "objects").iterdir())

@@ -43,3 +43,33 @@ def test_ann_reaches_the_target_and_reports_the_recall_it_measured(index: str) -
     if index == "ivf":
         assert report.cells > 0 and report.knob < report.cells  # it did not fall back to scanning every cell
     assert set(report.as_metadata()) >= {"index", "recall_at_k", "knob", "build_seconds", "search_seconds"}
+
+
+def test_evaluation_search_past_the_size_limit_is_approximate_and_reported(monkeypatch) -> None:
+    import embed_assets.search
+    from embed_assets.metrics import encode_and_search, evaluate
+
+    corpus_emb = clustered(3_000, 32, 20, 3)
+    queries = {f"q{i}": str(i) for i in range(200)}
+    corpus = {f"d{i}": {"text": f"doc {i}"} for i in range(len(corpus_emb))}
+    q_emb = clustered(200, 32, 20, 4)
+
+    class Model:  # encodes the queries as the fixed vectors above (the corpus is given)
+        def encode(self, texts, **_):
+            return q_emb[[int(t) for t in texts]]
+
+    exact, _ = encode_and_search(Model(), queries, corpus, top_k=10, corpus_embeddings=corpus_emb)
+    qrels = {q: {list(exact[q])[2]: 1} for q in queries}  # judged: exact search's third hit
+    reports: list = []
+    monkeypatch.setattr(embed_assets.search, "AUTO_ANN_MIN_CORPUS", 1_000)
+    approx, _ = encode_and_search(
+        Model(), queries, corpus, top_k=10, corpus_embeddings=corpus_emb, reports=reports
+    )
+    (report,) = reports
+    assert report.index == "ivf" and report.recall_at_k >= 0.99 and report.k == 11  # one spare: own id
+    overlap = sum(len(set(exact[q]) & set(approx[q])) for q in queries) / (10 * len(queries))
+    assert overlap >= 0.97 and all(
+        list(approx[q]) == sorted(approx[q], key=approx[q].get, reverse=True) for q in queries
+    )
+    m_exact, m_approx = evaluate(qrels, exact, k_values=(10,)), evaluate(qrels, approx, k_values=(10,))
+    assert m_exact["NDCG@10"] == 0.5 and abs(m_exact["NDCG@10"] - m_approx["NDCG@10"]) < 0.02

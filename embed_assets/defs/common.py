@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from embed_assets.defs.resources import ArtifactStore
 from embed_assets.stages.common import (
+    STEPS_DIR,
     Gate,
     JsonValue,
     Manifest,
@@ -46,17 +48,33 @@ GPU_OP_TAGS: dict[str, Any] = {
 GPU_POOL = "gpu"
 #: Keyword arguments that make an asset a GPU step (tag, k8s pod config, pool).
 GPU_STEP: dict[str, Any] = {"tags": GPU_TAGS, "op_tags": GPU_OP_TAGS, "pool": GPU_POOL}
+#: A chunking shard's pod on Kubernetes: one core (the tokenizer runs single-threaded per document batch) and
+#: memory for one shard's documents and passages, not the corpus's.
+SHARD_OP_TAGS: dict[str, Any] = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+        }
+    }
+}
 
 
 # --------------------------------------------------------------------------------------- manifest storage
 class ManifestIOManager(dg.ConfigurableIOManager):
     """Stores each asset's manifest as readable JSON: ``<root>/manifests/<asset>.json`` (the latest, which
-    downstream steps read) and a copy in the run's folder of the asset (``<asset>/<run_id>/manifest.json``)."""
+    downstream steps read) and a copy in the run's folder of the asset (``<asset>/<run_id>/manifest.json``).
+
+    The outputs of a graph-backed asset's inner ops (e.g. one manifest per chunking shard) are JSON files under
+    ``<root>/steps/<run_id>/``, so steps in other processes or pods read them from the shared artifact root.
+    """
 
     store: ArtifactStore
 
     def handle_output(self, context: dg.OutputContext, obj: Manifest | None) -> None:
         if obj is None:  # an asset that yielded no output (e.g. a skipped TensorRT build)
+            return
+        if not context.has_asset_key:
+            write_manifest(obj, self._step_file(context))
             return
         asset = context.asset_key.to_python_identifier()
         copy = self.store.run_dir(asset, context.run_id) / "manifest.json"
@@ -64,12 +82,22 @@ class ManifestIOManager(dg.ConfigurableIOManager):
         context.add_output_metadata({"manifest": dg.MetadataValue.path(str(copy))})
 
     def load_input(self, context: dg.InputContext) -> Manifest:
+        upstream = context.upstream_output
+        if upstream is not None and not upstream.has_asset_key:
+            return read_manifest(self._step_file(upstream))
         path = manifest_file(self.store.root_path(), context.asset_key.to_python_identifier())
         if not path.is_file():
             raise dg.Failure(
                 f"no stored manifest for {context.asset_key.to_user_string()} at {path}: materialize it first"
             )
         return read_manifest(path)
+
+    def _step_file(self, context: dg.OutputContext) -> Path:
+        """``<root>/steps/<run_id>/<step key>.<output>.json`` (a mapped step's key names its shard)."""
+        name = f"{context.step_key}.{context.name}" + (
+            f"[{context.mapping_key}]" if context.mapping_key else ""
+        )
+        return self.store.root_path() / STEPS_DIR / context.run_id / f"{name}.json"
 
 
 def latest_manifest(store: ArtifactStore, asset: str) -> Manifest | None:

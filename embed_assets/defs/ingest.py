@@ -6,14 +6,18 @@ annotations at definition time.)
 
 import dagster as dg
 
-from embed_assets.defs.common import GROUP, emit, latest_manifest
+from embed_assets.defs.common import GROUP, SHARD_OP_TAGS, emit, latest_manifest
 from embed_assets.defs.resources import ArtifactStore, EmbeddingModel
 from embed_assets.stages.ingest import (
     ChunkSettings,
     ChunksManifest,
     CorpusManifest,
     CorpusSettings,
-    chunk_documents,
+    ShardManifest,
+    ShardPlan,
+    chunk_shard,
+    merge_shards,
+    plan_shards,
     read_documents,
 )
 
@@ -34,22 +38,67 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, store: Artif
     yield from emit(manifest, "corpus", manifest.data_version)
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
-def corpus_chunks(
-    context: dg.AssetExecutionContext,
+# ------------------------------------------------------------------ corpus_chunks: one step per shard
+@dg.op(out=dg.DynamicOut(ShardPlan))
+def plan_chunk_shards(config: ChunkingConfig, model: EmbeddingModel, corpus: CorpusManifest):
+    """The corpus cut into shards by a stable hash of each document id (``documents_per_shard`` each)."""
+    for plan in plan_shards(corpus, config, model.spec()):
+        yield dg.DynamicOutput(plan, mapping_key=plan.mapping_key)
+
+
+@dg.op(out=dg.Out(ShardManifest), tags=SHARD_OP_TAGS)
+def chunk_corpus_shard(
+    context: dg.OpExecutionContext,
     config: ChunkingConfig,
     store: ArtifactStore,
     model: EmbeddingModel,
     corpus: CorpusManifest,
+    shard: ShardPlan,
+) -> ShardManifest:
+    """One shard's passages (a step of its own: a process under the multiprocess executor, a pod on k8s);
+    an unchanged shard returns its earlier output at once."""
+    manifest = chunk_shard(corpus, shard, config, model.spec(), store.stage_context(context))
+    context.log.info(
+        f"shard {shard.index}/{shard.n_shards}: {manifest.n_docs} documents, {manifest.n_chunks} passages"
+        + (" (unchanged: earlier output reused)" if manifest.output_reused else
+           f" ({manifest.documents_chunked} cut, {manifest.documents_reused} from the chunk cache)")
+    )  # fmt: skip
+    return manifest
+
+
+@dg.op
+def merge_chunk_shards(
+    context: dg.OpExecutionContext,
+    config: ChunkingConfig,
+    store: ArtifactStore,
+    model: EmbeddingModel,
+    corpus: CorpusManifest,
+    shards: list[ShardManifest],
 ):
-    """Sentence-based passages of at most ``passage_max_length`` tokens; ``chunk_id`` = hash of the text, so
-    unchanged passages keep their ids (and their cached SDG pairs and embeddings) across runs."""
+    """Every shard's passages in corpus order, each text once: the ``corpus_chunks`` asset's value."""
     previous = latest_manifest(store, "corpus_chunks")
-    manifest = chunk_documents(
+    manifest = merge_shards(
         corpus,
+        shards,
         config,
         model.spec(),
         store.stage_context(context),
         previous if isinstance(previous, ChunksManifest) else None,
     )
     yield from emit(manifest, "corpus_chunks", manifest.data_version)
+
+
+@dg.config_mapping
+def _chunking_config(config: ChunkingConfig) -> dict:
+    """The asset's one config (``ops: {corpus_chunks: {config: …}}``) given to each of its steps."""
+    fields = {"config": config.model_dump()}
+    return {"plan_chunk_shards": fields, "chunk_corpus_shard": fields, "merge_chunk_shards": fields}
+
+
+@dg.graph_asset(group_name=GROUP, kinds={"python", "parquet"}, code_version="2", config=_chunking_config)
+def corpus_chunks(corpus: CorpusManifest):
+    """Sentence-based passages of at most ``passage_max_length`` tokens; ``chunk_id`` = hash of the text, so
+    unchanged passages keep their ids (and their cached SDG pairs and embeddings) across runs. The documents
+    are cut in shards that run as parallel steps; a shard whose documents did not change is not cut again."""
+    shards = plan_chunk_shards(corpus).map(lambda shard: chunk_corpus_shard(corpus, shard))
+    return merge_chunk_shards(corpus, shards.collect())

@@ -69,6 +69,17 @@ class StageContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def publish(self, *paths: str | Path | None) -> int:
+        """Store finished artifacts content-addressed (``<root>/objects``): a file whose bytes an earlier run
+        wrote already becomes a hard link to that file, so an unchanged re-run adds no disk.
+
+        Returns:
+            How many of ``paths`` were unchanged copies (now links).
+        """
+        from embed_assets.storage import dedupe_file
+
+        return sum(dedupe_file(p, self.root / OBJECTS_DIR) for p in paths if p and Path(p).is_file())
+
     def cache_dir(self, name: str) -> Path:
         """A cache shared by runs (SDG answers, embeddings, trainer checkpoints)."""
         path = self.root / "cache" / name
@@ -215,6 +226,10 @@ def file_digest(*paths: str | None) -> str:
 # ------------------------------------------------------------------------------------- stored manifests
 #: Folder of the artifact root holding each asset's latest manifest.
 MANIFESTS_DIR = "manifests"
+#: Folder of the artifact root holding every artifact file once, by content hash (:meth:`StageContext.publish`).
+OBJECTS_DIR = "objects"
+#: Folder of the artifact root holding the outputs of steps that are not assets (per run).
+STEPS_DIR = "steps"
 
 
 def manifest_file(root: Path, asset: str) -> Path:

@@ -9,6 +9,7 @@ bootstrap interval over queries; the quality gate fails when the fine-tuned mode
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -670,6 +671,7 @@ def evaluate_model(
             list(corpus),
             batch_size=settings.batch_size,
         )
+    reports: list = []
     run, corpus_emb = encode_and_search(
         st_model,
         queries,
@@ -679,7 +681,13 @@ def evaluate_model(
         query_prompt=query_prompt,
         corpus_prompt=passage_prompt,
         corpus_embeddings=corpus_emb,
+        reports=reports,
     )
+    for report in reports:  # past exact search's size: say how close the approximate index came
+        logging.getLogger("embed_assets").info(
+            f"evaluation of {path}: {report.index} search, recall@{report.k} {report.recall_at_k:.4f} vs exact "
+            f"on {report.recall_sample} queries"
+        )
     per_dim: dict[str, float] = {}
     if dims and queries:
         # Matryoshka: the first d coordinates, re-normalized, are the d-dimensional embedding.

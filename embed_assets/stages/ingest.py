@@ -56,6 +56,13 @@ class ChunkSettings(BaseModel):
     passage_max_length: int = Field(
         default=512, ge=16, description="Max tokens per passage (model tokenizer)."
     )
+    documents_per_shard: int = Field(
+        default=2000,
+        ge=1,
+        description="Documents per chunking shard: each shard is one step (a process under the multiprocess "
+        "executor, a pod under k8s), and an unchanged shard is not cut again.",
+    )
+    max_shards: int = Field(default=64, ge=1, description="At most this many shards (parallel steps).")
 
 
 @dataclass
@@ -100,6 +107,8 @@ class ChunksManifest(Manifest):
     # documents whose chunks came from the chunk cache (same content, same settings)
     documents_reused: int = 0
     cache_evicted: int = 0  # cached documents no longer in the corpus, removed from the cache
+    shards: int = 1  # parallel chunking steps (ChunkSettings.documents_per_shard)
+    shards_unchanged: int = 0  # shards whose output of an earlier run was used as it is
     tokens_mean: float = 0.0
     tokens_max: int = 0
     token_histogram: list[int] = field(default_factory=list)  # passages per TOKEN_BINS bucket
@@ -116,6 +125,8 @@ class ChunksManifest(Manifest):
             "documents_chunked": self.documents_chunked,
             "documents_reused_from_cache": self.documents_reused,
             "chunk_cache_evicted": self.cache_evicted,
+            "shards": self.shards,
+            "shards_unchanged": self.shards_unchanged,
             "tokens_mean": self.tokens_mean,
             "tokens_max": self.tokens_max,
             "token_histogram": Markdown(histogram_md(self.token_histogram, TOKEN_BINS)),
@@ -160,6 +171,7 @@ def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifes
     scan = read_corpus(settings.path, settings.extensions, settings.exclude_globs, settings.max_file_bytes)
     out = ctx.out_dir("corpus") / "documents.jsonl"
     write_jsonl(out, (d.to_dict() for d in scan.documents))
+    ctx.publish(out)
     for r in scan.rejected:
         ctx.log.warning(f"rejected {r['path']}: {r['reason']}")
     return CorpusManifest(
@@ -174,6 +186,262 @@ def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifes
     )
 
 
+@dataclass
+class ShardPlan(Manifest):
+    """One shard of the corpus for :func:`chunk_shard`: which documents, and a fingerprint of their content.
+
+    Attributes:
+        index: Shard number (``0 … n_shards-1``); a document's shard is a stable hash of its id.
+        n_shards: How many shards the corpus was cut into.
+        fingerprint: Hash of the chunking settings, the tokenizer and the shard's (doc id, content hash) list:
+            the name of the shard's output, so an unchanged shard is never cut or written again.
+        doc_ids: The shard's documents, in corpus order.
+    """
+
+    index: int
+    n_shards: int
+    fingerprint: str
+    doc_ids: list[str] = field(default_factory=list)
+
+    @property
+    def mapping_key(self) -> str:
+        """The shard's name in Dagster (its step is ``chunk_shard[<mapping_key>]``)."""
+        return f"shard_{self.index:03d}"
+
+
+@dataclass
+class ShardManifest(Manifest):
+    """One shard's passages: ``path`` is a Parquet file named by the shard's fingerprint."""
+
+    index: int
+    fingerprint: str
+    path: str
+    n_docs: int
+    n_chunks: int
+    documents_chunked: int = 0
+    documents_reused: int = 0
+    output_reused: bool = False  # the shard was unchanged: its file from an earlier run was used as it is
+    seconds: float = 0.0
+
+
+def shard_of(doc_id: str, n_shards: int) -> int:
+    """A document's shard: a stable hash of its id (the same across runs, processes and machines)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big") % n_shards
+
+
+def _chunk_namespace(settings: ChunkSettings, model: ModelSpec) -> str:
+    """Cache namespace of chunks cut under these settings with this tokenizer."""
+    tokenizer = Path(model.path()) / "tokenizer.json"
+    chunking = settings.model_dump(include={"sentences_per_chunk", "passage_max_length"})
+    return fingerprint(chunking, model.base_model, file_digest(str(tokenizer)) if tokenizer.is_file() else "")
+
+
+def plan_shards(corpus: CorpusManifest, settings: ChunkSettings, model: ModelSpec) -> list[ShardPlan]:
+    """Cut the corpus into ``ceil(documents / documents_per_shard)`` shards (at most ``max_shards``).
+
+    Args:
+        corpus: The scanned corpus (its manifest lists every document's id and content hash).
+        settings: The chunking settings (shard size included).
+        model: The base model (its tokenizer is part of each shard's fingerprint).
+
+    Returns:
+        The non-empty shards, by index.
+    """
+    import math
+
+    n_shards = max(1, min(settings.max_shards, math.ceil(corpus.n_docs / settings.documents_per_shard)))
+    namespace = _chunk_namespace(settings, model)
+    members: list[list[tuple[str, str]]] = [[] for _ in range(n_shards)]
+    for d in corpus.documents:
+        members[shard_of(d["doc_id"], n_shards)].append((d["doc_id"], d["hash"]))
+    return [
+        ShardPlan(i, n_shards, fingerprint(namespace, docs), [doc_id for doc_id, _ in docs])
+        for i, docs in enumerate(members)
+        if docs
+    ]
+
+
+def chunk_shard(
+    corpus: CorpusManifest, shard: ShardPlan, settings: ChunkSettings, model: ModelSpec, ctx: StageContext
+) -> ShardManifest:
+    """Cut one shard's documents into passages (the ``chunk_shard`` step; :func:`chunk_documents` runs all).
+
+    A document whose content was cut before under the same settings and tokenizer takes its chunks from the
+    chunk cache (``ctx.cache_dir("chunks")``, one SQLite file keyed by content hash); a shard whose fingerprint
+    has an output already is not cut at all. Only the shard's documents are held in memory (the corpus file is
+    streamed).
+
+    Args:
+        corpus: The scanned corpus.
+        shard: Which documents (from :func:`plan_shards`).
+        settings: Sentences per passage and the passage length limit.
+        model: The base model (its tokenizer measures passage length).
+        ctx: The chunk cache and the shard outputs live in its caches.
+
+    Returns:
+        A :class:`ShardManifest`.
+    """
+    import time
+
+    from embed_assets.chunking import chunk_documents_batched, tokenizer_counter
+    from embed_assets.kvstore import KVStore
+    from embed_assets.records import Chunk, Document
+    from embed_assets.storage import iter_jsonl, write_parquet
+
+    start = time.monotonic()
+    out = ctx.cache_dir("chunk_shards") / f"{shard.fingerprint}.parquet"
+    if out.is_file():
+        import pyarrow.parquet as pq
+
+        return ShardManifest(
+            shard.index, shard.fingerprint, str(out), len(shard.doc_ids), pq.read_metadata(out).num_rows,
+            documents_reused=len(shard.doc_ids), output_reused=True, seconds=round(time.monotonic() - start, 2),
+        )  # fmt: skip
+    wanted = set(shard.doc_ids)
+    docs = [Document(**d) for d in iter_jsonl(corpus.path) if d["doc_id"] in wanted]
+    namespace = _chunk_namespace(settings, model)
+    with KVStore(ctx.cache_dir("chunks") / "chunks.sqlite") as cache:
+        cached = cache.get_many(namespace, (d.content_hash for d in docs))
+        # Each new content is cut once, as its first document (a later document with the same text only adds
+        # duplicate chunks, which the merge drops).
+        todo, seen = [], set(cached)
+        for d in docs:
+            if d.content_hash not in seen:
+                seen.add(d.content_hash)
+                todo.append(d)
+        count_tokens = tokenizer_counter(model.path()) if todo else None
+        cut = {
+            d.content_hash: chunks
+            for d, chunks in zip(
+                todo,
+                chunk_documents_batched(
+                    todo, settings.sentences_per_chunk, settings.passage_max_length, count_tokens
+                )
+                if todo
+                else [],
+                strict=True,
+            )
+        }
+        cache.put_many(
+            namespace,
+            {
+                h: [{k: v for k, v in c.to_dict().items() if k != "doc_id"} for c in cs]
+                for h, cs in cut.items()
+            },
+        )
+    rows = [
+        c.to_dict()
+        for d in docs
+        for c in (
+            cut[d.content_hash]
+            if d.content_hash in cut
+            else [Chunk.from_dict({**c, "doc_id": d.doc_id}) for c in cached[d.content_hash]]
+        )
+    ]
+    write_parquet(out, rows)
+    return ShardManifest(
+        shard.index, shard.fingerprint, str(out), len(docs), len(rows),
+        documents_chunked=len(todo), documents_reused=len(docs) - len(todo),
+        seconds=round(time.monotonic() - start, 2),
+    )  # fmt: skip
+
+
+def merge_shards(
+    corpus: CorpusManifest,
+    shards: list[ShardManifest],
+    settings: ChunkSettings,
+    model: ModelSpec,
+    ctx: StageContext,
+    previous: ChunksManifest | None = None,
+    seconds: float | None = None,
+) -> ChunksManifest:
+    """Concatenate the shards' passages in corpus order, each chunk text once (its first document).
+
+    Columnar throughout (Arrow tables, never a Python object per passage). Removes the chunk-cache entries and
+    shard outputs no current document uses.
+
+    Args:
+        corpus: The scanned corpus (its document order is the passages' order).
+        shards: Every shard's output.
+        settings: The chunking settings (the chunk cache's namespace).
+        model: The base model (the chunk cache's namespace).
+        ctx: Where to write ``chunks.parquet``.
+        previous: The last run's chunks, to report how many passages are unchanged.
+        seconds: Wall time to report (default: this merge's).
+
+    Returns:
+        A :class:`ChunksManifest`; its ``data_version`` is a hash of the sorted chunk ids.
+    """
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from embed_assets.kvstore import KVStore
+    from embed_assets.storage import atomic_path
+
+    start = time.monotonic()
+    position = {d["doc_id"]: i for i, d in enumerate(corpus.documents)}
+    tables = [t for t in (pq.read_table(s.path) for s in sorted(shards, key=lambda s: s.index)) if t.num_rows]
+    table = (
+        pa.concat_tables(tables) if tables else pa.table({c: [] for c in ("chunk_id", "doc_id", "n_tokens")})
+    )
+    if table.num_rows:
+        doc_pos = np.array([position[d] for d in table.column("doc_id").to_pylist()], dtype=np.int64)
+        table = table.take(np.lexsort((np.arange(table.num_rows), doc_pos)))  # corpus order, stable in a doc
+        seen: set[str] = set()
+        first = np.zeros(table.num_rows, dtype=bool)
+        for row, cid in enumerate(table.column("chunk_id").to_pylist()):
+            if cid not in seen:
+                seen.add(cid)
+                first[row] = True
+        table = table.filter(pa.array(first))
+    dups = int(sum(s.n_chunks for s in shards) - table.num_rows)
+    out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+    ctx.publish(out)
+    with KVStore(ctx.cache_dir("chunks") / "chunks.sqlite") as cache:
+        evicted = cache.evict(_chunk_namespace(settings, model), {d["hash"] for d in corpus.documents})
+    live = {s.fingerprint for s in shards}
+    for stale in ctx.cache_dir("chunk_shards").glob("*.parquet"):
+        if stale.stem not in live:
+            stale.unlink(missing_ok=True)
+    chunked = sum(s.documents_chunked for s in shards)
+    ctx.log.info(
+        f"chunking: {chunked} documents cut, {corpus.n_docs - chunked} reused from the chunk cache, "
+        f"{sum(s.output_reused for s in shards)}/{len(shards)} shards unchanged"
+        + (f", {evicted} stale cache entries evicted" if evicted else "")
+    )
+    ids = table.column("chunk_id").to_pylist() if table.num_rows else []
+    lengths = table.column("n_tokens").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
+    before = _chunk_ids(previous)
+    preview = table.slice(0, 10).to_pylist() if table.num_rows else []
+    return ChunksManifest(
+        path=str(out),
+        n_chunks=table.num_rows,
+        n_docs=len(pc.unique(table.column("doc_id"))) if table.num_rows else 0,
+        corpus_root=corpus.root,
+        data_version=fingerprint(sorted(ids)),
+        duplicates_dropped=dups,
+        unchanged_since_last_run=sum(cid in before for cid in ids),
+        documents_chunked=chunked,
+        documents_reused=corpus.n_docs - chunked,
+        cache_evicted=evicted,
+        shards=len(shards),
+        shards_unchanged=sum(s.output_reused for s in shards),
+        tokens_mean=round(float(lengths.mean()), 1) if len(lengths) else 0.0,
+        tokens_max=int(lengths.max()) if len(lengths) else 0,
+        token_histogram=bucket_counts(lengths.tolist(), TOKEN_BINS),
+        preview=preview,
+        seconds=round(seconds if seconds is not None else time.monotonic() - start, 2),
+    )
+
+
 def chunk_documents(
     corpus: CorpusManifest,
     settings: ChunkSettings,
@@ -181,16 +449,13 @@ def chunk_documents(
     ctx: StageContext,
     previous: ChunksManifest | None = None,
 ) -> ChunksManifest:
-    """Cut every document into passages, counting tokens with the base model's tokenizer.
-
-    A document whose content was cut before under the same settings and tokenizer takes its chunks from the
-    chunk cache (``ctx.cache_dir("chunks")``, one SQLite file keyed by content hash), so an unchanged re-run or
-    a small edit pays only for the documents that changed; cached documents no longer in the corpus are
-    evicted.
+    """Cut every document into passages, counting tokens with the base model's tokenizer: every shard of
+    :func:`plan_shards` through :func:`chunk_shard` in this process, then :func:`merge_shards` (the asset runs
+    the shards as parallel steps instead).
 
     Args:
         corpus: The scanned corpus.
-        settings: Sentences per passage and the passage length limit.
+        settings: Sentences per passage, the passage length limit, the shard size.
         model: The base model (its tokenizer measures passage length).
         ctx: Where to write ``chunks.parquet``.
         previous: The last run's chunks, to report how many passages are unchanged.
@@ -200,68 +465,11 @@ def chunk_documents(
     """
     import time
 
-    from embed_assets.chunking import chunk_documents_batched, drop_duplicates, tokenizer_counter
-    from embed_assets.kvstore import KVStore
-    from embed_assets.records import Chunk, Document
-    from embed_assets.storage import read_jsonl, write_parquet
-
     start = time.monotonic()
-    docs = [Document(**d) for d in read_jsonl(corpus.path)]
-    tokenizer = Path(model.path()) / "tokenizer.json"
-    namespace = fingerprint(
-        settings.model_dump(), model.base_model, file_digest(str(tokenizer)) if tokenizer.is_file() else ""
-    )
-    cache = KVStore(ctx.cache_dir("chunks") / "chunks.sqlite")
-    cached = cache.get_many(namespace, (d.content_hash for d in docs))
-    count_tokens = tokenizer_counter(model.path())
-    # Each new content is cut once, as its first document (a later document with the same text only adds
-    # duplicate chunks, which drop_duplicates removes).
-    todo, seen = [], set(cached)
-    for d in docs:
-        if d.content_hash not in seen:
-            seen.add(d.content_hash)
-            todo.append(d)
-    batches = chunk_documents_batched(
-        todo, settings.sentences_per_chunk, settings.passage_max_length, count_tokens
-    )
-    cut = {d.content_hash: chunks for d, chunks in zip(todo, batches, strict=True)}
-    cache.put_many(
-        namespace,
-        {h: [{k: v for k, v in c.to_dict().items() if k != "doc_id"} for c in cs] for h, cs in cut.items()},
-    )
-    per_doc = [
-        cut[d.content_hash]
-        if d.content_hash in cut
-        else [Chunk.from_dict({**c, "doc_id": d.doc_id}) for c in cached[d.content_hash]]
-        for d in docs
+    shards = [
+        chunk_shard(corpus, plan, settings, model, ctx) for plan in plan_shards(corpus, settings, model)
     ]
-    evicted = cache.evict(namespace, {d.content_hash for d in docs})
-    chunks, dups = drop_duplicates(per_doc)
-    ctx.log.info(
-        f"chunking: {len(todo)} documents cut, {len(docs) - len(todo)} reused from the chunk cache"
-        + (f", {evicted} stale cache entries evicted" if evicted else "")
-    )
-    out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
-    write_parquet(out, [c.to_dict() for c in chunks])
-    before = _chunk_ids(previous)
-    lengths = [c.n_tokens for c in chunks]
-    return ChunksManifest(
-        path=str(out),
-        n_chunks=len(chunks),
-        n_docs=len({c.doc_id for c in chunks}),
-        corpus_root=corpus.root,
-        data_version=fingerprint(sorted(c.chunk_id for c in chunks)),
-        duplicates_dropped=dups,
-        unchanged_since_last_run=sum(c.chunk_id in before for c in chunks),
-        documents_chunked=len(todo),
-        documents_reused=len(docs) - len(todo),
-        cache_evicted=evicted,
-        tokens_mean=round(sum(lengths) / max(len(lengths), 1), 1),
-        tokens_max=max(lengths, default=0),
-        token_histogram=bucket_counts(lengths, TOKEN_BINS),
-        preview=[c.to_dict() for c in chunks[:10]],
-        seconds=round(time.monotonic() - start, 2),
-    )
+    return merge_shards(corpus, shards, settings, model, ctx, previous, seconds=time.monotonic() - start)
 
 
 def chunks_from_beir(folder: str | Path, ctx: StageContext, doc_id_from: str = "id_prefix") -> ChunksManifest:

@@ -169,6 +169,7 @@ def mine_negatives(
     rows = [asdict(r) for r in result.rows]
     out = ctx.out_dir("mined_negatives") / "mined.jsonl"
     write_jsonl(out, rows)
+    ctx.publish(out)
     return MinedManifest(
         path=str(out),
         n_rows=len(rows),

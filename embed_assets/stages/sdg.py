@@ -171,6 +171,7 @@ def generate_pairs(
             ctx.log.warning(f"synthetic_qa dropped {row['count']} × {row['reason']}, e.g. {row['example']}")
 
     write_jsonl(path, (r.to_dict() for r in records))
+    ctx.publish(path, extra_path)
     if not records:
         raise StageError(
             f"synthetic_qa produced no pairs (generator {generator_name}); the drops table says why",

@@ -248,6 +248,7 @@ def split_pairs(
     for name in ("train", "val", "test"):
         paths[name] = str(out / f"{name}.jsonl")
         write_jsonl(paths[name], (r.to_dict() for r in getattr(split, name)))
+    ctx.publish(*paths.values())
     return SplitManifest(
         **paths,
         eval_beir=str(eval_dir),

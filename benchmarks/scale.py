@@ -1,0 +1,398 @@
+"""Scale benchmark: how the cheap stages' cost grows with the corpus, what a re-run costs, and search at size.
+
+Two parts, all through the product's own code:
+
+1. ``pipeline`` (per corpus size): a corpus generated from real English text (Python standard-library
+   docstrings, Debian package documentation and license texts on this machine; ``--words`` words a document,
+   sentences drawn with a fixed seed) is materialized through Dagster's real machinery (``dg.materialize`` of
+   the real assets ``corpus`` → ``corpus_chunks`` → ``synthetic_qa`` → ``split_sets`` with the code location's
+   resources, a temporary instance and artifact root), in a fresh interpreter per size. Printed per stage: wall
+   time (STEP_START → STEP_SUCCESS from the event log; ``corpus_chunks`` spans its plan, shard and merge
+   steps) and peak RSS (the process high-water mark, reset every interval). Then an unchanged re-run and a re-run
+   after 1 % of the documents were edited (one sentence appended), each with the artifact root's disk growth
+   (distinct inodes: a hard link to an unchanged file costs nothing). The growth exponent of each stage is the
+   least-squares slope of log(time) over log(documents) across the sizes run.
+2. ``search``: ``--search-passages`` real-text passages (sentence pairs of the same generated text, distinct)
+   and ``--search-queries`` queries (single sentences not among the passages), embedded with the bundled
+   model truncated to ``--search-max-tokens`` tokens (so a million passages embed in minutes on a CPU; the
+   vectors are still the model's vectors of real text), cached in the work folder (a resumable run). Exact
+   search (:func:`embed_assets.search.exact_topk`) against the IVF index mining uses past 100,000 passages
+   (:func:`embed_assets.search.ann_search`, calibrated to recall@10 ≥ 0.99 on a query sample), alternating
+   which goes first over ``--repeats`` rounds: recall@10 over every query and the search-time ratio.
+
+Usage::
+
+    python benchmarks/scale.py --docs 1000,10000                 # ~25 min on 2 cores
+    python benchmarks/scale.py --parts search --search-passages 1000000
+    python benchmarks/scale.py --docs 100000 --work-dir /big/disk  # resumable: the corpus is generated once
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STAGES = ("corpus", "corpus_chunks", "synthetic_qa", "split_sets")
+EDIT_SHARE = 0.01
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+# ------------------------------------------------------------------------------------------ the text pool
+def _docstrings() -> list[str]:
+    """Docstrings of the standard library's modules, classes and functions (parsed, never imported)."""
+    import sysconfig
+
+    out = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "test" in path.parts or "site-packages" in path.parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc:
+                    out.append(doc)
+    return out
+
+
+def _debian_texts() -> list[str]:
+    texts = []
+    for folder, pattern in (("/usr/share/common-licenses", "*"), ("/usr/share/doc", "*/copyright")):
+        for path in sorted(Path(folder).glob(pattern)):
+            if path.is_file() and path.stat().st_size < 2_000_000:
+                texts.append(path.read_text(encoding="utf-8", errors="ignore"))
+    return texts
+
+
+def sentence_pool() -> list[str]:
+    """Distinct prose sentences of 6-60 words from the texts above."""
+    seen: dict[str, None] = {}
+    for text in _docstrings() + _debian_texts():
+        for paragraph in re.split(r"\n\s*\n", text):
+            flat = " ".join(paragraph.split())
+            for sentence in _SENTENCE.split(flat):
+                words = sentence.split()
+                if 6 <= len(words) <= 60 and sentence[-1:] in ".!?" and sum(w.isalpha() for w in words) > 4:
+                    seen.setdefault(sentence, None)
+    return list(seen)
+
+
+def generate_corpus(folder: Path, n_docs: int, words: int, pool: list[str], seed: int = 0) -> None:
+    """``n_docs`` documents of about ``words`` words, sentences drawn from ``pool`` (resumable: existing
+    documents are kept)."""
+    for i in range(n_docs):
+        path = folder / f"{i // 1000:04d}" / f"doc{i:07d}.txt"
+        if path.exists():
+            continue
+        rng = random.Random(seed * 10_000_019 + i)
+        sentences, n = [], 0
+        while n < words:
+            s = pool[rng.randrange(len(pool))]
+            sentences.append(s)
+            n += len(s.split())
+        paragraphs = [" ".join(sentences[j : j + 6]) for j in range(0, len(sentences), 6)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"Document {i}\n\n" + "\n\n".join(paragraphs) + "\n", encoding="utf-8")
+
+
+def edit_share(folder: Path, share: float, pool: list[str], round_: int) -> int:
+    """Append one sentence to every ``1/share``-th document; returns how many were edited."""
+    files = sorted(folder.rglob("*.txt"))
+    step = max(1, round(1 / share))
+    for path in files[::step]:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(pool[(zlib.crc32(path.name.encode()) + round_) % len(pool)] + "\n")
+    return len(files[::step])
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes of the distinct files under ``root`` (a hard-linked file counts once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            st = path.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+# ------------------------------------------------------------------------------------ part 1, one size
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Materialize the cheap stages three times (first, unchanged, 1 % edited) in this interpreter."""
+    from benchmarks.pipeline import PeakSampler, _bench_resources, _instance, _materialize, _step_spans
+    from embed_assets.definitions import defs
+
+    work = Path(args.size_dir)
+    corpus_dir, artifacts = work / "docs", work / "artifacts"
+    run_config = {"ops": {"corpus": {"config": {"path": str(corpus_dir), "extensions": [".txt"]}}}}
+    sampler = PeakSampler(0.5).start()
+    instance = _instance("local", work / "dagster_home")
+    pool = sentence_pool() if args.edit else []
+    out: dict[str, Any] = {"runs": {}}
+    for label in ("first", "unchanged", "edited"):
+        if label == "edited":
+            out["edited_docs"] = edit_share(corpus_dir, EDIT_SHARE, pool, 1)
+        before = disk_bytes(artifacts) if artifacts.exists() else 0
+        begin = sampler.mark()
+        result = _materialize(defs, instance, _bench_resources(str(artifacts)), run_config, STAGES)
+        end = sampler.mark()
+        spans = _step_spans(instance, result.run_id)
+        stages = {}
+        for stage in STAGES:
+            mine = [s for k, s in spans.items() if k == stage or k.startswith(stage + ".")]
+            start, stop = min(s for s, _ in mine), max(e for _, e in mine)
+            stages[stage] = {"seconds": stop - start, "peak_mib": sampler.peak_mib(start, stop)}
+        meta = {
+            e.asset_key.path[-1]: {k: getattr(v, "value", v) for k, v in e.materialization.metadata.items()}
+            for e in result.get_asset_materialization_events()
+        }
+        out["runs"][label] = {
+            "total_seconds": end - begin,
+            "stages": stages,
+            "disk_added_mib": (disk_bytes(artifacts) - before) / 2**20,
+            "chunks": meta["corpus_chunks"]["chunks"],
+            "documents": meta["corpus"]["documents"],
+            "pairs": meta["synthetic_qa"]["pairs"],
+            "shards": f"{meta['corpus_chunks']['shards_unchanged']}/{meta['corpus_chunks']['shards']} unchanged",
+        }
+        print(f"[{label}] {json.dumps(out['runs'][label])}", file=sys.stderr, flush=True)
+        if not args.edit and label == "unchanged":
+            break
+    sampler.stop()
+    instance.dispose()
+    return out
+
+
+def run_size(n_docs: int, args: argparse.Namespace) -> dict[str, Any]:
+    size_dir = Path(args.work_dir) / f"docs-{n_docs}"
+    if (size_dir / "result.json").exists() and not args.fresh:
+        return json.loads((size_dir / "result.json").read_text())
+    pool = sentence_pool()
+    print(
+        f"generating {n_docs} documents of ~{args.words} words ({len(pool)} distinct sentences)", flush=True
+    )
+    generate_corpus(size_dir / "docs", n_docs, args.words, pool)
+    for stale in ("artifacts", "dagster_home"):
+        subprocess.run(["rm", "-rf", str(size_dir / stale)], check=True)
+    cmd = [sys.executable, __file__, "--worker", "--size-dir", str(size_dir)]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode:
+        raise RuntimeError(f"worker for {n_docs} documents failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(docs=n_docs, wall_seconds=time.time() - started, load=os.getloadavg())
+    # the edit was made in the worker: put the documents back for the next run of this benchmark
+    subprocess.run(["rm", "-rf", str(size_dir / "docs")], check=True)
+    (size_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def growth_exponent(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(seconds) over log(documents)."""
+    pts = [(math.log(n), math.log(max(s, 1e-3))) for n, s in points]
+    if len(pts) < 2:
+        return None
+    mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
+
+
+def pipeline_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| docs | chunks | "
+        + " / ".join(STAGES)
+        + " (s) | peak RSS (MiB) | unchanged re-run: chunks (s, % of first)"
+        " / total (s) / disk (MiB) | 1 %-edit re-run: chunks (s, %) / total (s) / shards | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        first, same, edit = r["runs"]["first"], r["runs"]["unchanged"], r["runs"].get("edited")
+        chunks_first = first["stages"]["corpus_chunks"]["seconds"]
+
+        def pct(run: dict[str, Any], base: float = chunks_first) -> str:
+            s = run["stages"]["corpus_chunks"]["seconds"]
+            return f"{s:.1f} ({100 * s / base:.0f} %)"
+
+        peak = max(s["peak_mib"] for s in first["stages"].values())
+        edited = f"{pct(edit)} / {edit['total_seconds']:.1f} / {edit['shards']}" if edit else "—"
+        lines.append(
+            f"| {r['docs']:,} | {first['chunks']:,} | "
+            + " / ".join(f"{first['stages'][s]['seconds']:.1f}" for s in STAGES)
+            + f" | {peak:.0f} | {pct(same)} / {same['total_seconds']:.1f} / {same['disk_added_mib']:.2f} | {edited}"
+            f" | {'/'.join(f'{x:.1f}' for x in r['load'])} |"
+        )
+    if len(results) >= 2:
+        exps = {
+            s: growth_exponent([(r["docs"], r["runs"]["first"]["stages"][s]["seconds"]) for r in results])
+            for s in STAGES
+        }
+        lines.append("")
+        lines.append("growth exponent (time ∝ docs^k): " + ", ".join(f"{s} {k:.2f}" for s, k in exps.items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- part 2
+def search_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from embed_assets.search import ann_search, exact_topk, recall_at_k
+
+    folder = Path(args.work_dir) / f"search-{args.search_passages}-{args.search_max_tokens}"
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus_emb, query_emb = _search_embeddings(folder, args)
+    k = 10
+    rows = []
+    for round_ in range(args.repeats):
+        order = ("exact", "ivf") if round_ % 2 == 0 else ("ivf", "exact")
+        for which in order:
+            t0 = time.perf_counter()
+            if which == "exact":
+                exact = exact_topk(query_emb, corpus_emb, k)
+                rows.append({"round": round_, "method": "exact", "search_s": time.perf_counter() - t0})
+            else:
+                _, found, report = ann_search(query_emb, corpus_emb, k, "ivf", seed=round_)
+                rows.append(
+                    {
+                        "round": round_,
+                        "method": "ivf",
+                        "build_s": report.build_seconds,
+                        "search_s": report.search_seconds,
+                        "knob": report.knob,
+                        "cells": report.cells,
+                        "sample_recall": report.recall_at_k,
+                        "found": found,
+                    }
+                )
+    exact = exact_topk(query_emb, corpus_emb, k)
+    for row in rows:
+        if row["method"] == "ivf":
+            row["recall"] = recall_at_k(row.pop("found"), exact)
+    ex = statistics.median(r["search_s"] for r in rows if r["method"] == "exact")
+    ivf = [r for r in rows if r["method"] == "ivf"]
+    return {
+        "passages": len(corpus_emb),
+        "queries": len(query_emb),
+        "exact_search_s": ex,
+        "ivf_search_s": statistics.median(r["search_s"] for r in ivf),
+        "ivf_build_s": statistics.median(r["build_s"] for r in ivf),
+        "recall@10": min(r["recall"] for r in ivf),
+        "sample_recall@10": min(r["sample_recall"] for r in ivf),
+        "nprobe/cells": f"{ivf[0]['knob']}/{ivf[0]['cells']}",
+        "speedup_search": ex / statistics.median(r["search_s"] for r in ivf),
+        "speedup_build_and_search": ex / statistics.median(r["search_s"] + r["build_s"] for r in ivf),
+        "load": os.getloadavg(),
+        "dtype": str(np.float32),
+    }
+
+
+def _search_embeddings(folder: Path, args: argparse.Namespace):
+    """Passage and query embeddings of real text, encoded in resumable blocks."""
+    import numpy as np
+
+    pool = sentence_pool()
+    rng = random.Random(7)
+    queries = rng.sample(pool, args.search_queries)
+    taken = set(queries)
+    rest = [s for s in pool if s not in taken]
+    passages: dict[str, None] = {}
+    while len(passages) < args.search_passages:
+        i = rng.randrange(len(rest) - 1)
+        passages.setdefault(f"{rest[i]} {rest[rng.randrange(len(rest))]}", None)
+    texts = list(passages)
+    model = None
+    block = 50_000
+    parts = []
+    for start in range(0, len(texts), block):
+        path = folder / f"passages-{start:08d}.npy"
+        if not path.exists():
+            model = model or _model(args.search_max_tokens)
+            emb = model.encode(texts[start : start + block], batch_size=256, normalize_embeddings=True)
+            np.save(path, emb.astype(np.float32))
+            print(f"embedded {min(start + block, len(texts))}/{len(texts)} passages", flush=True)
+        parts.append(np.load(path))
+    qpath = folder / "queries.npy"
+    if not qpath.exists():
+        model = model or _model(args.search_max_tokens)
+        np.save(qpath, model.encode(queries, batch_size=256, normalize_embeddings=True).astype(np.float32))
+    return np.ascontiguousarray(np.concatenate(parts)), np.load(qpath)
+
+
+def _model(max_tokens: int):
+    from sentence_transformers import SentenceTransformer
+
+    from embed_assets.models import resolve_model_path
+    from embed_assets.stages.common import ModelSpec
+
+    model = SentenceTransformer(resolve_model_path(ModelSpec().base_model), device="cpu")
+    model.max_seq_length = max_tokens
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="pipeline,search", help="pipeline, search or both")
+    p.add_argument("--docs", default="1000,10000", help="corpus sizes (documents), comma-separated")
+    p.add_argument("--words", type=int, default=1500, help="words per generated document")
+    p.add_argument("--work-dir", default=str(REPO / ".bench" / "scale"), help="corpora, embeddings, results")
+    p.add_argument("--fresh", action="store_true", help="re-measure sizes that have a result already")
+    p.add_argument("--no-edit", dest="edit", action="store_false", help="skip the 1 %%-edit re-run")
+    p.add_argument("--search-passages", type=int, default=1_000_000)
+    p.add_argument("--search-queries", type=int, default=2000)
+    p.add_argument("--search-max-tokens", type=int, default=32)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="search rounds (alternating which method goes first)"
+    )
+    p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size-dir", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    parts = set(args.parts.split(","))
+    report: dict[str, Any] = {}
+    if "pipeline" in parts:
+        results = [run_size(int(n), args) for n in args.docs.split(",")]
+        report["pipeline"] = results
+        print(pipeline_table(results))
+    if "search" in parts:
+        s = search_bench(args)
+        report["search"] = s
+        print(
+            "\n| passages | queries | exact search (s) | IVF build / search (s) | nprobe/cells | recall@10 (all "
+            "queries) | search speed-up | build+search speed-up | load |\n|---|---|---|---|---|---|---|---|---|\n"
+            f"| {s['passages']:,} | {s['queries']:,} | {s['exact_search_s']:.2f} | {s['ivf_build_s']:.1f} / "
+            f"{s['ivf_search_s']:.2f} | {s['nprobe/cells']} | {s['recall@10']:.4f} | {s['speedup_search']:.1f}× | "
+            f"{s['speedup_build_and_search']:.1f}× | {'/'.join(f'{x:.1f}' for x in s['load'])} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Sharded chunking: shards are separate steps that run in parallel, their result equals the unsharded run, and
+a change in one document re-runs only its shard."""
+
+# No "from __future__ import annotations": the job factory below is loaded by Dagster's reconstruction.
+
+import itertools
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+
+from embed_assets.definitions import pipeline_resources
+from embed_assets.defs.ingest import corpus, corpus_chunks
+from embed_assets.defs.jobs import build_executor
+from embed_assets.defs.resources import ArtifactStore
+from embed_assets.stages.common import ModelSpec, StageContext
+from embed_assets.stages.ingest import (
+    SAMPLE_CORPUS,
+    ChunkSettings,
+    CorpusSettings,
+    chunk_documents,
+    plan_shards,
+    read_documents,
+    shard_of,
+)
+
+DOCS_PER_SHARD = 7  # the sample corpus's 28 documents in 4 shards (or 3: the hash decides who goes where)
+
+
+def _corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "docs"
+    shutil.copytree(Path(SAMPLE_CORPUS) / "python-reference", folder)
+    return folder
+
+
+def _chunk(folder: Path, root: Path, previous=None, **settings) -> tuple:
+    ctx = StageContext.local(root)
+    scanned = read_documents(CorpusSettings(path=str(folder)), ctx)
+    return chunk_documents(scanned, ChunkSettings(**settings), ModelSpec(), ctx, previous), scanned
+
+
+def test_shards_are_stable_and_equal_the_unsharded_run(tmp_path: Path) -> None:
+    folder = _corpus(tmp_path)
+    whole, scanned = _chunk(folder, tmp_path / "one", documents_per_shard=10_000)
+    sharded, _ = _chunk(folder, tmp_path / "many", documents_per_shard=DOCS_PER_SHARD)
+    assert (whole.shards, sharded.shards) == (1, 4)
+    assert pq.read_table(sharded.path).to_pylist() == pq.read_table(whole.path).to_pylist()
+    assert sharded.data_version == whole.data_version and sharded.n_chunks == whole.n_chunks > 0
+
+    plans = plan_shards(scanned, ChunkSettings(documents_per_shard=DOCS_PER_SHARD), ModelSpec())
+    assert sorted(d for p in plans for d in p.doc_ids) == sorted(d["doc_id"] for d in scanned.documents)
+    assert all(shard_of(d, 4) == p.index for p in plans for d in p.doc_ids)
+
+    # an edit to one document re-cuts only its shard; the others' outputs are used as they are
+    edited = folder / "power.txt"
+    edited.write_text(edited.read_text() + "\nChained power operators group from the right.\n")
+    again, _ = _chunk(folder, tmp_path / "many", sharded, documents_per_shard=DOCS_PER_SHARD)
+    assert (again.shards_unchanged, again.documents_chunked) == (3, 1)
+    assert again.unchanged_since_last_run >= again.n_chunks - 2  # the rest kept its chunk ids
+    # and the cache of shard outputs holds the live shards only
+    assert len(list((tmp_path / "many" / "cache" / "chunk_shards").glob("*.parquet"))) == 4
+
+
+def sharded_chunks_job() -> dg.JobDefinition:  # module level: the multiprocess executor reconstructs it
+    job = dg.define_asset_job(
+        "sharded_chunks", selection=["corpus", "corpus_chunks"], executor_def=build_executor("multiprocess")
+    )
+    return dg.Definitions(
+        assets=[corpus, corpus_chunks], jobs=[job], resources=pipeline_resources(ArtifactStore())
+    ).resolve_job_def("sharded_chunks")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_shards_run_as_parallel_steps_under_the_multiprocess_executor(tmp_path: Path, monkeypatch) -> None:
+    folder = _corpus(tmp_path)
+    monkeypatch.setenv("EMBED_ASSETS_HOME", str(tmp_path / "artifacts"))  # the step processes inherit it
+    (tmp_path / "home").mkdir()
+    instance = dg.DagsterInstance.local_temp(
+        str(tmp_path / "home"), overrides={"telemetry": {"enabled": False}}
+    )
+    run_config = {
+        "ops": {
+            "corpus": {"config": {"path": str(folder)}},
+            "corpus_chunks": {"config": {"documents_per_shard": DOCS_PER_SHARD}},
+        }
+    }
+    result = dg.execute_job(dg.reconstructable(sharded_chunks_job), instance=instance, run_config=run_config)
+    assert result.success
+
+    starts, ends, pids = {}, {}, {}
+    for entry in instance.all_logs(result.run_id):
+        event = entry.dagster_event
+        if event is None or not (entry.step_key or "").startswith("corpus_chunks.chunk_corpus_shard["):
+            continue
+        if event.event_type_value == "STEP_START":
+            starts[entry.step_key], pids[entry.step_key] = entry.timestamp, event.pid
+        elif event.event_type_value == "STEP_SUCCESS":
+            ends[entry.step_key] = entry.timestamp
+    assert sorted(starts) == [f"corpus_chunks.chunk_corpus_shard[shard_{i:03d}]" for i in range(4)]
+    assert len(set(pids.values())) == 4  # a process per shard
+    # at least two shards ran at the same time (the executor runs two steps at once)
+    spans = sorted((starts[k], ends[k]) for k in starts)
+    assert any(b_start < a_end for (_, a_end), (b_start, _) in itertools.pairwise(spans)), spans
+
+    event = instance.get_latest_materialization_event(dg.AssetKey("corpus_chunks"))
+    meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    assert meta["shards"] == 4 and meta["shards_unchanged"] == 0
+    whole, _ = _chunk(folder, tmp_path / "unsharded", documents_per_shard=10_000)
+    assert meta["chunks"] == whole.n_chunks
+    assert pq.read_table(meta["artifact_path"]).to_pylist() == pq.read_table(whole.path).to_pylist()
