@@ -34,8 +34,8 @@ def test_gc_removes_old_runs_and_keeps_live_and_recent(tmp_path: Path, tiny_corp
     report = collect_garbage(root, RetentionSettings(keep_runs=1))
     assert sorted(Path(p).name for p in report.removed) == ["r1", "r1", "r2", "r2", "r3", "r3"]
     assert report.freed_bytes > 0 and report.removed == dry.removed
-    assert report.objects_removed == 6  # documents.jsonl and chunks.parquet of r1-r3, now linked from nowhere
-    assert len(list((root / "objects").iterdir())) == 2
+    assert report.objects_removed == 9  # documents.jsonl, index.parquet, chunks.parquet of r1-r3: unlinked
+    assert len(list((root / "objects").iterdir())) == 3
     for asset in ("corpus", "corpus_chunks"):
         assert [p.name for p in (root / asset).iterdir()] == ["r4"]
         manifest = read_manifest(manifest_file(root, asset))  # the latest still loads, its files exist

@@ -50,7 +50,13 @@ def test_shards_are_stable_and_equal_the_unsharded_run(tmp_path: Path) -> None:
     assert sharded.data_version == whole.data_version and sharded.n_chunks == whole.n_chunks > 0
 
     plans = plan_shards(scanned, ChunkSettings(documents_per_shard=DOCS_PER_SHARD), ModelSpec())
-    assert sorted(d for p in plans for d in p.doc_ids) == sorted(d["doc_id"] for d in scanned.documents)
+    assert sorted(d for p in plans for d in p.doc_ids) == sorted(d for d, _ in scanned.index())
+    assert len(scanned.documents) == 10 < scanned.n_docs  # the manifest lists a preview, the index all
+
+    # an unchanged re-run reads and writes no passage: the last run's file is this run's
+    same, _ = _chunk(folder, tmp_path / "many", sharded, documents_per_shard=DOCS_PER_SHARD)
+    assert same.path == sharded.path and same.shards_unchanged == 4 and same.documents_chunked == 0
+    assert same.unchanged_since_last_run == same.n_chunks == sharded.n_chunks
     assert all(shard_of(d, 4) == p.index for p in plans for d in p.doc_ids)
 
     # an edit to one document re-cuts only its shard; the others' outputs are used as they are

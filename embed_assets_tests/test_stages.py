@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from embed_assets.stages.evaluate import EvalSettings, evaluate_checkpoint
 from embed_assets.stages.ingest import ChunkSettings, CorpusSettings, chunk_documents, read_documents
 from embed_assets.stages.sdg import SDGSettings, generate_pairs
 from embed_assets.stages.split import SplitSettings, split_pairs
+from embed_assets.storage import write_parquet
 from embed_assets_tests.conftest import model_checkpoint, perturbed_model
 
 MODEL = ModelSpec(BUNDLED_MODEL, device="cpu")
@@ -226,3 +228,25 @@ def test_chunking_reuses_unchanged_documents_and_evicts_removed_ones(
 
     other = cut("run-4", ChunkSettings(passage_max_length=128))  # other settings: nothing stale is reused
     assert other.documents_chunked == other.n_docs and other.documents_reused == 0
+
+
+def test_pairs_of_unchanged_inputs_are_reused_and_a_change_regenerates(prepared, tmp_path: Path) -> None:
+    ctx, chunks, pairs = prepared
+    assert not pairs.output_reused and pairs.inputs_fingerprint
+    again = generate_pairs(
+        chunks, SDGSettings(), MODEL, StageContext.local(ctx.root, "run-2"), previous=pairs
+    )
+    assert again.output_reused and again.path == pairs.path and again.n_pairs == pairs.n_pairs
+    assert again.metadata()["output_reused"] is True
+    # another generator setting, or other chunks: generated (from the SDG cache) into this run's folder
+    other = generate_pairs(
+        chunks, SDGSettings(queries_per_chunk=1), MODEL, StageContext.local(ctx.root, "run-3"), previous=pairs
+    )
+    assert not other.output_reused and other.path != pairs.path
+    fewer = dataclasses.replace(chunks, path=str(tmp_path / "fewer.parquet"))
+    gone = pairs.load()[0].doc_id  # a document with pairs leaves the corpus
+    write_parquet(fewer.path, [c.to_dict() for c in chunks.load() if c.doc_id != gone])
+    redone = generate_pairs(
+        fewer, SDGSettings(), MODEL, StageContext.local(ctx.root, "run-4"), previous=pairs
+    )
+    assert not redone.output_reused and redone.n_pairs < pairs.n_pairs

@@ -27,6 +27,8 @@ from embed_assets.stages.common import (
 
 #: The bundled sample corpus (Python Language Reference topics, PSF License v2).
 SAMPLE_CORPUS = str(Path(__file__).resolve().parents[2] / "sample_corpus")
+#: Documents listed in the corpus manifest itself (all of them are in its index file).
+PREVIEW_DOCS = 10
 #: Upper edges of the token-length histogram in the ``corpus_chunks`` metadata.
 TOKEN_BINS = (32, 64, 128, 256, 384, 512)
 
@@ -75,8 +77,18 @@ class CorpusManifest(Manifest):
     n_bytes: int
     data_version: str
     rejected: list[dict[str, str]] = field(default_factory=list)
-    documents: list[dict[str, Any]] = field(default_factory=list)  # id, bytes, hash (no text)
+    documents: list[dict[str, Any]] = field(default_factory=list)  # the first few: id, bytes, hash (no text)
+    index_path: str = ""  # Parquet: doc_id, bytes, hash of every document (the manifest stays small)
     seconds: float = 0.0
+
+    def index(self) -> list[tuple[str, str]]:
+        """``(doc_id, content hash)`` of every document, in corpus order."""
+        if not self.index_path:  # a manifest of an older version lists every document itself
+            return [(d["doc_id"], d["hash"]) for d in self.documents]
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.index_path, columns=["doc_id", "hash"])
+        return list(zip(table.column("doc_id").to_pylist(), table.column("hash").to_pylist(), strict=True))
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -109,6 +121,7 @@ class ChunksManifest(Manifest):
     cache_evicted: int = 0  # cached documents no longer in the corpus, removed from the cache
     shards: int = 1  # parallel chunking steps (ChunkSettings.documents_per_shard)
     shards_unchanged: int = 0  # shards whose output of an earlier run was used as it is
+    shard_fingerprints: list[str] = field(default_factory=list)  # what the passages were made of, by shard
     tokens_mean: float = 0.0
     tokens_max: int = 0
     token_histogram: list[int] = field(default_factory=list)  # passages per TOKEN_BINS bucket
@@ -165,13 +178,16 @@ def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifes
     import time
 
     from embed_assets.corpus import read_corpus
-    from embed_assets.storage import write_jsonl
+    from embed_assets.storage import write_jsonl, write_parquet
 
     start = time.monotonic()
     scan = read_corpus(settings.path, settings.extensions, settings.exclude_globs, settings.max_file_bytes)
     out = ctx.out_dir("corpus") / "documents.jsonl"
     write_jsonl(out, (d.to_dict() for d in scan.documents))
-    ctx.publish(out)
+    index = out.with_name("index.parquet")
+    rows = [{"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash} for d in scan.documents]
+    write_parquet(index, rows)
+    ctx.publish(out, index)
     for r in scan.rejected:
         ctx.log.warning(f"rejected {r['path']}: {r['reason']}")
     return CorpusManifest(
@@ -181,7 +197,8 @@ def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifes
         n_bytes=scan.n_bytes,
         data_version=scan.data_version,
         rejected=scan.rejected,
-        documents=[{"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash} for d in scan.documents],
+        documents=rows[:PREVIEW_DOCS],
+        index_path=str(index),
         seconds=round(time.monotonic() - start, 2),
     )
 
@@ -254,8 +271,8 @@ def plan_shards(corpus: CorpusManifest, settings: ChunkSettings, model: ModelSpe
     n_shards = max(1, min(settings.max_shards, math.ceil(corpus.n_docs / settings.documents_per_shard)))
     namespace = _chunk_namespace(settings, model)
     members: list[list[tuple[str, str]]] = [[] for _ in range(n_shards)]
-    for d in corpus.documents:
-        members[shard_of(d["doc_id"], n_shards)].append((d["doc_id"], d["hash"]))
+    for doc_id, content_hash in corpus.index():
+        members[shard_of(doc_id, n_shards)].append((doc_id, content_hash))
     return [
         ShardPlan(i, n_shards, fingerprint(namespace, docs), [doc_id for doc_id, _ in docs])
         for i, docs in enumerate(members)
@@ -374,6 +391,7 @@ def merge_shards(
     Returns:
         A :class:`ChunksManifest`; its ``data_version`` is a hash of the sorted chunk ids.
     """
+    import dataclasses
     import time
 
     import numpy as np
@@ -385,8 +403,29 @@ def merge_shards(
     from embed_assets.storage import atomic_path
 
     start = time.monotonic()
-    position = {d["doc_id"]: i for i, d in enumerate(corpus.documents)}
-    tables = [t for t in (pq.read_table(s.path) for s in sorted(shards, key=lambda s: s.index)) if t.num_rows]
+    shards = sorted(shards, key=lambda s: s.index)
+    fingerprints = [s.fingerprint for s in shards]
+    if (
+        previous is not None
+        and previous.shard_fingerprints == fingerprints
+        and previous.corpus_root == corpus.root
+        and all(s.output_reused for s in shards)
+        and Path(previous.path).is_file()
+    ):
+        # Nothing changed: the last run's passages are this run's (not read, not written again).
+        ctx.log.info(f"chunking: all {len(shards)} shards unchanged, passages of the last run reused")
+        return dataclasses.replace(
+            previous,
+            unchanged_since_last_run=previous.n_chunks,
+            documents_chunked=0,
+            documents_reused=corpus.n_docs,
+            cache_evicted=0,
+            shards_unchanged=len(shards),
+            seconds=round(seconds if seconds is not None else time.monotonic() - start, 2),
+        )
+    index = corpus.index()
+    position = {doc_id: i for i, (doc_id, _) in enumerate(index)}
+    tables = [t for t in (pq.read_table(s.path) for s in shards) if t.num_rows]
     table = (
         pa.concat_tables(tables) if tables else pa.table({c: [] for c in ("chunk_id", "doc_id", "n_tokens")})
     )
@@ -406,7 +445,7 @@ def merge_shards(
         pq.write_table(table, tmp)
     ctx.publish(out)
     with KVStore(ctx.cache_dir("chunks") / "chunks.sqlite") as cache:
-        evicted = cache.evict(_chunk_namespace(settings, model), {d["hash"] for d in corpus.documents})
+        evicted = cache.evict(_chunk_namespace(settings, model), {h for _, h in index})
     live = {s.fingerprint for s in shards}
     for stale in ctx.cache_dir("chunk_shards").glob("*.parquet"):
         if stale.stem not in live:
@@ -434,6 +473,7 @@ def merge_shards(
         cache_evicted=evicted,
         shards=len(shards),
         shards_unchanged=sum(s.output_reused for s in shards),
+        shard_fingerprints=fingerprints,
         tokens_mean=round(float(lengths.mean()), 1) if len(lengths) else 0.0,
         tokens_max=int(lengths.max()) if len(lengths) else 0,
         token_histogram=bucket_counts(lengths.tolist(), TOKEN_BINS),
@@ -526,9 +566,11 @@ def _chunk_ids(previous: ChunksManifest | None) -> set[str]:
     """Chunk ids of an earlier run (empty when there is none or its file is gone)."""
     if previous is None:
         return set()
+    import pyarrow.parquet as pq
+
     try:
-        return {c.chunk_id for c in previous.load()}
-    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return set(pq.read_table(previous.path, columns=["chunk_id"]).column("chunk_id").to_pylist())
+    except (OSError, ValueError, KeyError):  # pyarrow's ArrowInvalid is a ValueError
         return set()
 
 

@@ -20,6 +20,7 @@ from embed_assets.stages.common import (
     StageError,
     Table,
     file_digest,
+    fingerprint,
 )
 from embed_assets.stages.ingest import ChunksManifest, load_chunks
 
@@ -40,10 +41,13 @@ class PairsManifest(Manifest):
     drops: list[dict[str, Any]] = field(default_factory=list)  # reason, count, one example
     preview: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    inputs_fingerprint: str = ""  # the chunks file + the generator: equal inputs, equal pairs
+    output_reused: bool = False  # the inputs were unchanged: the last run's pairs were used as they are
 
     def metadata(self) -> dict[str, Any]:
         return {
             "pairs": self.n_pairs,
+            "output_reused": self.output_reused,
             "generator": self.generator,
             "generator_model": self.generator_model,
             **self.stats,
@@ -115,8 +119,12 @@ def generate_pairs(
     model: ModelSpec,
     ctx: StageContext,
     endpoint: Any | None = None,
+    previous: PairsManifest | None = None,
 ) -> PairsManifest:
     """Generate (or load) the training pairs for the corpus.
+
+    When the chunks file and the generator (its fingerprint: settings, prompts, model) are those of the
+    ``previous`` run and that run had no failed chunk, its pairs are this run's: nothing is read or written.
 
     Args:
         chunks: The corpus passages.
@@ -124,6 +132,7 @@ def generate_pairs(
         model: The base model (the LLM generator dedups questions with it).
         ctx: Where to write ``qa.jsonl``; the SDG cache lives in ``ctx.cache_dir("sdg")``.
         endpoint: The :class:`embed_assets.sdg.llm.LLMEndpoint` (only for ``generator="llm"``).
+        previous: The last run's pairs (``None``: none).
 
     Returns:
         A :class:`PairsManifest`.
@@ -132,7 +141,9 @@ def generate_pairs(
         StageError: no pair came out (the statistics say why).
         embed_assets.byod.DataValidationError: bad user data (file, line, field).
     """
+    import dataclasses
     import time
+    from pathlib import Path
 
     from embed_assets.storage import write_jsonl, write_parquet
 
@@ -140,6 +151,7 @@ def generate_pairs(
     out_dir = ctx.out_dir("synthetic_qa")
     path = str(out_dir / "qa.jsonl")
     extra_path = None
+    inputs = ""
     if settings.generator == "user_data":
         from embed_assets.byod import load_user_pairs
 
@@ -154,6 +166,19 @@ def generate_pairs(
         from embed_assets.sdg.runner import run_generation
 
         generator = make_generator(settings, model, endpoint, log=ctx.log)
+        inputs = fingerprint(file_digest(chunks.path), generator.fingerprint)
+        if (
+            previous is not None
+            and previous.inputs_fingerprint == inputs
+            and not previous.stats.get("chunks_failed")
+            and Path(previous.path).is_file()
+        ):
+            if hasattr(generator, "close"):
+                generator.close()
+            ctx.log.info("synthetic_qa: chunks and generator unchanged, the last run's pairs reused")
+            return dataclasses.replace(
+                previous, output_reused=True, seconds=round(time.monotonic() - start, 2)
+            )
         cache = SDGCache(ctx.cache_dir("sdg"))
         try:
             result = run_generation(generator, chunks.load(), cache, progress=ctx.log.info, evict=True)
@@ -178,6 +203,7 @@ def generate_pairs(
             {**{k: v for k, v in stats.items() if isinstance(v, int)}, "drops": _drops_table(drops)},
         )
     return PairsManifest(
+        inputs_fingerprint=inputs,
         path=path,
         n_pairs=len(records),
         generator=generator_name,

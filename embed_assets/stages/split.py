@@ -248,7 +248,7 @@ def split_pairs(
     for name in ("train", "val", "test"):
         paths[name] = str(out / f"{name}.jsonl")
         write_jsonl(paths[name], (r.to_dict() for r in getattr(split, name)))
-    ctx.publish(*paths.values())
+    ctx.publish(*paths.values(), *sorted(p for p in eval_dir.rglob("*") if p.is_file()))
     return SplitManifest(
         **paths,
         eval_beir=str(eval_dir),
