@@ -48,6 +48,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "quality": ("quality.py", []),
     "training": ("training.py", []),
     "pipeline": ("pipeline.py", []),
+    # corpora and passage embeddings are generated once into the work folder (resumable, git-ignored)
+    "scale": ("scale.py", ["--work-dir", "benchmarks/.work/scale"]),
 }
 
 

@@ -4,11 +4,12 @@ Two parts, all through the product's own code:
 
 1. ``pipeline`` (per corpus size): a corpus generated from real English text (Python standard-library
    docstrings, Debian package documentation and license texts on this machine; ``--words`` words a document,
-   sentences drawn with a fixed seed) is materialized through Dagster's real machinery (``dg.materialize`` of
+   sentences drawn with a fixed seed) is materialized through Dagster's real machinery (``dg.execute_job`` of
    the real assets ``corpus`` → ``corpus_chunks`` → ``synthetic_qa`` → ``split_sets`` with the code location's
-   resources, a temporary instance and artifact root), in a fresh interpreter per size. Printed per stage: wall
-   time (STEP_START → STEP_SUCCESS from the event log; ``corpus_chunks`` spans its plan, shard and merge
-   steps) and peak RSS (the process high-water mark, reset every interval). Then an unchanged re-run and a re-run
+   resources, a temporary instance and artifact root) on the project's multiprocess executor, as the UI
+   launches the job: every step in its own process, two at a time. Printed per stage: wall time (first
+   STEP_START → last STEP_SUCCESS from the event log; ``corpus_chunks`` spans its plan, shard and merge steps,
+   the shards two in parallel) and peak RSS (the largest high-water mark among the stage's step processes). Then an unchanged re-run and a re-run
    after 1 % of the documents were edited (one sentence appended), each with the artifact root's disk growth
    (distinct inodes: a hard link to an unchanged file costs nothing). The growth exponent of each stage is the
    least-squares slope of log(time) over log(documents) across the sizes run.
@@ -140,15 +141,64 @@ def disk_bytes(root: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------ part 1, one size
+def scale_job():
+    """The cheap stages as a job on the project's multiprocess executor (module level: Dagster reconstructs
+    it in every step process). The artifact root comes from ``$EMBED_ASSETS_HOME``."""
+    import dagster as dg
+
+    from embed_assets.definitions import ALL_ASSETS, pipeline_resources
+    from embed_assets.defs.jobs import build_executor
+    from embed_assets.defs.resources import ArtifactStore
+
+    job = dg.define_asset_job("scale", selection=list(STAGES), executor_def=build_executor("multiprocess"))
+    return dg.Definitions(
+        assets=ALL_ASSETS, jobs=[job], resources=pipeline_resources(ArtifactStore())
+    ).resolve_job_def("scale")
+
+
+class StepPeaks:
+    """Peak RSS (``VmHWM``) of every process below this one, polled: each step runs in its own process."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._interval = interval
+
+    def __enter__(self) -> StepPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from benchmarks.run_all import _process_tree
+
+        while not self._stop.wait(self._interval):
+            for pid in _process_tree(os.getpid())[1:]:
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peaks[pid] = max(self.peaks.get(pid, 0), int(line.split()[1]))
+                except OSError:
+                    pass
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Materialize the cheap stages three times (first, unchanged, 1 % edited) in this interpreter."""
-    from benchmarks.pipeline import PeakSampler, _bench_resources, _instance, _materialize, _step_spans
-    from embed_assets.definitions import defs
+    """Materialize the cheap stages three times (first, unchanged, 1 % edited) through the multiprocess
+    executor, every step in its own process (as the UI launches the job)."""
+    import dagster as dg
+
+    from benchmarks.pipeline import _instance
 
     work = Path(args.size_dir)
     corpus_dir, artifacts = work / "docs", work / "artifacts"
+    os.environ["EMBED_ASSETS_HOME"] = str(artifacts)  # the step processes inherit it
     run_config = {"ops": {"corpus": {"config": {"path": str(corpus_dir), "extensions": [".txt"]}}}}
-    sampler = PeakSampler(0.5).start()
     instance = _instance("local", work / "dagster_home")
     pool = sentence_pool() if args.edit else []
     out: dict[str, Any] = {"runs": {}}
@@ -156,18 +206,21 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         if label == "edited":
             out["edited_docs"] = edit_share(corpus_dir, EDIT_SHARE, pool, 1)
         before = disk_bytes(artifacts) if artifacts.exists() else 0
-        begin = sampler.mark()
-        result = _materialize(defs, instance, _bench_resources(str(artifacts)), run_config, STAGES)
-        end = sampler.mark()
-        spans = _step_spans(instance, result.run_id)
-        stages = {}
-        for stage in STAGES:
-            mine = [s for k, s in spans.items() if k == stage or k.startswith(stage + ".")]
-            start, stop = min(s for s, _ in mine), max(e for _, e in mine)
-            stages[stage] = {"seconds": stop - start, "peak_mib": sampler.peak_mib(start, stop)}
+        begin = time.time()
+        with StepPeaks() as peaks:
+            result = dg.execute_job(dg.reconstructable(scale_job), instance=instance, run_config=run_config)
+        end = time.time()
+        if not result.success:
+            raise RuntimeError(f"{label} run failed")
+        stages = _stage_numbers(instance, result.run_id, peaks.peaks)
         meta = {
-            e.asset_key.path[-1]: {k: getattr(v, "value", v) for k, v in e.materialization.metadata.items()}
-            for e in result.get_asset_materialization_events()
+            stage: {
+                k: getattr(v, "value", v)
+                for k, v in instance.get_latest_materialization_event(
+                    dg.AssetKey(stage)
+                ).asset_materialization.metadata.items()
+            }
+            for stage in STAGES
         }
         out["runs"][label] = {
             "total_seconds": end - begin,
@@ -181,9 +234,34 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{label}] {json.dumps(out['runs'][label])}", file=sys.stderr, flush=True)
         if not args.edit and label == "unchanged":
             break
-    sampler.stop()
     instance.dispose()
     return out
+
+
+def _stage_numbers(instance: Any, run_id: str, peaks: dict[int, int]) -> dict[str, dict[str, float]]:
+    """Per stage: wall time (first STEP_START to last STEP_SUCCESS of its steps) and the largest peak RSS
+    of its step processes."""
+    spans: dict[str, list[float]] = {}
+    pids: dict[str, list[int]] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None or not entry.step_key:
+            continue
+        stage = entry.step_key.split(".", 1)[0]
+        if event.event_type_value == "STEP_START":
+            span = spans.setdefault(stage, [entry.timestamp, entry.timestamp])
+            span[0] = min(span[0], entry.timestamp)
+            pids.setdefault(stage, []).append(event.pid)
+        elif event.event_type_value == "STEP_SUCCESS":
+            spans[stage][1] = max(spans[stage][1], entry.timestamp)
+    return {
+        stage: {
+            "seconds": spans[stage][1] - spans[stage][0],
+            "peak_mib": max((peaks.get(pid, 0) for pid in pids[stage]), default=0) / 1024,
+            "steps": len(pids[stage]),
+        }
+        for stage in STAGES
+    }
 
 
 def run_size(n_docs: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -357,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="pipeline,search", help="pipeline, search or both")
     p.add_argument("--docs", default="1000,10000", help="corpus sizes (documents), comma-separated")
     p.add_argument("--words", type=int, default=1500, help="words per generated document")
-    p.add_argument("--work-dir", default=str(REPO / ".bench" / "scale"), help="corpora, embeddings, results")
+    p.add_argument(
+        "--work-dir",
+        default=str(REPO / "benchmarks" / ".work" / "scale"),
+        help="corpora, embeddings, results",
+    )
     p.add_argument("--fresh", action="store_true", help="re-measure sizes that have a result already")
     p.add_argument("--no-edit", dest="edit", action="store_false", help="skip the 1 %%-edit re-run")
     p.add_argument("--search-passages", type=int, default=1_000_000)

@@ -250,3 +250,18 @@ def test_pairs_of_unchanged_inputs_are_reused_and_a_change_regenerates(prepared,
         fewer, SDGSettings(), MODEL, StageContext.local(ctx.root, "run-4"), previous=pairs
     )
     assert not redone.output_reused and redone.n_pairs < pairs.n_pairs
+
+
+def test_split_of_unchanged_inputs_is_reused(prepared, tmp_path: Path) -> None:
+    ctx, chunks, pairs = prepared
+    first = split_pairs(chunks, pairs, SplitSettings(), ctx)
+    again = split_pairs(chunks, pairs, SplitSettings(), StageContext.local(ctx.root, "run-2"), previous=first)
+    assert again.output_reused and again.train == first.train and again.eval_beir == first.eval_beir
+    assert again.metadata()["output_reused"] is True
+    # other settings, or a re-frozen test set (the record removed), make a new split
+    seeded = split_pairs(chunks, pairs, SplitSettings(seed=7), StageContext.local(ctx.root, "run-3"), first)
+    assert not seeded.output_reused and seeded.train != first.train
+    for record in (ctx.root / "eval_frozen").glob("*.json"):
+        record.unlink()
+    refrozen = split_pairs(chunks, pairs, SplitSettings(), StageContext.local(ctx.root, "run-4"), first)
+    assert not refrozen.output_reused

@@ -2,11 +2,11 @@
 
 import dagster as dg
 
-from embed_assets.defs.common import GROUP, emit
+from embed_assets.defs.common import GROUP, emit, latest_manifest
 from embed_assets.defs.resources import ArtifactStore
 from embed_assets.stages.ingest import ChunksManifest
 from embed_assets.stages.sdg import PairsManifest
-from embed_assets.stages.split import SplitSettings, split_pairs
+from embed_assets.stages.split import SplitManifest, SplitSettings, split_pairs
 
 
 class SplitConfig(SplitSettings, dg.Config):
@@ -35,5 +35,12 @@ def split_sets(
 ):
     """Train/val/test by document (no test document in train), and the BEIR evaluation folder of this
     corpus; the test documents stay frozen per corpus folder, and the metadata says where they came from."""
-    manifest = split_pairs(corpus_chunks, synthetic_qa, config, store.stage_context(context))
+    previous = latest_manifest(store, "split_sets")
+    manifest = split_pairs(
+        corpus_chunks,
+        synthetic_qa,
+        config,
+        store.stage_context(context),
+        previous if isinstance(previous, SplitManifest) else None,
+    )
     yield from emit(manifest, "split_sets", manifest.data_version)

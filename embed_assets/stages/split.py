@@ -10,6 +10,8 @@ passages and test queries; what changed since the last evaluation of this corpus
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +120,8 @@ class SplitManifest(Manifest):
     golden: GoldenInfo | None = None
     data_version: str = ""
     seconds: float = 0.0
+    inputs_fingerprint: str = ""  # chunks, pairs, settings, golden file and frozen test documents
+    output_reused: bool = False  # the inputs were unchanged: the last run's split was used as it is
 
     def gates(self) -> list[Gate]:
         return [
@@ -133,6 +137,7 @@ class SplitManifest(Manifest):
     def metadata(self) -> dict[str, Any]:
         e = self.eval_set
         return {
+            "output_reused": self.output_reused,
             "train_pairs": self.n_train,
             "val_pairs": self.n_val,
             "test_pairs": self.n_test,
@@ -180,15 +185,23 @@ def frozen_record_path(root: Path, corpus_root: str) -> Path:
 
 
 def split_pairs(
-    chunks: ChunksManifest, pairs: PairsManifest, settings: SplitSettings, ctx: StageContext
+    chunks: ChunksManifest,
+    pairs: PairsManifest,
+    settings: SplitSettings,
+    ctx: StageContext,
+    previous: SplitManifest | None = None,
 ) -> SplitManifest:
     """Split the pairs by document and write the evaluation folder of this corpus.
+
+    When the chunks, the pairs, the settings, the golden file and the corpus's frozen test documents are those
+    of the ``previous`` run (and its files exist), its split is this run's: nothing is read or written.
 
     Args:
         chunks: The corpus passages (``corpus_root`` names the corpus whose frozen test set applies).
         pairs: The pairs to split.
         settings: Ratios, seed, and whether to freeze a new test set.
         ctx: Where to write the splits, ``eval_beir/`` and the freeze record.
+        previous: The last run's split (``None``: none).
 
     Returns:
         A :class:`SplitManifest` (its ``eval_set`` says whether the test set is new or reused, and why).
@@ -198,10 +211,18 @@ def split_pairs(
     from embed_assets.storage import write_json, write_jsonl
 
     start = time.monotonic()
+    record_file = frozen_record_path(ctx.root, chunks.corpus_root)
+    inputs = _split_inputs(chunks, pairs, settings, record_file)
+    if (
+        previous is not None
+        and previous.inputs_fingerprint == inputs
+        and all(Path(p).exists() for p in (previous.train, previous.val, previous.test, previous.eval_beir))
+    ):
+        ctx.log.info("split_sets: chunks, pairs and settings unchanged, the last run's split reused")
+        return dataclasses.replace(previous, output_reused=True, seconds=round(time.monotonic() - start, 2))
     records = pairs.load()
     pool = passage_pool(chunks, pairs)
     golden = load_golden(settings.eval_path, pool, settings.eval_split) if settings.eval_path else None
-    record_file = frozen_record_path(ctx.root, chunks.corpus_root)
     frozen, reason = _usable_freeze(record_file, records, settings, chunks.corpus_root)
     split = split_by_document(
         records,
@@ -266,6 +287,24 @@ def split_pairs(
             *paths.values(), str(eval_dir / "corpus.jsonl"), str(eval_dir / "qrels" / "test.tsv")
         ),
         seconds=round(time.monotonic() - start, 2),
+        inputs_fingerprint=_split_inputs(chunks, pairs, settings, record_file),  # the record as written now
+    )
+
+
+def _split_inputs(chunks: ChunksManifest, pairs: PairsManifest, settings: SplitSettings, record: Path) -> str:
+    """What a split is a function of: the passages, the pairs, the settings, the golden file (by size and
+    modification time) and the frozen test documents of the corpus."""
+    golden: list[Any] = []
+    if settings.eval_path and Path(settings.eval_path).exists():
+        root = Path(settings.eval_path)
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        golden = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    try:
+        frozen = json.loads(record.read_text(encoding="utf-8")).get("test_docs")
+    except (OSError, ValueError):
+        frozen = None
+    return fingerprint(
+        chunks.data_version, chunks.corpus_root, pairs.data_version, settings.model_dump(), golden, frozen
     )
 
 
