@@ -239,7 +239,7 @@ def test_chunking_shards_are_pods_of_their_own(k8s_instance) -> None:
     assert result.success, result.errors
     instance, kubeconfig = k8s_instance
     shards = ["shard_000", "shard_001"]  # what the plan step would have yielded
-    known = KnownExecutionState(dynamic_mappings={"corpus_chunks.plan_chunk_shards": {"result": shards}})
+    known = KnownExecutionState(dynamic_mappings={"corpus_chunks.plan_chunk_shards": {"pending": shards}})
     for shard in shards:
         job = _launch_step_job(instance, kubeconfig, f"corpus_chunks.chunk_corpus_shard[{shard}]", known)
         pod = job["spec"]["template"]["spec"]

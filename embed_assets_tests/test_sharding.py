@@ -111,9 +111,27 @@ def test_shards_run_as_parallel_steps_under_the_multiprocess_executor(tmp_path: 
     spans = sorted((starts[k], ends[k]) for k in starts)
     assert any(b_start < a_end for (_, a_end), (b_start, _) in itertools.pairwise(spans)), spans
 
-    event = instance.get_latest_materialization_event(dg.AssetKey("corpus_chunks"))
-    meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    meta = _chunk_meta(instance)
     assert meta["shards"] == 4 and meta["shards_unchanged"] == 0
     whole, _ = _chunk(folder, tmp_path / "unsharded", documents_per_shard=10_000)
     assert meta["chunks"] == whole.n_chunks
     assert pq.read_table(meta["artifact_path"]).to_pylist() == pq.read_table(whole.path).to_pylist()
+
+    # a change in one document runs one shard step; nothing changed, none
+    edited = folder / "power.txt"
+    edited.write_text(edited.read_text() + "\nChained power operators group from the right.\n")
+    for expected_steps, unchanged in ((1, 3), (0, 4)):
+        again = dg.execute_job(
+            dg.reconstructable(sharded_chunks_job), instance=instance, run_config=run_config
+        )
+        assert again.success
+        steps = {e.step_key for e in instance.all_logs(again.run_id) if e.step_key}
+        shard_steps = [k for k in steps if k.startswith("corpus_chunks.chunk_corpus_shard[")]
+        assert len(shard_steps) == expected_steps and "corpus_chunks.merge_chunk_shards" in steps
+        assert _chunk_meta(instance)["shards_unchanged"] == unchanged
+    assert _chunk_meta(instance)["chunks"] >= whole.n_chunks
+
+
+def _chunk_meta(instance: dg.DagsterInstance) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey("corpus_chunks"))
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}

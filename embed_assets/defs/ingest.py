@@ -15,8 +15,10 @@ from embed_assets.stages.ingest import (
     CorpusSettings,
     ShardManifest,
     ShardPlan,
+    ShardPlanSet,
     chunk_shard,
     merge_shards,
+    pending_shards,
     plan_shards,
     read_documents,
 )
@@ -39,11 +41,22 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, store: Artif
 
 
 # ------------------------------------------------------------------ corpus_chunks: one step per shard
-@dg.op(out=dg.DynamicOut(ShardPlan))
-def plan_chunk_shards(config: ChunkingConfig, model: EmbeddingModel, corpus: CorpusManifest):
-    """The corpus cut into shards by a stable hash of each document id (``documents_per_shard`` each)."""
-    for plan in plan_shards(corpus, config, model.spec()):
-        yield dg.DynamicOutput(plan, mapping_key=plan.mapping_key)
+@dg.op(out={"pending": dg.DynamicOut(ShardPlan), "plan": dg.Out(ShardPlanSet)})
+def plan_chunk_shards(
+    context: dg.OpExecutionContext,
+    config: ChunkingConfig,
+    store: ArtifactStore,
+    model: EmbeddingModel,
+    corpus: CorpusManifest,
+):
+    """The corpus cut into shards by a stable hash of each document id (``documents_per_shard`` each); a step
+    per shard whose documents changed (an unchanged shard's output exists already)."""
+    plans = plan_shards(corpus, config, model.spec())
+    pending = pending_shards(plans, store.stage_context(context))
+    context.log.info(f"{len(plans)} shards, {len(pending)} with changed documents")
+    for plan in pending:
+        yield dg.DynamicOutput(plan, output_name="pending", mapping_key=plan.mapping_key)
+    yield dg.Output(ShardPlanSet(plans), output_name="plan")
 
 
 @dg.op(out=dg.Out(ShardManifest), tags=SHARD_OP_TAGS)
@@ -73,17 +86,16 @@ def merge_chunk_shards(
     store: ArtifactStore,
     model: EmbeddingModel,
     corpus: CorpusManifest,
+    plan: ShardPlanSet,
     shards: list[ShardManifest],
 ):
     """Every shard's passages in corpus order, each text once: the ``corpus_chunks`` asset's value."""
     previous = latest_manifest(store, "corpus_chunks")
+    ctx = store.stage_context(context)
+    cut = {s.index: s for s in shards}  # the unchanged shards' outputs are looked up (instantly)
+    every = [cut.get(p.index) or chunk_shard(corpus, p, config, model.spec(), ctx) for p in plan.shards]
     manifest = merge_shards(
-        corpus,
-        shards,
-        config,
-        model.spec(),
-        store.stage_context(context),
-        previous if isinstance(previous, ChunksManifest) else None,
+        corpus, every, config, model.spec(), ctx, previous if isinstance(previous, ChunksManifest) else None
     )
     yield from emit(manifest, "corpus_chunks", manifest.data_version)
 
@@ -100,5 +112,6 @@ def corpus_chunks(corpus: CorpusManifest):
     """Sentence-based passages of at most ``passage_max_length`` tokens; ``chunk_id`` = hash of the text, so
     unchanged passages keep their ids (and their cached SDG pairs and embeddings) across runs. The documents
     are cut in shards that run as parallel steps; a shard whose documents did not change is not cut again."""
-    shards = plan_chunk_shards(corpus).map(lambda shard: chunk_corpus_shard(corpus, shard))
-    return merge_chunk_shards(corpus, shards.collect())
+    pending, plan = plan_chunk_shards(corpus)
+    shards = pending.map(lambda shard: chunk_corpus_shard(corpus, shard))
+    return merge_chunk_shards(corpus, plan, shards.collect())

@@ -213,17 +213,26 @@ class ShardPlan(Manifest):
         fingerprint: Hash of the chunking settings, the tokenizer and the shard's (doc id, content hash) list:
             the name of the shard's output, so an unchanged shard is never cut or written again.
         doc_ids: The shard's documents, in corpus order.
+        positions: Their lines in the corpus's ``documents.jsonl`` (only those lines are parsed).
     """
 
     index: int
     n_shards: int
     fingerprint: str
     doc_ids: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
 
     @property
     def mapping_key(self) -> str:
         """The shard's name in Dagster (its step is ``chunk_shard[<mapping_key>]``)."""
         return f"shard_{self.index:03d}"
+
+
+@dataclass
+class ShardPlanSet(Manifest):
+    """Every shard of the corpus (what the merge step combines; only changed shards get a step)."""
+
+    shards: list[ShardPlan] = field(default_factory=list)
 
 
 @dataclass
@@ -271,13 +280,22 @@ def plan_shards(corpus: CorpusManifest, settings: ChunkSettings, model: ModelSpe
     n_shards = max(1, min(settings.max_shards, math.ceil(corpus.n_docs / settings.documents_per_shard)))
     namespace = _chunk_namespace(settings, model)
     members: list[list[tuple[str, str]]] = [[] for _ in range(n_shards)]
-    for doc_id, content_hash in corpus.index():
-        members[shard_of(doc_id, n_shards)].append((doc_id, content_hash))
+    positions: list[list[int]] = [[] for _ in range(n_shards)]
+    for line, (doc_id, content_hash) in enumerate(corpus.index()):
+        shard = shard_of(doc_id, n_shards)
+        members[shard].append((doc_id, content_hash))
+        positions[shard].append(line)
     return [
-        ShardPlan(i, n_shards, fingerprint(namespace, docs), [doc_id for doc_id, _ in docs])
+        ShardPlan(i, n_shards, fingerprint(namespace, docs), [doc_id for doc_id, _ in docs], positions[i])
         for i, docs in enumerate(members)
         if docs
     ]
+
+
+def pending_shards(plans: list[ShardPlan], ctx: StageContext) -> list[ShardPlan]:
+    """The shards that have no output under their fingerprint yet: the only ones that need a step."""
+    done = ctx.cache_dir("chunk_shards")
+    return [p for p in plans if not (done / f"{p.fingerprint}.parquet").is_file()]
 
 
 def chunk_shard(
@@ -305,7 +323,7 @@ def chunk_shard(
     from embed_assets.chunking import chunk_documents_batched, tokenizer_counter
     from embed_assets.kvstore import KVStore
     from embed_assets.records import Chunk, Document
-    from embed_assets.storage import iter_jsonl, write_parquet
+    from embed_assets.storage import write_parquet
 
     start = time.monotonic()
     out = ctx.cache_dir("chunk_shards") / f"{shard.fingerprint}.parquet"
@@ -316,8 +334,7 @@ def chunk_shard(
             shard.index, shard.fingerprint, str(out), len(shard.doc_ids), pq.read_metadata(out).num_rows,
             documents_reused=len(shard.doc_ids), output_reused=True, seconds=round(time.monotonic() - start, 2),
         )  # fmt: skip
-    wanted = set(shard.doc_ids)
-    docs = [Document(**d) for d in iter_jsonl(corpus.path) if d["doc_id"] in wanted]
+    docs = [Document(**d) for d in _read_lines(corpus.path, shard.positions, shard.doc_ids)]
     namespace = _chunk_namespace(settings, model)
     with KVStore(ctx.cache_dir("chunks") / "chunks.sqlite") as cache:
         cached = cache.get_many(namespace, (d.content_hash for d in docs))
@@ -363,6 +380,26 @@ def chunk_shard(
         documents_chunked=len(todo), documents_reused=len(docs) - len(todo),
         seconds=round(time.monotonic() - start, 2),
     )  # fmt: skip
+
+
+def _read_lines(path: str, positions: list[int], doc_ids: list[str]) -> list[dict[str, Any]]:
+    """The documents at those lines of ``documents.jsonl`` (only they are parsed; a plan of an older version
+    without positions selects by id)."""
+    import json
+
+    from embed_assets.storage import iter_jsonl
+
+    if not positions:
+        wanted = set(doc_ids)
+        return [d for d in iter_jsonl(path) if d["doc_id"] in wanted]
+    wanted_lines, out = set(positions), []
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f):
+            if line in wanted_lines:
+                out.append(json.loads(raw))
+    if [d["doc_id"] for d in out] != doc_ids:
+        raise ValueError(f"{path} does not match the shard plan (was the corpus re-read in between?)")
+    return out
 
 
 def merge_shards(
