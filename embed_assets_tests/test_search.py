@@ -27,6 +27,12 @@ def test_exact_topk_and_recall() -> None:
     half = top.copy()
     half[:, 4:] = -1
     assert recall_at_k(half, full) == pytest.approx(4 / 7)
+    # ties: a passage scoring as the exact k-th one is as good an answer (identical texts, truncated windows)
+    twins = np.concatenate([x, x[:1]])  # passage 500 is passage 0 again
+    q0 = x[:1]
+    (best,) = exact_topk(q0, twins, 1)
+    other = np.array([[500 if best[0] == 0 else 0]])
+    assert recall_at_k(other, best[None]) == 0.0 and recall_at_k(other, best[None], q0, twins) == 1.0
 
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
