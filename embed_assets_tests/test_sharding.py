@@ -27,6 +27,7 @@ from embed_assets.stages.ingest import (
 )
 
 DOCS_PER_SHARD = 7  # the sample corpus's 28 documents in 4 shards (or 3: the hash decides who goes where)
+COPIES = 40
 
 
 def _corpus(tmp_path: Path) -> Path:
@@ -81,7 +82,15 @@ def sharded_chunks_job() -> dg.JobDefinition:  # module level: the multiprocess 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_shards_run_as_parallel_steps_under_the_multiprocess_executor(tmp_path: Path, monkeypatch) -> None:
+    # 40 variants of each sample document: shards of 280 documents take a second or more each, long enough
+    # for the executor's two slots to run two of them at once (7-document shards end before the next starts)
     folder = _corpus(tmp_path)
+    for doc in sorted(folder.glob("*.txt")):
+        for i in range(1, COPIES):
+            text = doc.read_text(encoding="utf-8")
+            (folder / f"{doc.stem}-{i:02d}.txt").write_text(
+                f"{text}\nVariant {i} of this page adds one sentence of its own.\n", encoding="utf-8"
+            )
     monkeypatch.setenv("EMBED_ASSETS_HOME", str(tmp_path / "artifacts"))  # the step processes inherit it
     (tmp_path / "home").mkdir()
     instance = dg.DagsterInstance.local_temp(
@@ -90,7 +99,7 @@ def test_shards_run_as_parallel_steps_under_the_multiprocess_executor(tmp_path: 
     run_config = {
         "ops": {
             "corpus": {"config": {"path": str(folder)}},
-            "corpus_chunks": {"config": {"documents_per_shard": DOCS_PER_SHARD}},
+            "corpus_chunks": {"config": {"documents_per_shard": DOCS_PER_SHARD * COPIES}},
         }
     }
     result = dg.execute_job(dg.reconstructable(sharded_chunks_job), instance=instance, run_config=run_config)
