@@ -73,12 +73,9 @@ def exact_search(
     Raises:
         ValueError: shapes and ids disagree, ids repeat, ``top_k < 1`` or an unknown score function.
     """
-    queries = _as_matrix(query_embeddings, "query_embeddings")
-    docs = _as_matrix(corpus_embeddings, "corpus_embeddings")
-    query_ids, corpus_ids = list(query_ids), list(corpus_ids)
-    _check_search_args(queries, docs, query_ids, corpus_ids, top_k, score_function)
-    if score_function == "cos_sim":
-        queries, docs = _l2_normalize(queries), _l2_normalize(docs)
+    queries, docs, query_ids, corpus_ids = _search_inputs(
+        query_embeddings, corpus_embeddings, query_ids, corpus_ids, top_k, score_function
+    )
     tie_rank = descending_id_rank(corpus_ids)
     doc_index = {doc_id: i for i, doc_id in enumerate(corpus_ids)}
     run: Run = {}
@@ -200,12 +197,9 @@ def ann_run(
     """
     from embed_assets.search import ann_search
 
-    queries = _as_matrix(query_embeddings, "query_embeddings")
-    docs = _as_matrix(corpus_embeddings, "corpus_embeddings")
-    query_ids, corpus_ids = list(query_ids), list(corpus_ids)
-    _check_search_args(queries, docs, query_ids, corpus_ids, top_k, score_function)
-    if score_function == "cos_sim":
-        queries, docs = _l2_normalize(queries), _l2_normalize(docs)
+    queries, docs, query_ids, corpus_ids = _search_inputs(
+        query_embeddings, corpus_embeddings, query_ids, corpus_ids, top_k, score_function
+    )
     k = min(top_k + int(ignore_identical_ids), len(corpus_ids))  # one more: a hit on the query's own id
     scores, found, report = ann_search(queries, docs, k, index)
     run: Run = {}
@@ -319,6 +313,24 @@ def _check_search_args(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if score_function not in ("cos_sim", "dot"):
         raise ValueError(f"score_function must be 'cos_sim' or 'dot', got {score_function!r}")
+
+
+def _search_inputs(
+    query_embeddings: Any,
+    corpus_embeddings: Any,
+    query_ids: Sequence[str],
+    corpus_ids: Sequence[str],
+    top_k: int,
+    score_function: ScoreFunction,
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Checked float32 matrices and id lists for a search (rows L2-normalized for ``cos_sim``)."""
+    queries = _as_matrix(query_embeddings, "query_embeddings")
+    docs = _as_matrix(corpus_embeddings, "corpus_embeddings")
+    query_ids, corpus_ids = list(query_ids), list(corpus_ids)
+    _check_search_args(queries, docs, query_ids, corpus_ids, top_k, score_function)
+    if score_function == "cos_sim":
+        queries, docs = _l2_normalize(queries), _l2_normalize(docs)
+    return queries, docs, query_ids, corpus_ids
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
