@@ -6,7 +6,7 @@ import errno
 import fnmatch
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +28,7 @@ class CorpusScan:
     @property
     def data_version(self) -> str:
         """Hash of all documents' ids and content hashes: changes iff a document is added, removed or edited."""
-        h = hashlib.sha256()
-        for doc in sorted(self.documents, key=lambda d: d.doc_id):
-            h.update(f"{doc.doc_id}\x00{doc.content_hash}\n".encode())
-        return h.hexdigest()[:16]
+        return corpus_version((d.doc_id, d.content_hash) for d in self.documents)
 
     @property
     def n_bytes(self) -> int:
@@ -49,7 +46,7 @@ def read_corpus(
     max_file_bytes: int = 5_000_000,
     encoding: str = "utf-8",
 ) -> CorpusScan:
-    """Read every document under ``root`` (recursively).
+    """Read every document under ``root`` (recursively) into memory (:func:`scan_documents` streams them).
 
     Files are rejected, never fatal, for: an unsupported extension, binary content, undecodable text,
     emptiness, exceeding ``max_file_bytes``, or a symlink that loops or leaves the folder unreadable.
@@ -68,55 +65,99 @@ def read_corpus(
         FileNotFoundError: ``root`` does not exist or is not a folder.
         EmptyCorpusError: no usable document was found (the message lists why files were rejected).
     """
+    rejected: list[dict[str, str]] = []
+    documents = list(scan_documents(root, extensions, exclude_globs, max_file_bytes, encoding, rejected))
+    root_path = Path(root).expanduser()
+    if not documents:
+        raise empty_corpus_error(root_path, rejected, extensions)
+    return CorpusScan(root=str(root_path), documents=documents, rejected=rejected)
+
+
+def scan_documents(
+    root: str | os.PathLike[str],
+    extensions: Sequence[str],
+    exclude_globs: Sequence[str],
+    max_file_bytes: int,
+    encoding: str = "utf-8",
+    rejected: list[dict[str, str]] | None = None,
+) -> Iterator[Document]:
+    """Yield the usable documents under ``root`` one at a time, in a stable order (sorted names, depth first),
+    so a caller holds one document's text at a time.
+
+    Args:
+        root: Corpus folder.
+        extensions: File name suffixes to read (case-insensitive).
+        exclude_globs: File-name patterns to skip silently.
+        max_file_bytes: Larger files are rejected.
+        encoding: Text encoding of the documents.
+        rejected: Receives ``{"path", "reason"}`` of every rejected file, as the scan goes.
+
+    Yields:
+        Documents.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist or is not a folder (at the first ``next``).
+    """
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise FileNotFoundError(
             f"corpus folder {str(root_path)!r} does not exist or is not a folder; set corpus.path to a "
             "folder of .txt/.md documents"
         )
-    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    documents: list[Document] = []
-    rejected: list[dict[str, str]] = []
+    exts = _extensions(extensions)
+    rejected = [] if rejected is None else rejected
     seen_real: set[str] = set()
+
+    def reject(rel: str, reason: str) -> None:
+        rejected.append({"path": _display(rel), "reason": reason})
 
     # os.walk with followlinks=False never loops; symlinked files are resolved and checked one by one.
     for dirpath, dirnames, filenames in os.walk(root_path, followlinks=False):
         dirnames.sort()
         for link in [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
-            rejected.append(
-                {"path": _rel(Path(dirpath) / link, root_path), "reason": "symlinked folder not followed"}
-            )
+            reject(_rel(Path(dirpath) / link, root_path), "symlinked folder not followed")
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = _rel(path, root_path)
             if any(fnmatch.fnmatch(name, pat) for pat in exclude_globs):
                 continue
             if not name.lower().endswith(exts):
-                rejected.append(
-                    {"path": rel, "reason": f"unsupported extension (allowed: {', '.join(exts)})"}
-                )
+                reject(rel, f"unsupported extension (allowed: {', '.join(exts)})")
                 continue
             if not _is_utf8_name(rel):
                 # The name becomes the document id, written to UTF-8 artifacts and metadata: reject it here
                 # rather than fail later in a JSON/Parquet writer with a UnicodeEncodeError.
-                rejected.append({"path": rel, "reason": "file name is not valid UTF-8; rename the file"})
+                reject(rel, "file name is not valid UTF-8; rename the file")
                 continue
             doc, reason = _read_one(path, rel, max_file_bytes, encoding, seen_real)
             if doc is None:
-                rejected.append({"path": rel, "reason": reason})
+                reject(rel, reason)
             else:
-                documents.append(doc)
+                yield doc
 
-    rejected = [{**r, "path": _display(r["path"])} for r in rejected]
-    if not documents:
-        detail = (
-            "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:10]) or "the folder holds no files"
-        )
-        raise EmptyCorpusError(
-            f"no usable document in {str(root_path)!r} ({len(rejected)} rejected: {detail}). "
-            f"Add UTF-8 text files with extensions {', '.join(exts)} or change corpus.extensions."
-        )
-    return CorpusScan(root=str(root_path), documents=documents, rejected=rejected)
+
+def corpus_version(index: Iterable[tuple[str, str]]) -> str:
+    """Hash of ``(doc_id, content hash)`` pairs, order-free: changes iff a document is added, removed or
+    edited."""
+    h = hashlib.sha256()
+    for doc_id, digest in sorted(index):
+        h.update(f"{doc_id}\x00{digest}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def empty_corpus_error(
+    root: Path, rejected: Sequence[dict[str, str]], extensions: Sequence[str]
+) -> EmptyCorpusError:
+    """The error for a folder without a usable document (it lists why files were rejected)."""
+    detail = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:10]) or "the folder holds no files"
+    return EmptyCorpusError(
+        f"no usable document in {str(root)!r} ({len(rejected)} rejected: {detail}). "
+        f"Add UTF-8 text files with extensions {', '.join(_extensions(extensions))} or change corpus.extensions."
+    )
+
+
+def _extensions(extensions: Sequence[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -70,6 +70,30 @@ def test_shards_are_stable_and_equal_the_unsharded_run(tmp_path: Path) -> None:
     assert len(list((tmp_path / "many" / "cache" / "chunk_shards").glob("*.parquet"))) == 4
 
 
+def test_the_merge_streams_windows_and_keeps_each_text_once(tmp_path: Path, monkeypatch) -> None:
+    import embed_assets.stages.ingest as ingest
+
+    folder = _corpus(tmp_path)
+    # two copies of a document under other names: their passages are dropped wherever their shards are
+    for name in ("aaa-copy.txt", "zzz-copy.txt"):
+        shutil.copy(folder / "power.txt", folder / name)
+    whole, scanned = _chunk(folder, tmp_path / "one", documents_per_shard=10_000)
+    monkeypatch.setattr(ingest, "MERGE_WINDOW_ROWS", 5)  # many windows, each cutting through shards
+    sharded, _ = _chunk(folder, tmp_path / "many", documents_per_shard=DOCS_PER_SHARD)
+    rows = pq.read_table(sharded.path).to_pylist()
+    assert rows == pq.read_table(whole.path).to_pylist() and sharded.shards == 5
+    assert len({r["chunk_id"] for r in rows}) == len(rows) == sharded.n_chunks
+    assert sharded.duplicates_dropped == whole.duplicates_dropped >= 2 * sum(
+        r["doc_id"] == "power.txt" for r in rows
+    )
+    # the first document in corpus order keeps the text: the copy named aaa-copy.txt sorts before power.txt
+    assert not any(r["doc_id"] in ("power.txt", "zzz-copy.txt") for r in rows)
+    assert [r["doc_id"] for r in rows] == sorted(
+        (r["doc_id"] for r in rows), key=[d for d, _ in scanned.index()].index
+    )
+    assert sharded.preview == rows[:10] and sharded.tokens_max == max(r["n_tokens"] for r in rows)
+
+
 def sharded_chunks_job() -> dg.JobDefinition:  # module level: the multiprocess executor reconstructs it
     job = dg.define_asset_job(
         "sharded_chunks", selection=["corpus", "corpus_chunks"], executor_def=build_executor("multiprocess")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -63,7 +64,7 @@ def last_corpus_state(instance: dg.DagsterInstance) -> CorpusState:
     "everything downstream of it.",
 )
 def corpus_change_sensor(context: dg.SensorEvaluationContext):
-    from embed_assets.corpus import EmptyCorpusError, read_corpus
+    from embed_assets.corpus import EmptyCorpusError, corpus_version, empty_corpus_error, scan_documents
 
     state = last_corpus_state(context.instance)
     values = {"path": os.environ.get("EMBED_ASSETS_CORPUS", SAMPLE_CORPUS), **state.config}
@@ -72,19 +73,28 @@ def corpus_change_sensor(context: dg.SensorEvaluationContext):
     except Exception as e:  # a config recorded by an older version of the code: fall back to the defaults
         context.log.warning(f"ignoring the last corpus config {values}: {e}")
         config = CorpusConfig(path=values["path"])
-    try:
-        scan = read_corpus(config.path, config.extensions, config.exclude_globs, config.max_file_bytes)
+    rejected: list[dict[str, str]] = []
+    try:  # one document's text in memory at a time: only ids and hashes are kept
+        index = [
+            (d.doc_id, d.content_hash)
+            for d in scan_documents(
+                config.path, config.extensions, config.exclude_globs, config.max_file_bytes, rejected=rejected
+            )
+        ]
+        if not index:
+            raise empty_corpus_error(Path(config.path).expanduser(), rejected, config.extensions)
     except (FileNotFoundError, NotADirectoryError, EmptyCorpusError) as e:
         return dg.SkipReason(f"corpus at {config.path} is not usable: {e}")
-    if scan.data_version == state.digest:
-        return dg.SkipReason(f"corpus unchanged ({scan.data_version}, {len(scan.documents)} documents)")
-    context.log.info(f"corpus changed: {state.digest} -> {scan.data_version}")
+    version = corpus_version(index)
+    if version == state.digest:
+        return dg.SkipReason(f"corpus unchanged ({version}, {len(index)} documents)")
+    context.log.info(f"corpus changed: {state.digest} -> {version}")
     # Everything downstream of the corpus depends on it, so this is exactly the set a change makes stale.
     return dg.RunRequest(
-        run_key=f"corpus-{scan.data_version}-after-{state.storage_id}",
+        run_key=f"corpus-{version}-after-{state.storage_id}",
         asset_selection=downstream_of_corpus(context.repository_def),
         run_config={"ops": {"corpus": {"config": config.model_dump()}}},
-        tags={"embed_assets/trigger": "corpus_change", "embed_assets/corpus_hash": scan.data_version},
+        tags={"embed_assets/trigger": "corpus_change", "embed_assets/corpus_hash": version},
     )
 
 

@@ -8,6 +8,7 @@ keeps its id across runs as long as its text does.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from embed_assets.stages.common import (
 SAMPLE_CORPUS = str(Path(__file__).resolve().parents[2] / "sample_corpus")
 #: Documents listed in the corpus manifest itself (all of them are in its index file).
 PREVIEW_DOCS = 10
+#: A progress line every this many documents read.
+PROGRESS_DOCS = 10_000
 #: Upper edges of the token-length histogram in the ``corpus_chunks`` metadata.
 TOKEN_BINS = (32, 64, 128, 256, 384, 512)
 
@@ -177,26 +180,43 @@ def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifes
     """
     import time
 
-    from embed_assets.corpus import read_corpus
+    from embed_assets.corpus import corpus_version, empty_corpus_error, scan_documents
     from embed_assets.storage import write_jsonl, write_parquet
 
     start = time.monotonic()
-    scan = read_corpus(settings.path, settings.extensions, settings.exclude_globs, settings.max_file_bytes)
     out = ctx.out_dir("corpus") / "documents.jsonl"
-    write_jsonl(out, (d.to_dict() for d in scan.documents))
+    rows: list[dict[str, Any]] = []  # id, size and hash of every document: no text is kept
+    rejected: list[dict[str, str]] = []
+
+    def documents() -> Iterator[dict[str, Any]]:
+        for d in scan_documents(
+            settings.path,
+            settings.extensions,
+            settings.exclude_globs,
+            settings.max_file_bytes,
+            rejected=rejected,
+        ):
+            rows.append({"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash})
+            if len(rows) % PROGRESS_DOCS == 0:
+                ctx.log.info(f"corpus: {len(rows)} documents read")
+            yield d.to_dict()
+
+    write_jsonl(out, documents())  # one document in memory at a time
+    root = Path(settings.path).expanduser()
+    if not rows:
+        raise empty_corpus_error(root, rejected, settings.extensions)
     index = out.with_name("index.parquet")
-    rows = [{"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash} for d in scan.documents]
     write_parquet(index, rows)
     ctx.publish(out, index)
-    for r in scan.rejected:
+    for r in rejected:
         ctx.log.warning(f"rejected {r['path']}: {r['reason']}")
     return CorpusManifest(
         path=str(out),
-        root=scan.root,
-        n_docs=len(scan.documents),
-        n_bytes=scan.n_bytes,
-        data_version=scan.data_version,
-        rejected=scan.rejected,
+        root=str(root),
+        n_docs=len(rows),
+        n_bytes=sum(r["bytes"] for r in rows),
+        data_version=corpus_version((r["doc_id"], r["hash"]) for r in rows),
+        rejected=rejected,
         documents=rows[:PREVIEW_DOCS],
         index_path=str(index),
         seconds=round(time.monotonic() - start, 2),
@@ -365,14 +385,13 @@ def chunk_shard(
                 for h, cs in cut.items()
             },
         )
+    # Every row names its own document (a copy of another document's text included), in corpus order.
     rows = [
-        c.to_dict()
+        {**c.to_dict(), "doc_id": d.doc_id}
+        if d.content_hash in cut
+        else Chunk.from_dict({**c, "doc_id": d.doc_id}).to_dict()
         for d in docs
-        for c in (
-            cut[d.content_hash]
-            if d.content_hash in cut
-            else [Chunk.from_dict({**c, "doc_id": d.doc_id}) for c in cached[d.content_hash]]
-        )
+        for c in cut.get(d.content_hash, cached.get(d.content_hash, ()))
     ]
     write_parquet(out, rows)
     return ShardManifest(
@@ -431,13 +450,9 @@ def merge_shards(
     import dataclasses
     import time
 
-    import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from embed_assets.kvstore import KVStore
-    from embed_assets.storage import atomic_path
 
     start = time.monotonic()
     shards = sorted(shards, key=lambda s: s.index)
@@ -461,25 +476,8 @@ def merge_shards(
             seconds=round(seconds if seconds is not None else time.monotonic() - start, 2),
         )
     index = corpus.index()
-    position = {doc_id: i for i, (doc_id, _) in enumerate(index)}
-    tables = [t for t in (pq.read_table(s.path) for s in shards) if t.num_rows]
-    table = (
-        pa.concat_tables(tables) if tables else pa.table({c: [] for c in ("chunk_id", "doc_id", "n_tokens")})
-    )
-    if table.num_rows:
-        doc_pos = np.array([position[d] for d in table.column("doc_id").to_pylist()], dtype=np.int64)
-        table = table.take(np.lexsort((np.arange(table.num_rows), doc_pos)))  # corpus order, stable in a doc
-        seen: set[str] = set()
-        first = np.zeros(table.num_rows, dtype=bool)
-        for row, cid in enumerate(table.column("chunk_id").to_pylist()):
-            if cid not in seen:
-                seen.add(cid)
-                first[row] = True
-        table = table.filter(pa.array(first))
-    dups = int(sum(s.n_chunks for s in shards) - table.num_rows)
     out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
+    merged = _merge_shard_files([s.path for s in shards], [doc_id for doc_id, _ in index], out)
     ctx.publish(out)
     with KVStore(ctx.cache_dir("chunks") / "chunks.sqlite") as cache:
         evicted = cache.evict(_chunk_namespace(settings, model), {h for _, h in index})
@@ -493,18 +491,18 @@ def merge_shards(
         f"{sum(s.output_reused for s in shards)}/{len(shards)} shards unchanged"
         + (f", {evicted} stale cache entries evicted" if evicted else "")
     )
-    ids = table.column("chunk_id").to_pylist() if table.num_rows else []
-    lengths = table.column("n_tokens").to_numpy() if table.num_rows else np.zeros(0, dtype=np.int64)
     before = _chunk_ids(previous)
-    preview = table.slice(0, 10).to_pylist() if table.num_rows else []
+    lengths = merged.n_tokens
     return ChunksManifest(
         path=str(out),
-        n_chunks=table.num_rows,
-        n_docs=len(pc.unique(table.column("doc_id"))) if table.num_rows else 0,
+        n_chunks=len(merged.chunk_ids),
+        n_docs=merged.n_docs,
         corpus_root=corpus.root,
-        data_version=fingerprint(sorted(ids)),
-        duplicates_dropped=dups,
-        unchanged_since_last_run=sum(cid in before for cid in ids),
+        data_version=_ids_version(merged.chunk_ids),
+        duplicates_dropped=int(sum(s.n_chunks for s in shards) - len(merged.chunk_ids)),
+        unchanged_since_last_run=int(pc.sum(pc.is_in(merged.chunk_ids, value_set=before)).as_py() or 0)
+        if before is not None and len(before)
+        else 0,
         documents_chunked=chunked,
         documents_reused=corpus.n_docs - chunked,
         cache_evicted=evicted,
@@ -513,10 +511,171 @@ def merge_shards(
         shard_fingerprints=fingerprints,
         tokens_mean=round(float(lengths.mean()), 1) if len(lengths) else 0.0,
         tokens_max=int(lengths.max()) if len(lengths) else 0,
-        token_histogram=bucket_counts(lengths.tolist(), TOKEN_BINS),
-        preview=preview,
+        token_histogram=bucket_counts(lengths, TOKEN_BINS),
+        preview=merged.preview,
         seconds=round(seconds if seconds is not None else time.monotonic() - start, 2),
     )
+
+
+@dataclass
+class _Merged:
+    chunk_ids: Any  # pyarrow Array of the written chunk ids, in file order
+    n_tokens: Any  # numpy array, in file order
+    n_docs: int
+    preview: list[dict[str, Any]]
+
+
+#: Rows a merge window writes at once (and the batch size shard files are read in).
+MERGE_WINDOW_ROWS = 50_000
+
+
+def _merge_shard_files(paths: list[str], doc_order: list[str], out: Path) -> _Merged:
+    """Write the shards' rows in corpus order, each chunk id once (its first row), holding only the id columns
+    of the whole corpus and one window of texts.
+
+    Custom because neither pyarrow nor Dagster merges sorted Parquet files: every shard file is in corpus order
+    already (a shard lists its documents in corpus order), so the output is a k-way merge by document position,
+    written window by window (``MERGE_WINDOW_ROWS``) through one ``ParquetWriter``.
+
+    Args:
+        paths: The shard files (any order).
+        doc_order: Every document id in corpus order.
+        out: The merged file (written atomically).
+
+    Returns:
+        What the manifest reports about the written rows.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from embed_assets.storage import atomic_path
+
+    paths = [p for p in paths if pq.ParquetFile(p).metadata.num_rows]
+    files = [pq.ParquetFile(p) for p in paths]
+    corpus_ids = pa.array(doc_order, type=pa.string())
+    # Only the id columns of the whole corpus are in memory: the document position and chunk id of every row.
+    ids = [f.read(columns=["doc_id", "chunk_id", "n_tokens"]) for f in files]
+    positions = [
+        _corpus_positions(t.column("doc_id"), corpus_ids, p) for t, p in zip(ids, paths, strict=True)
+    ]
+    sizes = np.array([len(p) for p in positions], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    all_pos = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+    order = np.argsort(all_pos, kind="stable")  # corpus order; a document's rows stay in their order
+    chunk_col = pa.chunked_array([t.column("chunk_id") for t in ids], type=pa.string()) if ids else None
+    keep = np.zeros(len(all_pos), dtype=bool)
+    if len(all_pos):
+        codes = pc.dictionary_encode(chunk_col.take(pa.array(order))).combine_chunks().indices.to_numpy()
+        _, first = np.unique(codes, return_index=True)  # each chunk id's first row in corpus order
+        keep[order[first]] = True
+    tokens_all = (
+        np.concatenate([t.column("n_tokens").to_numpy() for t in ids]) if ids else np.zeros(0, dtype=np.int64)
+    )
+    doc_all = pa.chunked_array([t.column("doc_id") for t in ids], type=pa.string()) if ids else None
+    del ids
+
+    readers = [_ShardReader(f) for f in files]
+    kept_order = order[keep[order]]
+    sorted_pos = all_pos[order]
+    preview: list[dict[str, Any]] = []
+    schema = (
+        files[0].schema_arrow
+        if files
+        else pa.schema([("chunk_id", pa.string()), ("doc_id", pa.string()), ("n_tokens", pa.int64())])
+    )
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        start_doc, n_docs = 0, len(doc_order)
+        while start_doc < n_docs:
+            end_doc = _window_end(sorted_pos, start_doc, n_docs)
+            # The window's rows of each shard are the next rows of its file (files are in corpus order).
+            parts, part_keep, part_pos = [], [], []
+            for s, reader in enumerate(readers):
+                rows = positions[s]
+                lo, hi = np.searchsorted(rows, start_doc), np.searchsorted(rows, end_doc)
+                if hi > lo:
+                    parts.append(reader.take(int(hi - lo)))
+                    part_keep.append(keep[offsets[s] + lo : offsets[s] + hi])
+                    part_pos.append(rows[lo:hi])
+            start_doc = end_doc
+            if not parts:
+                continue
+            window = pa.concat_tables(parts)
+            w_order = np.argsort(np.concatenate(part_pos), kind="stable")
+            w_order = w_order[np.concatenate(part_keep)[w_order]]
+            window = window.take(pa.array(w_order))
+            writer.write_table(window)
+            if len(preview) < 10:
+                preview += window.slice(0, 10 - len(preview)).to_pylist()
+    written_ids = chunk_col.take(pa.array(kept_order)) if chunk_col is not None else pa.array([], pa.string())
+    return _Merged(
+        chunk_ids=written_ids,
+        n_tokens=tokens_all[kept_order],
+        n_docs=len(pc.unique(doc_all.take(pa.array(kept_order)))) if doc_all is not None else 0,
+        preview=preview,
+    )
+
+
+def _corpus_positions(doc_ids: Any, corpus_ids: Any, path: str) -> Any:
+    """Each row's document position in the corpus (the rows of a shard file are in corpus order)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    found = pc.index_in(doc_ids, value_set=corpus_ids)
+    if found.null_count:
+        raise ValueError(f"{path} holds documents that are not in the corpus (was it re-read in between?)")
+    positions = found.to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(positions) > 1 and bool(np.any(np.diff(positions) < 0)):
+        raise ValueError(f"{path} is not in corpus order (a shard file of another corpus?)")
+    return positions
+
+
+def _window_end(sorted_pos: Any, start_doc: int, n_docs: int) -> int:
+    """The first document position after a window of about ``MERGE_WINDOW_ROWS`` rows from ``start_doc``."""
+    import numpy as np
+
+    first = int(np.searchsorted(sorted_pos, start_doc))
+    last = first + MERGE_WINDOW_ROWS
+    if last >= len(sorted_pos):
+        return n_docs
+    return max(int(sorted_pos[last]), start_doc + 1)
+
+
+class _ShardReader:
+    """The next ``n`` rows of a Parquet file, read batch by batch (holds at most one batch beyond them)."""
+
+    def __init__(self, file: Any) -> None:
+        import pyarrow as pa
+
+        self._batches = file.iter_batches(batch_size=8192)
+        self._buffer = pa.Table.from_batches([], schema=file.schema_arrow)
+
+    def take(self, n: int) -> Any:
+        import pyarrow as pa
+
+        parts = [self._buffer]
+        have = self._buffer.num_rows
+        while have < n:
+            batch = next(self._batches)
+            parts.append(pa.Table.from_batches([batch]))
+            have += batch.num_rows
+        table = pa.concat_tables(parts)
+        self._buffer = table.slice(n)
+        return table.slice(0, n)
+
+
+def _ids_version(chunk_ids: Any) -> str:
+    """A hash of the sorted chunk ids (the passages' data version), fed in batches."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    h = hashlib.sha256()
+    ids = pc.take(chunk_ids, pc.sort_indices(chunk_ids))
+    for i in range(0, len(ids), MERGE_WINDOW_ROWS):
+        h.update("\n".join(ids.slice(i, MERGE_WINDOW_ROWS).to_pylist()).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def chunk_documents(
@@ -599,26 +758,24 @@ def chunks_from_beir(folder: str | Path, ctx: StageContext, doc_id_from: str = "
     )
 
 
-def _chunk_ids(previous: ChunksManifest | None) -> set[str]:
-    """Chunk ids of an earlier run (empty when there is none or its file is gone)."""
+def _chunk_ids(previous: ChunksManifest | None) -> Any:
+    """Chunk ids of an earlier run as a pyarrow array (``None`` when there is none or its file is gone)."""
     if previous is None:
-        return set()
+        return None
     import pyarrow.parquet as pq
 
     try:
-        return set(pq.read_table(previous.path, columns=["chunk_id"]).column("chunk_id").to_pylist())
+        return pq.read_table(previous.path, columns=["chunk_id"]).column("chunk_id").combine_chunks()
     except (OSError, ValueError, KeyError):  # pyarrow's ArrowInvalid is a ValueError
-        return set()
+        return None
 
 
-def bucket_counts(values: list[int], bins: tuple[int, ...]) -> list[int]:
+def bucket_counts(values: Any, bins: tuple[int, ...]) -> list[int]:
     """How many values fall at or below each upper edge of ``bins`` (and above the last)."""
-    import bisect
+    import numpy as np
 
-    counts = [0] * (len(bins) + 1)
-    for v in values:
-        counts[bisect.bisect_left(bins, v)] += 1
-    return counts
+    where = np.searchsorted(np.asarray(bins), np.asarray(values, dtype=np.int64), side="left")
+    return np.bincount(where, minlength=len(bins) + 1).tolist()
 
 
 def histogram_md(counts: list[int], bins: tuple[int, ...]) -> str:

@@ -237,7 +237,7 @@ def test_corpus_asset_with_no_usable_document_fails_naming_the_folder(tmp_path: 
     assert user_error.cls_name == "EmptyCorpusError"
     assert str(bad) in user_error.message and "empty.txt: empty file" in user_error.message
     # raised by our own code with a message, not by a library deep in the stack
-    assert "embed_assets/corpus.py" in user_error.stack[-1]
+    assert "embed_assets/stages/ingest.py" in user_error.stack[-1]
 
 
 def test_corpus_asset_with_a_missing_folder_fails_naming_it(tmp_path: Path) -> None:
