@@ -83,8 +83,10 @@ def test_the_merge_streams_windows_and_keeps_each_text_once(tmp_path: Path, monk
     rows = pq.read_table(sharded.path).to_pylist()
     assert rows == pq.read_table(whole.path).to_pylist() and sharded.shards == 5
     assert len({r["chunk_id"] for r in rows}) == len(rows) == sharded.n_chunks
-    assert sharded.duplicates_dropped == whole.duplicates_dropped >= 2 * sum(
-        r["doc_id"] == "power.txt" for r in rows
+    assert (
+        sharded.duplicates_dropped
+        == whole.duplicates_dropped
+        >= 2 * sum(r["doc_id"] == "power.txt" for r in rows)
     )
     # the first document in corpus order keeps the text: the copy named aaa-copy.txt sorts before power.txt
     assert not any(r["doc_id"] in ("power.txt", "zzz-copy.txt") for r in rows)
