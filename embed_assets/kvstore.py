@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,34 +103,63 @@ class KVStore:
             except json.JSONDecodeError:
                 continue
 
-    def evict(self, namespace: str, keep: Iterable[str]) -> int:
-        """Delete the namespace's entries whose key is not in ``keep``; returns how many went."""
+    def evict(self, namespace: str, keep: Iterable[str], *, prefix: bool = False) -> int:
+        """Delete the namespace's entries whose key is not in ``keep``; returns how many went.
+
+        Args:
+            namespace: The namespace (with ``prefix``: every namespace starting with it).
+            keep: The live keys; consumed as a stream into a temporary table, never held in a Python set.
+            prefix: Treat ``namespace`` as a prefix.
+        """
+        where = "substr(ns, 1, ?) = ?" if prefix else "ns = ?"
+        params = [len(namespace), namespace] if prefix else [namespace]
+        return self._delete_with_keep(
+            keep, f"DELETE FROM entries WHERE {where} AND key NOT IN (SELECT key FROM keep)", params
+        )
+
+    def evict_referencing(self, namespace_prefix: str, field: str, keep: Iterable[str]) -> int:
+        """Delete the entries (of every namespace starting with ``namespace_prefix``) whose JSON list ``field``
+        names a value not in ``keep`` (e.g. an answer tied to chunks of which one is gone).
+
+        Args:
+            namespace_prefix: Which namespaces.
+            field: A top-level key of the values holding a list of strings.
+            keep: The live values; streamed into a temporary table.
+
+        Returns:
+            How many entries went.
+        """
+        return self._delete_with_keep(
+            keep,
+            "DELETE FROM entries WHERE substr(ns, 1, ?) = ? AND json_valid(value) AND EXISTS ("
+            "SELECT 1 FROM json_each(entries.value, ?) AS j WHERE j.value NOT IN (SELECT key FROM keep))",
+            [len(namespace_prefix), namespace_prefix, f"$.{field}"],
+        )
+
+    def has(self, namespace_prefix: str) -> bool:
+        """Whether any entry's namespace starts with ``namespace_prefix``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM entries WHERE substr(ns, 1, ?) = ? LIMIT 1",
+                [len(namespace_prefix), namespace_prefix],
+            ).fetchone()
+        return row is not None
+
+    def _delete_with_keep(self, keep: Iterable[str], sql: str, params: list[Any]) -> int:
+        """Run a ``DELETE`` that refers to the temporary table ``keep`` filled from ``keep``, in one transaction."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 self._db.execute("CREATE TEMP TABLE IF NOT EXISTS keep (key TEXT PRIMARY KEY)")
                 self._db.execute("DELETE FROM keep")
-                self._db.executemany("INSERT OR IGNORE INTO keep VALUES (?)", [(k,) for k in keep])
-                cursor = self._db.execute(
-                    "DELETE FROM entries WHERE ns = ? AND key NOT IN (SELECT key FROM keep)", [namespace]
-                )
+                self._db.executemany("INSERT OR IGNORE INTO keep VALUES (?)", ((k,) for k in keep))
+                cursor = self._db.execute(sql, params)
                 self._db.execute("DELETE FROM keep")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
             return cursor.rowcount
-
-    def evict_where(self, namespace_prefix: str, stale: Callable[[str, str, Any], bool]) -> int:
-        """Delete the entries of every namespace starting with ``namespace_prefix`` for which
-        ``stale(namespace, key, value)`` is true; returns how many went."""
-        doomed = [(ns, k) for ns, k, v in self.items(namespace_prefix) if stale(ns, k, v)]
-        if doomed:
-            with self._lock:
-                self._db.execute("BEGIN")
-                self._db.executemany("DELETE FROM entries WHERE ns = ? AND key = ?", doomed)
-                self._db.execute("COMMIT")
-        return len(doomed)
 
     def count(self, namespace: str | None = None) -> int:
         """Entries in one namespace (or in all)."""

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -146,12 +146,27 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     Returns:
         The number of rows written.
     """
-    n = 0
+    with jsonl_writer(path) as write:
+        return write(rows)
+
+
+@contextmanager
+def jsonl_writer(path: str | os.PathLike[str]) -> Iterator[Callable[[Iterable[dict[str, Any]]], int]]:
+    """Write JSON Lines in several calls, atomically: the file appears when the block ends without error.
+
+    Yields:
+        ``write(rows) -> number of rows written``.
+    """
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+
+        def write(rows: Iterable[dict[str, Any]]) -> int:
+            n = 0
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+            return n
+
+        yield write
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:

@@ -190,3 +190,41 @@ def test_sdg_cache_is_one_store_reused_and_evicted_to_the_live_chunks(tmp_path) 
     cache.put_json("k2", "v1", {"chunk_ids": [edited[0].chunk_id]})
     assert run_generation(gen, edited, cache, evict=True).stats.cache_evicted == 1
     assert cache.get_json("k", "v1") is None and cache.get_json("k2", "v1") is not None
+
+
+def test_sdg_streams_batches_of_whole_documents_with_the_same_pairs(tmp_path) -> None:
+    from embed_assets.sdg.runner import run_generation, stream_generation
+    from embed_assets.stages.common import ModelSpec, StageContext
+    from embed_assets.stages.ingest import (
+        SAMPLE_CORPUS,
+        ChunkSettings,
+        CorpusSettings,
+        chunk_documents,
+        iter_chunk_batches,
+        read_documents,
+    )
+
+    ctx = StageContext.local(tmp_path)
+    chunks = chunk_documents(
+        read_documents(CorpusSettings(path=SAMPLE_CORPUS), ctx), ChunkSettings(), ModelSpec(), ctx
+    )
+    batches = list(iter_chunk_batches(chunks.path, batch_rows=7))
+    assert len(batches) > 5 and [c for b in batches for c in b] == chunks.load()
+    docs = [{c.doc_id for c in b} for b in batches]
+    assert all(not (a & b) for i, a in enumerate(docs) for b in docs[i + 1 :])  # no document in two batches
+
+    kinds = ("inverse_cloze", "keywords", "titles")
+    streamed: list[QARecord] = []
+    stats = stream_generation(
+        InverseClozeGenerator(InverseClozeSettings(kinds=kinds)),
+        lambda: iter_chunk_batches(chunks.path, batch_rows=7),
+        None,
+        streamed.extend,
+    )
+    whole = run_generation(InverseClozeGenerator(InverseClozeSettings(kinds=kinds)), chunks.load(), None)
+    assert streamed == whole.records and {r.query_type for r in streamed} == {
+        "inverse_cloze",
+        "keywords",
+        "title",
+    }
+    assert stats.chunks_total == chunks.n_chunks == stats.chunks_generated

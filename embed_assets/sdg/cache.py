@@ -98,17 +98,16 @@ class SDGCache:
         fingerprint: a unit key is a hash of its chunks' content) and raw entries tied to a chunk that is gone.
 
         Args:
-            live_unit_keys: The unit keys of the current corpus.
-            live_chunk_ids: The chunk ids of the current corpus.
+            live_unit_keys: The unit keys of the current corpus (streamed into SQLite, not held in a set).
+            live_chunk_ids: The chunk ids of the current corpus (read only when raw entries exist).
 
         Returns:
             How many entries were removed.
         """
-        units, chunks = set(live_unit_keys), set(live_chunk_ids)
-        gone = self.store.evict_where(_RECORDS, lambda ns, key, value: key not in units)
-        return gone + self.store.evict_where(
-            _RAW, lambda ns, key, value: not set(_chunk_ids(value)) <= chunks
-        )
+        gone = self.store.evict(_RECORDS, live_unit_keys, prefix=True)
+        if self.store.has(_RAW):  # the chunk ids are only read when an entry could refer to them
+            gone += self.store.evict_referencing(_RAW, "chunk_ids", live_chunk_ids)
+        return gone
 
     def _import_legacy_files(self) -> None:
         """Move entries of the one-file-per-entry layout (``<2 hex>/<sha256>.json``) into the store."""
@@ -127,8 +126,3 @@ class SDGCache:
         for folder in {p.parent for p in files}:
             with contextlib.suppress(OSError):  # not empty: something else lives there
                 folder.rmdir()
-
-
-def _chunk_ids(payload: Any) -> list[str]:
-    ids = payload.get("chunk_ids") if isinstance(payload, dict) else None
-    return [str(i) for i in ids] if isinstance(ids, list) else []

@@ -24,7 +24,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from embed_assets.records import Chunk, QARecord, content_hash
@@ -79,17 +79,28 @@ class InverseClozeGenerator:
         payload = json.dumps({"name": self.name, "v": 2, **asdict(self.settings)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def observe(self, batches: Iterable[Sequence[Chunk]]) -> None:
+        """Learn the corpus statistics keyword and title queries need, one batch of chunks at a time.
+
+        Args:
+            batches: Every chunk of the corpus, in batches (called again, it starts over).
+        """
+        df: Counter[str] = Counter()
+        n, title_doc, shared = 0, {}, set()
+        for chunks in batches:
+            for c in chunks:
+                df.update({t.casefold() for t in _terms(c.text)})
+                n += 1
+                if c.title:
+                    title = c.title.casefold()
+                    if title_doc.setdefault(title, c.doc_id) != c.doc_id:
+                        shared.add(title)  # a heading several documents share names none of them
+        self._df, self._n_passages, self._shared_titles = df, n, shared
+
     def units(self, chunks: Sequence[Chunk]) -> list[list[Chunk]]:
-        """One unit per document; also learns the corpus statistics keyword and title queries need."""
+        """One unit per document (a section's chunks are seen together)."""
         from embed_assets.sdg.runner import units_per_document
 
-        self._df = Counter(t for c in chunks for t in {t.casefold() for t in _terms(c.text)})
-        self._n_passages = len(chunks)
-        docs_per_title: dict[str, set[str]] = {}
-        for c in chunks:
-            if c.title:
-                docs_per_title.setdefault(c.title.casefold(), set()).add(c.doc_id)
-        self._shared_titles = {t for t, docs in docs_per_title.items() if len(docs) > 1}
         return units_per_document(chunks)
 
     def generate(self, chunks: Sequence[Chunk], progress: ProgressFn | None = None) -> SDGResult:
@@ -106,8 +117,8 @@ class InverseClozeGenerator:
         """
         from embed_assets.chunking import split_sentences
 
-        if not self._n_passages:  # called without units(): the statistics of these chunks alone
-            self.units(chunks)
+        if not self._n_passages:  # called without observe(): the statistics of these chunks alone
+            self.observe([chunks])
         stats = SDGStats(chunks_total=len(chunks))
         records: list[QARecord] = []
         seen: set[tuple[str, str]] = set()

@@ -16,6 +16,8 @@ Optional generator attributes understood here (none is required by the protocol)
   generator caches every finished call there, so a partially finished unit keeps its finished calls).
 - ``prepare() -> SDGStats | None``: called once before the first unit that is not cached (the LLM generator
   checks its endpoint there); returned counters are added to the run's statistics, exceptions abort the run.
+- ``observe(batches)``: sees every chunk once before any unit is generated (corpus statistics); called by
+  :func:`stream_generation`, which holds one batch of chunks at a time.
 
 Units whose generation reported a failed chunk are not cached, so the next run retries them.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import fields
 
@@ -162,7 +164,7 @@ def run_generation(
     progress: ProgressFn | None = None,
     evict: bool = False,
 ) -> SDGResult:
-    """Generate QA records for ``chunks``, reusing cached units.
+    """Generate QA records for ``chunks`` held in memory (:func:`stream_generation` on one batch).
 
     Args:
         generator: Any generator implementing the protocol (``fingerprint`` keys the cache).
@@ -173,9 +175,46 @@ def run_generation(
             whole corpus).
 
     Returns:
-        Records in unit order and honest statistics: ``chunks_reused`` counts chunks of cached units plus
-        chunks the generator itself served entirely from its own cache; ``chunks_generated`` the others that
-        did not fail.
+        Records in unit order and the statistics of :func:`stream_generation`.
+    """
+    records: list[QARecord] = []
+    stats = stream_generation(
+        generator, lambda: [chunks], cache, records.extend, progress, evict, len(chunks)
+    )
+    return SDGResult(records=records, stats=stats)
+
+
+def stream_generation(
+    generator: QAGenerator,
+    batches: Callable[[], Iterable[Sequence[Chunk]]],
+    cache: SDGCache | None,
+    sink: Callable[[list[QARecord]], None],
+    progress: ProgressFn | None = None,
+    evict: bool = False,
+    total_chunks: int | None = None,
+) -> SDGStats:
+    """Generate QA records batch by batch, reusing cached units: only one batch of chunks and its records are
+    in memory at a time.
+
+    A generator with ``observe(batches)`` first sees every batch once (corpus statistics, e.g. the document
+    frequencies of keyword queries); then each batch is cut into units, looked up in the cache in one query,
+    the missing units are generated (on threads when ``max_parallel_units`` > 1) and the batch's records go to
+    ``sink`` in unit order.
+
+    Args:
+        generator: Any generator implementing the protocol (``fingerprint`` keys the cache).
+        batches: Returns a fresh iterable of chunk batches each time it is called; a document's chunks must
+            be in one batch (units never span batches).
+        cache: Where unit results are stored (``None``: no caching).
+        sink: Receives each batch's records, in order.
+        progress: Receives progress lines (rate, ETA).
+        evict: After the run, remove cache entries that no chunk of the batches uses (when they are the
+            whole corpus).
+        total_chunks: How many chunks the batches hold (for the progress line's ETA).
+
+    Returns:
+        Honest statistics: ``chunks_reused`` counts chunks of cached units plus chunks the generator itself
+        served entirely from its own cache; ``chunks_generated`` the others that did not fail.
 
     Raises:
         Whatever the generator raises for a fatal problem (finished units are already cached then).
@@ -183,55 +222,68 @@ def run_generation(
     bind = getattr(generator, "bind_cache", None)
     if cache is not None and callable(bind):
         bind(cache)
+    observe = getattr(generator, "observe", None)
+    if callable(observe):
+        observe(batches())
     units_fn = getattr(generator, "units", None)
-    units = units_fn(chunks) if callable(units_fn) else default_units(chunks)
     fingerprint = generator.fingerprint
-    stats = SDGStats(chunks_total=sum(len(u) for u in units))
-    meter = ProgressMeter(stats.chunks_total, progress, label=f"sdg[{generator.name}]")
-    per_unit: list[list[QARecord] | None] = [None] * len(units)
-    pending: list[int] = []
-    keys = [unit_key(unit) for unit in units]
-    hits = cache.get_many(keys, fingerprint) if cache is not None else {}
-    for i, unit in enumerate(units):
-        cached = hits.get(keys[i])
-        if cached is None:
-            pending.append(i)
-            continue
-        per_unit[i] = cached
-        stats.chunks_reused += len(unit)
-        stats.pairs_kept += len(cached)
-        meter.advance(len(unit), cached=True)
-
-    prepare = getattr(generator, "prepare", None)
-    if pending and callable(prepare):
-        checked = prepare()  # e.g. the LLM endpoint check; a fatal problem raises before any unit runs
-        if isinstance(checked, SDGStats):
-            merge_stats(stats, checked)
-
+    stats = SDGStats()
+    meter = ProgressMeter(total_chunks or 0, progress, label=f"sdg[{generator.name}]")
+    workers = max(1, int(getattr(generator, "max_parallel_units", 1) or 1))
+    live_keys: list[str] = []
+    prepared = False
     lock = threading.Lock()
 
-    def work(i: int) -> None:
-        unit = units[i]
-        result = generator.generate(unit, progress=None)
-        ids = {c.chunk_id for c in unit}
-        failed = [cid for cid in dict.fromkeys(result.stats.failed_chunk_ids) if cid in ids]
-        if not failed and cache is not None:
-            cache.put(keys[i], fingerprint, result.records)
-        reused = min(result.stats.chunks_reused, len(unit) - len(failed))
-        with lock:
-            per_unit[i] = result.records
-            merge_stats(stats, result.stats)
-            stats.chunks_failed += len(failed)
-            stats.failed_chunk_ids.extend(failed)
-            stats.chunks_reused += reused
-            stats.chunks_generated += len(unit) - len(failed) - reused
-        meter.advance(len(unit), cached=reused == len(unit), failed=len(failed))
+    for batch in batches():
+        units = units_fn(batch) if callable(units_fn) else default_units(batch)
+        stats.chunks_total += sum(len(u) for u in units)
+        if total_chunks is None:
+            meter.total = stats.chunks_total
+        keys = [unit_key(unit) for unit in units]
+        live_keys += keys
+        per_unit: list[list[QARecord] | None] = [None] * len(units)
+        pending: list[int] = []
+        hits = cache.get_many(keys, fingerprint) if cache is not None else {}
+        for i, unit in enumerate(units):
+            cached = hits.get(keys[i])
+            if cached is None:
+                pending.append(i)
+                continue
+            per_unit[i] = cached
+            stats.chunks_reused += len(unit)
+            stats.pairs_kept += len(cached)
+            meter.advance(len(unit), cached=True)
+        del hits
 
-    _run_all(work, pending, max(1, int(getattr(generator, "max_parallel_units", 1) or 1)))
-    records = [r for recs in per_unit if recs for r in recs]
+        prepare = getattr(generator, "prepare", None)
+        if pending and not prepared and callable(prepare):
+            prepared = True
+            checked = prepare()  # e.g. the LLM endpoint check; a fatal problem raises before any unit runs
+            if isinstance(checked, SDGStats):
+                merge_stats(stats, checked)
+
+        def work(i: int, units: list[list[Chunk]] = units, keys: list[str] = keys, out=per_unit) -> None:
+            unit = units[i]
+            result = generator.generate(unit, progress=None)
+            ids = {c.chunk_id for c in unit}
+            failed = [cid for cid in dict.fromkeys(result.stats.failed_chunk_ids) if cid in ids]
+            if not failed and cache is not None:
+                cache.put(keys[i], fingerprint, result.records)
+            reused = min(result.stats.chunks_reused, len(unit) - len(failed))
+            with lock:
+                out[i] = result.records
+                merge_stats(stats, result.stats)
+                stats.chunks_failed += len(failed)
+                stats.failed_chunk_ids.extend(failed)
+                stats.chunks_reused += reused
+                stats.chunks_generated += len(unit) - len(failed) - reused
+            meter.advance(len(unit), cached=reused == len(unit), failed=len(failed))
+
+        _run_all(work, pending, workers)
+        sink([r for recs in per_unit if recs for r in recs])
     if evict and cache is not None:
-        stats.cache_evicted = cache.evict(keys, (c.chunk_id for unit in units for c in unit))
-    return SDGResult(records=records, stats=stats)
+        stats.cache_evicted = cache.evict(live_keys, (c.chunk_id for batch in batches() for c in batch))
+    return stats
 
 
 def _run_all(work, indices: list[int], workers: int) -> None:

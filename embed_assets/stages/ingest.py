@@ -155,6 +155,10 @@ class ChunksManifest(Manifest):
         """The chunks as :class:`embed_assets.records.Chunk` objects."""
         return load_chunks(self.path)
 
+    def batches(self) -> Iterator[list[Any]]:
+        """The chunks in batches of whole documents (:func:`iter_chunk_batches`)."""
+        return iter_chunk_batches(self.path)
+
 
 def load_chunks(path: str) -> list[Any]:
     """Read a chunks Parquet file (this stage's, or passages that came with user data)."""
@@ -162,6 +166,41 @@ def load_chunks(path: str) -> list[Any]:
     from embed_assets.storage import read_parquet
 
     return [Chunk.from_dict(r) for r in read_parquet(path)]
+
+
+#: Passages per batch when a stage streams the chunks file (about 15 MB of Python objects).
+CHUNK_BATCH_ROWS = 10_000
+
+
+def iter_chunk_batches(path: str, batch_rows: int = CHUNK_BATCH_ROWS) -> Iterator[list[Any]]:
+    """Stream a chunks Parquet file as lists of :class:`embed_assets.records.Chunk`, about ``batch_rows`` each,
+    never cutting through a document (a document's passages are consecutive in this stage's file).
+
+    Args:
+        path: A chunks Parquet file.
+        batch_rows: Rows read at a time.
+
+    Yields:
+        Batches of chunks, in file order.
+    """
+    import pyarrow.parquet as pq
+
+    from embed_assets.records import Chunk
+
+    carry: list[Any] = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        chunks = carry + [Chunk.from_dict(r) for r in batch.to_pylist()]
+        last_doc = chunks[-1].doc_id
+        cut = len(chunks)
+        while cut > 0 and chunks[cut - 1].doc_id == last_doc:
+            cut -= 1
+        if cut == 0:  # one document so far: keep reading
+            carry = chunks
+            continue
+        yield chunks[:cut]
+        carry = chunks[cut:]
+    if carry:
+        yield carry
 
 
 def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifest:

@@ -24,6 +24,9 @@ from embed_assets.stages.common import (
 )
 from embed_assets.stages.ingest import ChunksManifest, load_chunks
 
+#: Pairs shown in the asset's preview table.
+PREVIEW_PAIRS = 10
+
 __all__ = ["PairsManifest", "SDGSettings", "generate_pairs", "load_pairs", "passage_pool"]
 
 
@@ -145,13 +148,24 @@ def generate_pairs(
     import time
     from pathlib import Path
 
-    from embed_assets.storage import write_jsonl, write_parquet
+    from embed_assets.storage import jsonl_writer, write_parquet
 
     start = time.monotonic()
     out_dir = ctx.out_dir("synthetic_qa")
     path = str(out_dir / "qa.jsonl")
     extra_path = None
     inputs = ""
+    preview: list[Any] = []
+    n_pairs = 0
+
+    def sink(write: Any) -> Any:
+        def take(records: list[Any]) -> None:
+            nonlocal n_pairs
+            n_pairs += write(r.to_dict() for r in records)
+            preview.extend(records[: max(0, PREVIEW_PAIRS - len(preview))])
+
+        return take
+
     if settings.generator == "user_data":
         from embed_assets.byod import load_user_pairs
 
@@ -159,11 +173,14 @@ def generate_pairs(
         records, extra = load_user_pairs(settings.user_data_path, corpus=chunks.load())
         extra_path = str(out_dir / "user_passages.parquet")
         write_parquet(extra_path, [c.to_dict() for c in extra])
+        with jsonl_writer(path) as write:
+            sink(write)(records)
+        del records
         generator_name, model_name, stats = "user_data", "none", {"user_passages": len(extra)}
         drops = []
     else:
         from embed_assets.sdg.cache import SDGCache
-        from embed_assets.sdg.runner import run_generation
+        from embed_assets.sdg.runner import stream_generation
 
         generator = make_generator(settings, model, endpoint, log=ctx.log)
         inputs = fingerprint(file_digest(chunks.path), generator.fingerprint)
@@ -181,23 +198,32 @@ def generate_pairs(
             )
         cache = SDGCache(ctx.cache_dir("sdg"))
         try:
-            result = run_generation(generator, chunks.load(), cache, progress=ctx.log.info, evict=True)
+            # One batch of chunks and its pairs in memory at a time; the pairs file appears when all are written.
+            with jsonl_writer(path) as write:
+                run_stats = stream_generation(
+                    generator,
+                    chunks.batches,
+                    cache,
+                    sink(write),
+                    progress=ctx.log.info,
+                    evict=True,
+                    total_chunks=chunks.n_chunks,
+                )
         finally:
             cache.close()
             if hasattr(generator, "close"):
                 generator.close()  # the LLM generator's HTTP connection pool
-        records, generator_name, model_name = result.records, generator.name, generator.model
-        stats = result.stats.as_metadata()
-        drops = result.stats.drop_table()
+        generator_name, model_name = generator.name, generator.model
+        stats = run_stats.as_metadata()
+        drops = run_stats.drop_table()
         stats["estimated_cost_usd"] = settings.estimated_cost_usd(
-            result.stats.prompt_tokens, result.stats.completion_tokens
+            run_stats.prompt_tokens, run_stats.completion_tokens
         )
         for row in drops:  # every drop reason in the run's log, with one example
             ctx.log.warning(f"synthetic_qa dropped {row['count']} × {row['reason']}, e.g. {row['example']}")
 
-    write_jsonl(path, (r.to_dict() for r in records))
     ctx.publish(path, extra_path)
-    if not records:
+    if not n_pairs:
         raise StageError(
             f"synthetic_qa produced no pairs (generator {generator_name}); the drops table says why",
             {**{k: v for k, v in stats.items() if isinstance(v, int)}, "drops": _drops_table(drops)},
@@ -205,7 +231,7 @@ def generate_pairs(
     return PairsManifest(
         inputs_fingerprint=inputs,
         path=path,
-        n_pairs=len(records),
+        n_pairs=n_pairs,
         generator=generator_name,
         generator_model=model_name,
         data_version=file_digest(path, extra_path),
@@ -214,7 +240,7 @@ def generate_pairs(
         drops=drops,
         preview=[
             {"query": r.query, "positives": len(r.positive_chunk_ids), "type": r.query_type, "doc": r.doc_id}
-            for r in records[:10]
+            for r in preview
         ],
         seconds=round(time.monotonic() - start, 2),
     )
