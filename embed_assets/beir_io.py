@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from embed_assets.storage import atomic_path, write_jsonl
+from embed_assets.storage import atomic_path, jsonl_writer, write_jsonl
 
 Corpus = dict[str, dict[str, str]]
 Queries = dict[str, str]
@@ -29,10 +29,11 @@ QRELS_DIR = "qrels"
 
 def write_beir_folder(
     folder: str | os.PathLike[str],
-    corpus: Mapping[str, Mapping[str, Any]],
+    corpus: Mapping[str, Mapping[str, Any]] | None,
     queries: Mapping[str, str],
     qrels: Mapping[str, Mapping[str, int]],
     split: str = "test",
+    corpus_ids: Collection[str] | None = None,
 ) -> Path:
     """Write a BEIR folder; every file is written atomically (temporary sibling + rename).
 
@@ -42,6 +43,8 @@ def write_beir_folder(
     Args:
         folder: Target folder (created if missing).
         corpus: ``{doc_id: {"title": str, "text": str}}``; a missing/None title is written as ``""``.
+            ``None``: ``corpus.jsonl`` was written by :func:`write_beir_passages`; ``corpus_ids`` then names
+            the passages the qrels may refer to.
         queries: ``{query_id: text}``; may hold more queries than ``qrels`` judges.
         qrels: ``{query_id: {doc_id: relevance}}`` with integer relevance.
         split: Name of the qrels file (``qrels/<split>.tsv``).
@@ -54,17 +57,40 @@ def write_beir_folder(
             integer, or qrels name a query or document that is missing.
     """
     _check_split_name(split)
-    corpus_rows = [_corpus_row(doc_id, doc) for doc_id, doc in corpus.items()]
+    known = corpus if corpus is not None else (corpus_ids or set())
+    corpus_rows = [_corpus_row(doc_id, doc) for doc_id, doc in corpus.items()] if corpus is not None else None
     query_rows = [_query_row(qid, text) for qid, text in queries.items()]
-    qrel_rows = _qrel_rows(qrels, corpus, queries)
+    qrel_rows = _qrel_rows(qrels, known, queries)
 
     root = Path(folder)
-    write_jsonl(root / CORPUS_FILE, corpus_rows)
+    if corpus_rows is not None:
+        write_jsonl(root / CORPUS_FILE, corpus_rows)
     write_jsonl(root / QUERIES_FILE, query_rows)
     with atomic_path(root / QRELS_DIR / f"{split}.tsv") as tmp, tmp.open("w", encoding="utf-8") as f:
         f.write("\t".join(QRELS_HEADER) + "\n")
         f.writelines(f"{qid}\t{doc_id}\t{score}\n" for qid, doc_id, score in qrel_rows)
     return root
+
+
+def write_beir_passages(
+    folder: str | os.PathLike[str], passages: Iterable[tuple[str, Mapping[str, Any]]]
+) -> int:
+    """Stream ``(doc_id, {"title", "text"})`` pairs into ``folder/corpus.jsonl`` (atomically; one passage in
+    memory at a time), validated as :func:`write_beir_folder` validates them.
+
+    Returns:
+        How many passages were written.
+    """
+    with jsonl_writer(Path(folder) / CORPUS_FILE) as write:
+        return write(_corpus_row(doc_id, doc) for doc_id, doc in passages)
+
+
+def iter_passage_ids(folder: str | os.PathLike[str]) -> Iterator[str]:
+    """The ``_id`` of every passage of a BEIR folder's ``corpus.jsonl``, streamed."""
+    from embed_assets.storage import iter_jsonl
+
+    for row in iter_jsonl(Path(folder) / CORPUS_FILE):
+        yield str(row["_id"])
 
 
 def load_beir_folder(folder: str | os.PathLike[str], split: str = "test") -> tuple[Corpus, Queries, Qrels]:
@@ -135,7 +161,7 @@ def _query_row(qid: str, text: Any) -> dict[str, str]:
 
 
 def _qrel_rows(
-    qrels: Mapping[str, Mapping[str, int]], corpus: Mapping[str, Any], queries: Mapping[str, str]
+    qrels: Mapping[str, Mapping[str, int]], corpus: Collection[str], queries: Mapping[str, str]
 ) -> list[tuple[str, str, int]]:
     rows = []
     for qid, judged in qrels.items():

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from embed_assets.records import Chunk, QARecord
 
@@ -72,9 +73,42 @@ def split_by_document(
         A :class:`SplitResult`.
     """
     records = list(records)
-    used = check_ratios(small_data_ratios if len(records) < small_data_threshold else ratios)
+    assignment, used = assign_documents(
+        {r.doc_id for r in records}, len(records), ratios, small_data_ratios, small_data_threshold, seed,
+        frozen_test_docs,
+    )  # fmt: skip
+    parts: dict[str, list[QARecord]] = {"train": [], "val": [], "test": []}
+    for r in records:
+        parts[assignment[r.doc_id]].append(r)
+    return SplitResult(parts["train"], parts["val"], parts["test"], used, documents_by_split(assignment))
+
+
+def assign_documents(
+    doc_ids: Iterable[str],
+    n_records: int,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    small_data_ratios: Sequence[float] = (0.8, 0.0, 0.2),
+    small_data_threshold: int = 1000,
+    seed: int = 42,
+    frozen_test_docs: Iterable[str] = (),
+) -> tuple[dict[str, str], tuple[float, float, float]]:
+    """Place documents in train/val/test (the rule of :func:`split_by_document`, without holding records).
+
+    Args:
+        doc_ids: The documents that have records.
+        n_records: How many records there are (below ``small_data_threshold``, ``small_data_ratios`` apply).
+        ratios: Train/val/test shares of documents.
+        small_data_ratios: Shares for small data.
+        small_data_threshold: Record count under which ``small_data_ratios`` apply.
+        seed: Split seed.
+        frozen_test_docs: Documents forced into test.
+
+    Returns:
+        ``{doc_id: "train" | "val" | "test"}`` and the ratios used.
+    """
+    used = check_ratios(small_data_ratios if n_records < small_data_threshold else ratios)
     frozen = set(frozen_test_docs)
-    docs = sorted({r.doc_id for r in records}, key=lambda d: _bucket(d, seed))
+    docs = sorted(set(doc_ids), key=lambda d: _bucket(d, seed))
     assignment: dict[str, str] = {}
     for doc in docs:
         u = _bucket(doc, seed)
@@ -91,34 +125,61 @@ def split_by_document(
         assignment[docs[-1]] = "test"
     if len(docs) >= 2 and "train" not in assignment.values():
         assignment[next(d for d in docs if d not in frozen)] = "train"
-    parts: dict[str, list[QARecord]] = {"train": [], "val": [], "test": []}
-    for r in records:
-        parts[assignment[r.doc_id]].append(r)
-    doc_lists = {name: sorted(d for d, s in assignment.items() if s == name) for name in parts}
-    return SplitResult(parts["train"], parts["val"], parts["test"], used, doc_lists)
+    return assignment, used
 
 
-def write_eval_beir(folder: str | Path, test: Sequence[QARecord], chunks: Sequence[Chunk]) -> dict[str, int]:
+def documents_by_split(assignment: dict[str, str]) -> dict[str, list[str]]:
+    """``{split name: sorted doc ids}`` of an :func:`assign_documents` result."""
+    return {name: sorted(d for d, s in assignment.items() if s == name) for name in ("train", "val", "test")}
+
+
+def write_eval_beir(folder: str | Path, test: Sequence[QARecord], chunks: Iterable[Chunk]) -> EvalBeirCounts:
     """Write the BEIR evaluation folder: the whole corpus as passages, test queries and their qrels.
+
+    The passages are streamed to ``corpus.jsonl`` (one passage in memory at a time); a test query whose
+    positives are not among them is left out.
 
     Args:
         folder: Destination (``eval_beir/``).
         test: Test records.
-        chunks: Every chunk of the corpus (the retrieval pool).
+        chunks: Every chunk of the corpus (the retrieval pool), each id once.
 
     Returns:
-        Counts of corpus passages, queries and qrels rows.
+        Counts of corpus passages, queries and qrels rows, and the passages' id hashes (for what changed).
     """
-    from embed_assets.beir_io import write_beir_folder
+    from array import array
 
-    corpus = {c.chunk_id: {"title": "", "text": c.text} for c in chunks}
+    from embed_assets.beir_io import write_beir_folder, write_beir_passages
+
+    wanted = {cid for r in test for cid in r.positive_chunk_ids}
+    found: set[str] = set()
+    id_hashes = array("q")
+
+    def passages() -> Iterable[tuple[str, dict[str, str]]]:
+        for c in chunks:
+            if c.chunk_id in wanted:
+                found.add(c.chunk_id)
+            id_hashes.append(hash(c.chunk_id))
+            yield c.chunk_id, {"title": "", "text": c.text}
+
+    n_passages = write_beir_passages(folder, passages())
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
     for r in test:
-        known = [cid for cid in r.positive_chunk_ids if cid in corpus]
+        known = [cid for cid in r.positive_chunk_ids if cid in found]
         if not known:
             continue
         queries[r.qa_id] = r.query
         qrels[r.qa_id] = {cid: 1 for cid in known}
-    write_beir_folder(folder, corpus, queries, qrels, split="test")
-    return {"corpus": len(corpus), "queries": len(queries), "qrels": sum(len(v) for v in qrels.values())}
+    write_beir_folder(folder, None, queries, qrels, split="test", corpus_ids=found)
+    return EvalBeirCounts(n_passages, len(queries), sum(len(v) for v in qrels.values()), id_hashes)
+
+
+@dataclass
+class EvalBeirCounts:
+    """What :func:`write_eval_beir` wrote."""
+
+    corpus: int
+    queries: int
+    qrels: int
+    passage_id_hashes: Any  # array('q') of hash(chunk_id), in file order (valid in this process only)

@@ -265,3 +265,47 @@ def test_split_of_unchanged_inputs_is_reused(prepared, tmp_path: Path) -> None:
         record.unlink()
     refrozen = split_pairs(chunks, pairs, SplitSettings(), StageContext.local(ctx.root, "run-4"), first)
     assert not refrozen.output_reused
+
+
+def test_split_streams_the_pairs_and_states_what_the_eval_passages_gained_and_lost(
+    prepared, tmp_path: Path
+) -> None:
+    from embed_assets.prep import split_by_document
+    from embed_assets.records import Chunk, content_hash
+    from embed_assets.stages.sdg import load_pairs
+
+    ctx, chunks, pairs = prepared
+    settings = SplitSettings()
+    first = split_pairs(chunks, pairs, settings, ctx)
+    # the same split as the in-memory rule
+    expected = split_by_document(
+        pairs.load(),
+        ratios=(settings.train_ratio, settings.val_ratio, settings.test_ratio),
+        small_data_ratios=settings.small_data_ratios,
+        small_data_threshold=settings.small_data_threshold,
+        seed=settings.seed,
+    )
+    for name in ("train", "val", "test"):
+        assert load_pairs(getattr(first, name)) == getattr(expected, name), name
+        assert getattr(first, f"{name}_docs") == expected.docs[name]
+    assert (first.n_train, first.n_val, first.n_test) == tuple(
+        len(getattr(expected, n)) for n in ("train", "val", "test")
+    )
+    corpus_file = Path(first.eval_beir) / "corpus.jsonl"
+    ids = [json.loads(line)["_id"] for line in corpus_file.read_text(encoding="utf-8").splitlines()]
+    assert ids == [c.chunk_id for c in chunks.load()] and first.eval_set.passages == len(ids)
+
+    # one passage of a training document replaced by a new one, another dropped: +1/-2, no query changed
+    passages = chunks.load()
+    doc = first.train_docs[0]
+    old = [i for i, c in enumerate(passages) if c.doc_id == doc][:2]
+    assert len(old) == 2
+    text = "A passage that no earlier run has seen, written for this test."
+    passages[old[0]] = Chunk(content_hash(text), doc, text, 0, 1)
+    del passages[old[1]]
+    edited = dataclasses.replace(chunks, path=str(tmp_path / "edited.parquet"), data_version="edited")
+    write_parquet(edited.path, [c.to_dict() for c in passages])
+    second = split_pairs(edited, pairs, settings, StageContext.local(ctx.root, "run-2"), previous=first)
+    e = second.eval_set
+    assert e.status == "reused" and (e.passages_added, e.passages_removed) == (1, 2)
+    assert (e.queries_added, e.queries_removed) == (0, 0) and e.passages == len(passages)

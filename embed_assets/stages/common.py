@@ -219,7 +219,9 @@ def file_digest(*paths: str | None) -> str:
     digest = hashlib.sha256()
     for path in paths:
         if path:
-            digest.update(Path(path).read_bytes())
+            with open(path, "rb") as f:  # in blocks: a corpus-sized file is never in memory at once
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
     return digest.hexdigest()[:16]
 
 

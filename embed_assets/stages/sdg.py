@@ -8,6 +8,7 @@ re-run pays only for changed chunks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,14 @@ from embed_assets.stages.ingest import ChunksManifest, load_chunks
 #: Pairs shown in the asset's preview table.
 PREVIEW_PAIRS = 10
 
-__all__ = ["PairsManifest", "SDGSettings", "generate_pairs", "load_pairs", "passage_pool"]
+__all__ = [
+    "PairsManifest",
+    "SDGSettings",
+    "generate_pairs",
+    "iter_passage_pool",
+    "load_pairs",
+    "passage_pool",
+]
 
 
 @dataclass
@@ -75,11 +83,17 @@ def load_pairs(path: str) -> list[Any]:
 
 def passage_pool(chunks: ChunksManifest, pairs: PairsManifest) -> list[Any]:
     """Every passage: the corpus's chunks plus passages that came with the user's pairs."""
-    pool = chunks.load()
-    if pairs.extra_chunks_path:
-        known = {c.chunk_id for c in pool}
-        pool += [c for c in load_chunks(pairs.extra_chunks_path) if c.chunk_id not in known]
-    return pool
+    return list(iter_passage_pool(chunks, pairs))
+
+
+def iter_passage_pool(chunks: ChunksManifest, pairs: PairsManifest) -> Iterator[Any]:
+    """:func:`passage_pool`, streamed: one batch of the corpus's chunks in memory at a time."""
+    extra = {c.chunk_id: c for c in load_chunks(pairs.extra_chunks_path)} if pairs.extra_chunks_path else {}
+    for batch in chunks.batches():
+        for c in batch:
+            extra.pop(c.chunk_id, None)  # a user passage that is in the corpus already: the corpus's chunk
+            yield c
+    yield from extra.values()
 
 
 def _drops_table(drops: list[dict[str, Any]]) -> Table:

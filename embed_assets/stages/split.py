@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from embed_assets.stages.common import Gate, Manifest, PathRef, StageContext, file_digest, fingerprint
 from embed_assets.stages.ingest import ChunksManifest
-from embed_assets.stages.sdg import PairsManifest, passage_pool
+from embed_assets.stages.sdg import PairsManifest, iter_passage_pool, passage_pool
 
 FROZEN_DIR = "eval_frozen"
 
@@ -207,8 +207,9 @@ def split_pairs(
         A :class:`SplitManifest` (its ``eval_set`` says whether the test set is new or reused, and why).
     """
     from embed_assets.golden import load_golden
-    from embed_assets.prep import split_by_document, write_eval_beir
-    from embed_assets.storage import write_json, write_jsonl
+    from embed_assets.prep import assign_documents, documents_by_split, write_eval_beir
+    from embed_assets.records import QARecord
+    from embed_assets.storage import iter_jsonl, jsonl_writer, write_json
 
     start = time.monotonic()
     record_file = frozen_record_path(ctx.root, chunks.corpus_root)
@@ -220,12 +221,18 @@ def split_pairs(
     ):
         ctx.log.info("split_sets: chunks, pairs and settings unchanged, the last run's split reused")
         return dataclasses.replace(previous, output_reused=True, seconds=round(time.monotonic() - start, 2))
-    records = pairs.load()
-    pool = passage_pool(chunks, pairs)
-    golden = load_golden(settings.eval_path, pool, settings.eval_split) if settings.eval_path else None
-    frozen, reason = _usable_freeze(record_file, records, settings, chunks.corpus_root)
-    split = split_by_document(
-        records,
+    # Pass 1: which documents have pairs (no record is kept).
+    doc_ids, n_records = set(), 0
+    for row in iter_jsonl(pairs.path):
+        doc_ids.add(row["doc_id"])
+        n_records += 1
+    # A golden set is matched against every passage's text, so it needs the pool in memory.
+    pool = passage_pool(chunks, pairs) if settings.eval_path else None
+    golden = load_golden(settings.eval_path, pool, settings.eval_split) if pool is not None else None
+    frozen, reason = _usable_freeze(record_file, doc_ids, settings, chunks.corpus_root)
+    assignment, used = assign_documents(
+        doc_ids,
+        n_records,
         ratios=settings.golden_ratios
         if golden
         else (settings.train_ratio, settings.val_ratio, settings.test_ratio),
@@ -235,19 +242,38 @@ def split_pairs(
         # The golden set's documents are test documents too: none of their passages may be trained on.
         frozen_test_docs=set(frozen["test_docs"] if frozen else ()) | (golden.docs if golden else set()),
     )
+    docs = documents_by_split(assignment)
+    del doc_ids
     out = ctx.out_dir("split_sets")
+    # Pass 2: every record to its split's file as it is read; only the test records stay (for the qrels).
+    paths = {name: str(out / f"{name}.jsonl") for name in ("train", "val", "test")}
+    sizes = dict.fromkeys(paths, 0)
+    test: list[Any] = []
+    with (
+        jsonl_writer(paths["train"]) as train_file,
+        jsonl_writer(paths["val"]) as val_file,
+        jsonl_writer(paths["test"]) as test_file,
+    ):
+        files = {"train": train_file, "val": val_file, "test": test_file}
+        for row in iter_jsonl(pairs.path):
+            record = QARecord.from_dict(row)
+            name = assignment[record.doc_id]
+            sizes[name] += files[name]([record.to_dict()])
+            if name == "test":
+                test.append(record)
     eval_dir = out / "eval_beir"
-    counts = write_eval_beir(eval_dir, split.test, pool)
-    golden_info = _write_golden(golden, pool, out / "golden_beir", ctx) if golden else None
-    changes = _changes(frozen.get("last_eval_dir") if frozen else None, eval_dir)
+    counts = write_eval_beir(eval_dir, test, iter_passage_pool(chunks, pairs))
+    del test
+    golden_info = _write_golden(golden, pool, out / "golden_beir", ctx) if golden and pool else None
+    changes = _changes(frozen.get("last_eval_dir") if frozen else None, eval_dir, counts.passage_id_hashes)
     info = EvalSetInfo(
         status="reused" if frozen else "new",
         reason=reason,
         corpus_root=chunks.corpus_root,
         frozen_by_run=frozen["created_by_run"] if frozen else ctx.run_id,
-        queries=counts["queries"],
-        passages=counts["corpus"],
-        qrels=counts["qrels"],
+        queries=counts.queries,
+        passages=counts.corpus,
+        qrels=counts.qrels,
         **changes,
     )
     record = (
@@ -255,32 +281,29 @@ def split_pairs(
         if frozen
         else {
             "corpus_root": chunks.corpus_root,
-            "test_docs": split.docs["test"],
+            "test_docs": docs["test"],
             "created_by_run": ctx.run_id,
         }
     )
     record.update(last_eval_dir=str(eval_dir), last_eval_run=ctx.run_id)
     write_json(record_file, record)
     ctx.log.info(
-        f"eval set {info.status} for corpus {chunks.corpus_root} ({reason}): {counts['queries']} queries over "
-        f"{counts['corpus']} passages in {eval_dir}"
+        f"eval set {info.status} for corpus {chunks.corpus_root} ({reason}): {counts.queries} queries over "
+        f"{counts.corpus} passages in {eval_dir}"
     )
-    paths = {}
-    for name in ("train", "val", "test"):
-        paths[name] = str(out / f"{name}.jsonl")
-        write_jsonl(paths[name], (r.to_dict() for r in getattr(split, name)))
     ctx.publish(*paths.values(), *sorted(p for p in eval_dir.rglob("*") if p.is_file()))
+    train_docs = set(docs["train"])
     return SplitManifest(
         **paths,
         eval_beir=str(eval_dir),
-        train_docs=split.docs["train"],
-        val_docs=split.docs["val"],
-        test_docs=split.docs["test"],
-        n_train=len(split.train),
-        n_val=len(split.val),
-        n_test=len(split.test),
-        ratios=list(split.ratios),
-        leakage_documents=split.leakage(),
+        train_docs=docs["train"],
+        val_docs=docs["val"],
+        test_docs=docs["test"],
+        n_train=sizes["train"],
+        n_val=sizes["val"],
+        n_test=sizes["test"],
+        ratios=list(used),
+        leakage_documents=len(train_docs & set(docs["test"])) + len(train_docs & set(docs["val"])),
         eval_set=info,
         golden=golden_info,
         data_version=file_digest(
@@ -328,7 +351,7 @@ def _write_golden(golden: Any, pool: list[Any], folder: Path, ctx: StageContext)
 
 
 def _usable_freeze(
-    record_file: Path, records: list[Any], settings: SplitSettings, corpus_root: str
+    record_file: Path, docs: set[str], settings: SplitSettings, corpus_root: str
 ) -> tuple[dict[str, Any] | None, str]:
     """The frozen test set to keep, or ``None`` with the reason a new one is frozen."""
     from embed_assets.storage import read_json
@@ -338,7 +361,6 @@ def _usable_freeze(
     if not record_file.is_file():
         return None, f"first evaluation set for corpus {corpus_root}"
     frozen = read_json(record_file)
-    docs = {r.doc_id for r in records}
     gone = [d for d in frozen["test_docs"] if d not in docs]
     if gone:
         return None, (
@@ -348,17 +370,30 @@ def _usable_freeze(
     return frozen, f"frozen by run {frozen['created_by_run']} for corpus {frozen['corpus_root']}"
 
 
-def _changes(previous_dir: str | None, current_dir: Path) -> dict[str, int]:
-    """Passages and queries added/removed since the previous evaluation folder of the corpus."""
-    from embed_assets.beir_io import load_beir_folder
+def _changes(previous_dir: str | None, current_dir: Path, passage_hashes: Any) -> dict[str, int]:
+    """Passages and queries added/removed since the previous evaluation folder of the corpus.
+
+    Passages are compared by hashes of their ids (``passage_hashes``: this run's, as written), so neither
+    folder's passages are held in memory; a 64-bit collision between two of a corpus's ids would hide one change.
+    """
+    import numpy as np
+
+    from embed_assets.beir_io import QUERIES_FILE, iter_passage_ids
+    from embed_assets.storage import iter_jsonl
 
     if not previous_dir or not Path(previous_dir, "corpus.jsonl").is_file():
         return {}
-    old_corpus, old_queries, _ = load_beir_folder(previous_dir, split="test")
-    new_corpus, new_queries, _ = load_beir_folder(current_dir, split="test")
+    new = (
+        np.unique(np.frombuffer(passage_hashes, dtype=np.int64))
+        if len(passage_hashes)
+        else np.zeros(0, np.int64)
+    )
+    old = np.unique(np.fromiter((hash(i) for i in iter_passage_ids(previous_dir)), dtype=np.int64))
+    old_queries = {str(q["_id"]) for q in iter_jsonl(Path(previous_dir, QUERIES_FILE))}
+    new_queries = {str(q["_id"]) for q in iter_jsonl(current_dir / QUERIES_FILE)}
     return {
-        "passages_added": len(new_corpus.keys() - old_corpus.keys()),
-        "passages_removed": len(old_corpus.keys() - new_corpus.keys()),
-        "queries_added": len(new_queries.keys() - old_queries.keys()),
-        "queries_removed": len(old_queries.keys() - new_queries.keys()),
+        "passages_added": len(np.setdiff1d(new, old, assume_unique=True)),
+        "passages_removed": len(np.setdiff1d(old, new, assume_unique=True)),
+        "queries_added": len(new_queries - old_queries),
+        "queries_removed": len(old_queries - new_queries),
     }
