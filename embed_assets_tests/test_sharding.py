@@ -4,6 +4,7 @@ a change in one document re-runs only its shard."""
 # No "from __future__ import annotations": the job factory below is loaded by Dagster's reconstruction.
 
 import itertools
+import json
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def test_shards_are_stable_and_equal_the_unsharded_run(tmp_path: Path) -> None:
 
     plans = plan_shards(scanned, ChunkSettings(documents_per_shard=DOCS_PER_SHARD), ModelSpec())
     assert sorted(d for p in plans for d in p.doc_ids) == sorted(d for d, _ in scanned.index())
+    # a shard step reads only its documents' lines, at their byte offsets
+    with open(scanned.path, "rb") as f:
+        for p in plans:
+            for offset, doc_id in zip(p.offsets, p.doc_ids, strict=True):
+                f.seek(offset)
+                assert json.loads(f.readline())["doc_id"] == doc_id
     assert len(scanned.documents) == 10 < scanned.n_docs  # the manifest lists a preview, the index all
 
     # an unchanged re-run reads and writes no passage: the last run's file is this run's

@@ -81,7 +81,7 @@ class CorpusManifest(Manifest):
     data_version: str
     rejected: list[dict[str, str]] = field(default_factory=list)
     documents: list[dict[str, Any]] = field(default_factory=list)  # the first few: id, bytes, hash (no text)
-    index_path: str = ""  # Parquet: doc_id, bytes, hash of every document (the manifest stays small)
+    index_path: str = ""  # Parquet: doc_id, bytes, hash, offset of every document (the manifest stays small)
     seconds: float = 0.0
 
     def index(self) -> list[tuple[str, str]]:
@@ -92,6 +92,15 @@ class CorpusManifest(Manifest):
 
         table = pq.read_table(self.index_path, columns=["doc_id", "hash"])
         return list(zip(table.column("doc_id").to_pylist(), table.column("hash").to_pylist(), strict=True))
+
+    def offsets(self) -> list[int]:
+        """Each document's byte offset in ``documents.jsonl``, in corpus order (empty for a manifest of an older
+        version, whose index has none)."""
+        import pyarrow.parquet as pq
+
+        if not self.index_path or "offset" not in pq.read_schema(self.index_path).names:
+            return []
+        return pq.read_table(self.index_path, columns=["offset"]).column("offset").to_pylist()
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -217,17 +226,19 @@ def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifes
         FileNotFoundError: the folder does not exist.
         embed_assets.corpus.EmptyCorpusError: no usable document.
     """
+    import json
     import time
 
     from embed_assets.corpus import corpus_version, empty_corpus_error, scan_documents
-    from embed_assets.storage import write_jsonl, write_parquet
+    from embed_assets.storage import atomic_path, write_parquet
 
     start = time.monotonic()
     out = ctx.out_dir("corpus") / "documents.jsonl"
-    rows: list[dict[str, Any]] = []  # id, size and hash of every document: no text is kept
+    # id, size, hash and byte offset in documents.jsonl of every document: no text is kept
+    rows: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
-
-    def documents() -> Iterator[dict[str, Any]]:
+    with atomic_path(out) as tmp, tmp.open("wb") as f:  # one document in memory at a time
+        offset = 0
         for d in scan_documents(
             settings.path,
             settings.extensions,
@@ -235,12 +246,12 @@ def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifes
             settings.max_file_bytes,
             rejected=rejected,
         ):
-            rows.append({"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash})
+            line = (json.dumps(d.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+            f.write(line)
+            rows.append({"doc_id": d.doc_id, "bytes": d.n_bytes, "hash": d.content_hash, "offset": offset})
+            offset += len(line)
             if len(rows) % PROGRESS_DOCS == 0:
                 ctx.log.info(f"corpus: {len(rows)} documents read")
-            yield d.to_dict()
-
-    write_jsonl(out, documents())  # one document in memory at a time
     root = Path(settings.path).expanduser()
     if not rows:
         raise empty_corpus_error(root, rejected, settings.extensions)
@@ -256,7 +267,7 @@ def read_documents(settings: CorpusSettings, ctx: StageContext) -> CorpusManifes
         n_bytes=sum(r["bytes"] for r in rows),
         data_version=corpus_version((r["doc_id"], r["hash"]) for r in rows),
         rejected=rejected,
-        documents=rows[:PREVIEW_DOCS],
+        documents=[{k: r[k] for k in ("doc_id", "bytes", "hash")} for r in rows[:PREVIEW_DOCS]],
         index_path=str(index),
         seconds=round(time.monotonic() - start, 2),
     )
@@ -272,7 +283,8 @@ class ShardPlan(Manifest):
         fingerprint: Hash of the chunking settings, the tokenizer and the shard's (doc id, content hash) list:
             the name of the shard's output, so an unchanged shard is never cut or written again.
         doc_ids: The shard's documents, in corpus order.
-        positions: Their lines in the corpus's ``documents.jsonl`` (only those lines are parsed).
+        positions: Their lines in the corpus's ``documents.jsonl``.
+        offsets: Their byte offsets in it (only those lines are read: a shard step never scans the corpus).
     """
 
     index: int
@@ -280,6 +292,7 @@ class ShardPlan(Manifest):
     fingerprint: str
     doc_ids: list[str] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
 
     @property
     def mapping_key(self) -> str:
@@ -340,12 +353,23 @@ def plan_shards(corpus: CorpusManifest, settings: ChunkSettings, model: ModelSpe
     namespace = _chunk_namespace(settings, model)
     members: list[list[tuple[str, str]]] = [[] for _ in range(n_shards)]
     positions: list[list[int]] = [[] for _ in range(n_shards)]
+    offsets: list[list[int]] = [[] for _ in range(n_shards)]
+    starts = corpus.offsets()
     for line, (doc_id, content_hash) in enumerate(corpus.index()):
         shard = shard_of(doc_id, n_shards)
         members[shard].append((doc_id, content_hash))
         positions[shard].append(line)
+        if starts:
+            offsets[shard].append(starts[line])
     return [
-        ShardPlan(i, n_shards, fingerprint(namespace, docs), [doc_id for doc_id, _ in docs], positions[i])
+        ShardPlan(
+            i,
+            n_shards,
+            fingerprint(namespace, docs),
+            [doc_id for doc_id, _ in docs],
+            positions[i],
+            offsets[i],
+        )
         for i, docs in enumerate(members)
         if docs
     ]
@@ -393,7 +417,7 @@ def chunk_shard(
             shard.index, shard.fingerprint, str(out), len(shard.doc_ids), pq.read_metadata(out).num_rows,
             documents_reused=len(shard.doc_ids), output_reused=True, seconds=round(time.monotonic() - start, 2),
         )  # fmt: skip
-    docs = [Document(**d) for d in _read_lines(corpus.path, shard.positions, shard.doc_ids)]
+    docs = [Document(**d) for d in _read_lines(corpus.path, shard)]
     namespace = _chunk_namespace(settings, model)
     with KVStore(ctx.cache_dir("chunks") / "chunks.sqlite") as cache:
         cached = cache.get_many(namespace, (d.content_hash for d in docs))
@@ -440,22 +464,27 @@ def chunk_shard(
     )  # fmt: skip
 
 
-def _read_lines(path: str, positions: list[int], doc_ids: list[str]) -> list[dict[str, Any]]:
-    """The documents at those lines of ``documents.jsonl`` (only they are parsed; a plan of an older version
-    without positions selects by id)."""
+def _read_lines(path: str, shard: ShardPlan) -> list[dict[str, Any]]:
+    """The shard's documents from ``documents.jsonl``: read at their byte offsets (only their lines are read), or
+    with a plan of an older version by line number or id."""
     import json
 
     from embed_assets.storage import iter_jsonl
 
-    if not positions:
-        wanted = set(doc_ids)
-        return [d for d in iter_jsonl(path) if d["doc_id"] in wanted]
-    wanted_lines, out = set(positions), []
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f):
-            if line in wanted_lines:
-                out.append(json.loads(raw))
-    if [d["doc_id"] for d in out] != doc_ids:
+    out: list[dict[str, Any]] = []
+    if shard.offsets:
+        with open(path, "rb") as f:
+            for offset in shard.offsets:
+                f.seek(offset)
+                out.append(json.loads(f.readline()))
+    elif shard.positions:
+        wanted_lines = set(shard.positions)
+        with open(path, "rb") as f:
+            out = [json.loads(raw) for line, raw in enumerate(f) if line in wanted_lines]
+    else:
+        wanted = set(shard.doc_ids)
+        out = [d for d in iter_jsonl(path) if d["doc_id"] in wanted]
+    if [d["doc_id"] for d in out] != shard.doc_ids:
         raise ValueError(f"{path} does not match the shard plan (was the corpus re-read in between?)")
     return out
 
