@@ -329,6 +329,23 @@ def pipeline_table(results: list[dict[str, Any]]) -> str:
         }
         lines.append("")
         lines.append("growth exponent (time ∝ docs^k): " + ", ".join(f"{s} {k:.2f}" for s, k in exps.items()))
+    lines += ["", stage_table(results)]
+    return "\n".join(lines)
+
+
+def stage_table(results: list[dict[str, Any]]) -> str:
+    """Per run and stage: wall seconds, peak RSS of its step processes and the number of steps."""
+    lines = [
+        "| docs | run | " + " | ".join(f"{s}: s / peak MiB / steps" for s in STAGES) + " |",
+        "|---|---|" + "---|" * len(STAGES),
+    ]
+    for r in results:
+        for label, run in r["runs"].items():
+            cells = [
+                f"{run['stages'][s]['seconds']:.1f} / {run['stages'][s]['peak_mib']:.0f} / {run['stages'][s]['steps']}"
+                for s in STAGES
+            ]
+            lines.append(f"| {r['docs']:,} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
