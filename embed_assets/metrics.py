@@ -169,14 +169,9 @@ def encode_and_search(
 
 
 def _choose_index(index: str, n_corpus: int) -> str:
-    import importlib.util
+    from embed_assets.search import auto_index
 
-    from embed_assets.search import AUTO_ANN_MIN_CORPUS
-
-    if index != "auto":
-        return index
-    has_faiss = importlib.util.find_spec("faiss") is not None
-    return "ivf" if has_faiss and n_corpus >= AUTO_ANN_MIN_CORPUS else "exact"
+    return auto_index(n_corpus) if index == "auto" else index
 
 
 def ann_run(

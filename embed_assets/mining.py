@@ -334,7 +334,7 @@ def _choose_backend(use_faiss: bool | str, n_corpus: int, k: int, similarity: st
     Returns:
         The backend name.
     """
-    from embed_assets.search import AUTO_ANN_MIN_CORPUS, faiss_gpus
+    from embed_assets.search import auto_index, faiss_gpus
 
     if use_faiss != "auto" and use_faiss not in _USE_FAISS:
         raise ValueError(
@@ -364,7 +364,7 @@ def _choose_backend(use_faiss: bool | str, n_corpus: int, k: int, similarity: st
         return "exact"
     if gpus and k <= FAISS_GPU_MAX_K:
         return "faiss"
-    return "faiss-ivf" if n_corpus >= AUTO_ANN_MIN_CORPUS else "exact"
+    return "faiss-ivf" if auto_index(n_corpus) == "ivf" else "exact"
 
 
 def _search_exact(model: Any, query_emb: np.ndarray, corpus_emb: np.ndarray, k: int, device: str, progress):

@@ -83,6 +83,15 @@ class SearchReport:
         }
 
 
+def auto_index(n_corpus: int) -> Literal["exact", "ivf"]:
+    """What ``"auto"`` searches with on a CPU: exact below :data:`AUTO_ANN_MIN_CORPUS` passages (or without
+    faiss), an IVF index from there on."""
+    import importlib.util
+
+    has_faiss = importlib.util.find_spec("faiss") is not None
+    return "ivf" if has_faiss and n_corpus >= AUTO_ANN_MIN_CORPUS else "exact"
+
+
 def faiss_gpus() -> int:
     """GPUs FAISS can use (0 without faiss or with faiss-cpu)."""
     try:

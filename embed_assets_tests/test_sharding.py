@@ -72,9 +72,22 @@ def test_shards_are_stable_and_equal_the_unsharded_run(tmp_path: Path) -> None:
     edited.write_text(edited.read_text() + "\nChained power operators group from the right.\n")
     again, _ = _chunk(folder, tmp_path / "many", sharded, documents_per_shard=DOCS_PER_SHARD)
     assert (again.shards_unchanged, again.documents_chunked) == (3, 1)
+    # the edited shard re-read only the edited document: the others' rows came from its last output
+    assert again.documents_from_shard_output == again.n_docs - 1
+    fresh, _ = _chunk(folder, tmp_path / "fresh", documents_per_shard=DOCS_PER_SHARD)
+    assert pq.read_table(again.path).to_pylist() == pq.read_table(fresh.path).to_pylist()
+    assert fresh.documents_from_shard_output == 0
     assert again.unchanged_since_last_run >= again.n_chunks - 2  # the rest kept its chunk ids
     # and the cache of shard outputs holds the live shards only
     assert len(list((tmp_path / "many" / "cache" / "chunk_shards").glob("*.parquet"))) == 4
+
+    # a removed and an added document: still the passages a fresh run cuts, in corpus order
+    (folder / "power.txt").unlink()
+    (folder / "zz-new.txt").write_text("A new page about the walrus operator. It binds a name in an expression.\n")
+    moved, _ = _chunk(folder, tmp_path / "many", again, documents_per_shard=DOCS_PER_SHARD)
+    fresh, _ = _chunk(folder, tmp_path / "fresh-2", documents_per_shard=DOCS_PER_SHARD)
+    assert pq.read_table(moved.path).to_pylist() == pq.read_table(fresh.path).to_pylist()
+    assert moved.documents_chunked == 1 and moved.n_docs == again.n_docs
 
 
 def test_the_merge_streams_windows_and_keeps_each_text_once(tmp_path: Path, monkeypatch) -> None:

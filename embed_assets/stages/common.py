@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
@@ -207,6 +208,38 @@ class Manifest:
             for f in dataclasses.fields(self)
             if f.name not in self.hidden and isinstance(getattr(self, f.name), str | int | float | bool)
         }
+
+
+def reuse_unchanged(
+    previous: M | None,
+    same_inputs: Callable[[M], bool],
+    files: Callable[[M], Iterable[str]],
+    ctx: StageContext,
+    message: str,
+    start: float,
+    **changes: Any,
+) -> M | None:
+    """The last run's manifest as this run's output when its inputs are this run's and its files still exist:
+    nothing is read or written again. Shared by the stages whose output is a pure function of their inputs.
+
+    Args:
+        previous: The last run's manifest (``None``: none).
+        same_inputs: Whether ``previous`` was made of this run's inputs (e.g. equal fingerprints).
+        files: The files of ``previous`` that must still exist.
+        ctx: Where the log line goes.
+        message: The log line saying what was reused.
+        start: ``time.monotonic()`` at the stage's start (the reported ``seconds``).
+        **changes: Fields to set on the reused manifest (e.g. ``output_reused=True``).
+
+    Returns:
+        The reused manifest, or ``None`` when the stage has to run.
+    """
+    import time
+
+    if previous is None or not same_inputs(previous) or not all(Path(f).exists() for f in files(previous)):
+        return None
+    ctx.log.info(message)
+    return dataclasses.replace(previous, seconds=round(time.monotonic() - start, 2), **changes)
 
 
 def fingerprint(*parts: Any) -> str:

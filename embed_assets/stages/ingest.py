@@ -8,7 +8,7 @@ keeps its id across runs as long as its text does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from embed_assets.stages.common import (
     Table,
     file_digest,
     fingerprint,
+    reuse_unchanged,
 )
 
 #: The bundled sample corpus (Python Language Reference topics, PSF License v2).
@@ -130,6 +131,7 @@ class ChunksManifest(Manifest):
     documents_chunked: int = 0  # documents cut in this run (new or changed content)
     # documents whose chunks came from the chunk cache (same content, same settings)
     documents_reused: int = 0
+    documents_from_shard_output: int = 0  # of those: rows taken as they were from the shard's last output
     cache_evicted: int = 0  # cached documents no longer in the corpus, removed from the cache
     shards: int = 1  # parallel chunking steps (ChunkSettings.documents_per_shard)
     shards_unchanged: int = 0  # shards whose output of an earlier run was used as it is
@@ -149,6 +151,7 @@ class ChunksManifest(Manifest):
             "chunks_new": self.n_chunks - self.unchanged_since_last_run,
             "documents_chunked": self.documents_chunked,
             "documents_reused_from_cache": self.documents_reused,
+            "documents_from_last_shard_output": self.documents_from_shard_output,
             "chunk_cache_evicted": self.cache_evicted,
             "shards": self.shards,
             "shards_unchanged": self.shards_unchanged,
@@ -285,6 +288,8 @@ class ShardPlan(Manifest):
         doc_ids: The shard's documents, in corpus order.
         positions: Their lines in the corpus's ``documents.jsonl``.
         offsets: Their byte offsets in it (only those lines are read: a shard step never scans the corpus).
+        hashes: Their content hashes (a document whose hash is unchanged keeps its rows of the shard's last
+            output).
     """
 
     index: int
@@ -293,6 +298,24 @@ class ShardPlan(Manifest):
     doc_ids: list[str] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+
+    def subset(self, keep: Callable[[str], bool]) -> ShardPlan:
+        """The plan restricted to the documents ``keep`` accepts (same shard, same fingerprint)."""
+        import dataclasses
+
+        rows = [i for i, d in enumerate(self.doc_ids) if keep(d)]
+
+        def pick(values: list[Any]) -> list[Any]:
+            return [values[i] for i in rows] if values else []
+
+        return dataclasses.replace(
+            self,
+            doc_ids=pick(self.doc_ids),
+            positions=pick(self.positions),
+            offsets=pick(self.offsets),
+            hashes=pick(self.hashes),
+        )
 
     @property
     def mapping_key(self) -> str:
@@ -318,6 +341,7 @@ class ShardManifest(Manifest):
     n_chunks: int
     documents_chunked: int = 0
     documents_reused: int = 0
+    documents_from_last_output: int = 0  # unchanged documents whose rows came from the shard's last output
     output_reused: bool = False  # the shard was unchanged: its file from an earlier run was used as it is
     seconds: float = 0.0
 
@@ -369,6 +393,7 @@ def plan_shards(corpus: CorpusManifest, settings: ChunkSettings, model: ModelSpe
             [doc_id for doc_id, _ in docs],
             positions[i],
             offsets[i],
+            [content_hash for _, content_hash in docs],
         )
         for i, docs in enumerate(members)
         if docs
@@ -406,7 +431,7 @@ def chunk_shard(
     from embed_assets.chunking import chunk_documents_batched, tokenizer_counter
     from embed_assets.kvstore import KVStore
     from embed_assets.records import Chunk, Document
-    from embed_assets.storage import write_parquet
+    from embed_assets.storage import write_json
 
     start = time.monotonic()
     out = ctx.cache_dir("chunk_shards") / f"{shard.fingerprint}.parquet"
@@ -415,10 +440,13 @@ def chunk_shard(
 
         return ShardManifest(
             shard.index, shard.fingerprint, str(out), len(shard.doc_ids), pq.read_metadata(out).num_rows,
-            documents_reused=len(shard.doc_ids), output_reused=True, seconds=round(time.monotonic() - start, 2),
+            documents_reused=len(shard.doc_ids), documents_from_last_output=len(shard.doc_ids), output_reused=True,
+            seconds=round(time.monotonic() - start, 2),
         )  # fmt: skip
-    docs = [Document(**d) for d in _read_lines(corpus.path, shard)]
     namespace = _chunk_namespace(settings, model)
+    slot = ctx.cache_dir("chunk_shards") / f"slot-{namespace}-{shard.n_shards}-{shard.index:03d}.json"
+    last_path, kept = _last_output(slot, shard)
+    docs = [Document(**d) for d in _read_lines(corpus.path, shard.subset(lambda d: d not in kept))]
     with KVStore(ctx.cache_dir("chunks") / "chunks.sqlite") as cache:
         cached = cache.get_many(namespace, (d.content_hash for d in docs))
         # Each new content is cut once, as its first document (a later document with the same text only adds
@@ -448,7 +476,7 @@ def chunk_shard(
                 for h, cs in cut.items()
             },
         )
-    # Every row names its own document (a copy of another document's text included), in corpus order.
+    # Every row names its own document (a copy of another document's text included).
     rows = [
         {**c.to_dict(), "doc_id": d.doc_id}
         if d.content_hash in cut
@@ -456,12 +484,78 @@ def chunk_shard(
         for d in docs
         for c in cut.get(d.content_hash, cached.get(d.content_hash, ()))
     ]
-    write_parquet(out, rows)
+    n_rows = _write_shard_file(out, rows, last_path, kept, shard.doc_ids)
+    write_json(
+        slot, {"fingerprint": shard.fingerprint, "docs": dict(zip(shard.doc_ids, shard.hashes, strict=True))}
+    )
     return ShardManifest(
-        shard.index, shard.fingerprint, str(out), len(docs), len(rows),
-        documents_chunked=len(todo), documents_reused=len(docs) - len(todo),
-        seconds=round(time.monotonic() - start, 2),
+        shard.index, shard.fingerprint, str(out), len(shard.doc_ids), n_rows,
+        documents_chunked=len(todo), documents_reused=len(shard.doc_ids) - len(todo),
+        documents_from_last_output=len(kept), seconds=round(time.monotonic() - start, 2),
     )  # fmt: skip
+
+
+def _last_output(slot: Path, shard: ShardPlan) -> tuple[Path | None, set[str]]:
+    """The shard's last output (from its slot record) and the documents of ``shard`` it holds unchanged.
+
+    A slot names the shard (settings, tokenizer, shard count, index); its record lists the documents and content
+    hashes of the last output written for it, so a shard with a few edited documents re-reads and re-builds only
+    those.
+    """
+    from embed_assets.storage import read_json
+
+    if not shard.hashes or not slot.is_file():
+        return None, set()
+    try:
+        record = read_json(slot)
+        path = slot.with_name(f"{record['fingerprint']}.parquet")
+        last: dict[str, str] = record["docs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, set()
+    from embed_assets.records import Chunk
+
+    if not path.is_file() or set(pq_schema_names(path)) != set(Chunk.__dataclass_fields__):
+        return None, set()  # gone, or written by a version with other columns
+    kept = {d for d, h in zip(shard.doc_ids, shard.hashes, strict=True) if last.get(d) == h}
+    return (path, kept) if kept else (None, set())
+
+
+def pq_schema_names(path: Path) -> list[str]:
+    """Column names of a Parquet file (its footer only)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
+
+
+def _write_shard_file(
+    out: Path, rows: list[dict[str, Any]], last_path: Path | None, kept: set[str], doc_order: list[str]
+) -> int:
+    """Write the shard's rows (new ``rows`` plus the ``kept`` documents' rows of ``last_path``) in corpus order.
+
+    Returns:
+        How many rows were written.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from embed_assets.storage import atomic_path, write_parquet
+
+    if last_path is None:
+        write_parquet(out, rows)
+        return len(rows)
+    last = pq.read_table(last_path)
+    last = last.filter(pc.is_in(last.column("doc_id"), value_set=pa.array(sorted(kept), pa.string())))
+    table = pa.concat_tables([last, pa.Table.from_pylist(rows, schema=last.schema)]) if rows else last
+    # A document's rows are all old or all new, each in their order: a stable sort by document keeps them.
+    position = pc.index_in(table.column("doc_id"), value_set=pa.array(doc_order, pa.string())).to_numpy(
+        zero_copy_only=False
+    )
+    table = table.take(pa.array(np.argsort(position, kind="stable")))
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+    return table.num_rows
 
 
 def _read_lines(path: str, shard: ShardPlan) -> list[dict[str, Any]]:
@@ -525,24 +619,27 @@ def merge_shards(
     start = time.monotonic()
     shards = sorted(shards, key=lambda s: s.index)
     fingerprints = [s.fingerprint for s in shards]
-    if (
-        previous is not None
-        and previous.shard_fingerprints == fingerprints
-        and previous.corpus_root == corpus.root
-        and all(s.output_reused for s in shards)
-        and Path(previous.path).is_file()
-    ):
-        # Nothing changed: the last run's passages are this run's (not read, not written again).
-        ctx.log.info(f"chunking: all {len(shards)} shards unchanged, passages of the last run reused")
-        return dataclasses.replace(
-            previous,
-            unchanged_since_last_run=previous.n_chunks,
-            documents_chunked=0,
-            documents_reused=corpus.n_docs,
-            cache_evicted=0,
-            shards_unchanged=len(shards),
-            seconds=round(seconds if seconds is not None else time.monotonic() - start, 2),
-        )
+    # Nothing changed: the last run's passages are this run's (not read, not written again).
+    reused = reuse_unchanged(
+        previous,
+        lambda p: (
+            p.shard_fingerprints == fingerprints
+            and p.corpus_root == corpus.root
+            and all(s.output_reused for s in shards)
+        ),
+        lambda p: [p.path],
+        ctx,
+        f"chunking: all {len(shards)} shards unchanged, passages of the last run reused",
+        start,
+        unchanged_since_last_run=previous.n_chunks if previous else 0,
+        documents_chunked=0,
+        documents_reused=corpus.n_docs,
+        documents_from_shard_output=corpus.n_docs,
+        cache_evicted=0,
+        shards_unchanged=len(shards),
+    )
+    if reused is not None:
+        return dataclasses.replace(reused, seconds=round(seconds, 2)) if seconds is not None else reused
     index = corpus.index()
     out = ctx.out_dir("corpus_chunks") / "chunks.parquet"
     merged = _merge_shard_files([s.path for s in shards], [doc_id for doc_id, _ in index], out)
@@ -553,6 +650,9 @@ def merge_shards(
     for stale in ctx.cache_dir("chunk_shards").glob("*.parquet"):
         if stale.stem not in live:
             stale.unlink(missing_ok=True)
+    for slot in ctx.cache_dir("chunk_shards").glob("slot-*.json"):
+        if not slot.with_name(f"{_slot_fingerprint(slot)}.parquet").is_file():
+            slot.unlink(missing_ok=True)  # its output was evicted (another shard count or settings)
     chunked = sum(s.documents_chunked for s in shards)
     ctx.log.info(
         f"chunking: {chunked} documents cut, {corpus.n_docs - chunked} reused from the chunk cache, "
@@ -573,6 +673,7 @@ def merge_shards(
         else 0,
         documents_chunked=chunked,
         documents_reused=corpus.n_docs - chunked,
+        documents_from_shard_output=sum(s.documents_from_last_output for s in shards),
         cache_evicted=evicted,
         shards=len(shards),
         shards_unchanged=sum(s.output_reused for s in shards),
@@ -683,6 +784,16 @@ def _merge_shard_files(paths: list[str], doc_order: list[str], out: Path) -> _Me
         n_docs=len(pc.unique(doc_all.take(pa.array(kept_order)))) if doc_all is not None else 0,
         preview=preview,
     )
+
+
+def _slot_fingerprint(slot: Path) -> str:
+    """The fingerprint a shard slot record names (``""`` when unreadable)."""
+    import json
+
+    try:
+        return str(json.loads(slot.read_text(encoding="utf-8"))["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _corpus_positions(doc_ids: Any, corpus_ids: Any, path: str) -> Any:

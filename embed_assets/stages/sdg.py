@@ -22,6 +22,7 @@ from embed_assets.stages.common import (
     Table,
     file_digest,
     fingerprint,
+    reuse_unchanged,
 )
 from embed_assets.stages.ingest import ChunksManifest, load_chunks
 
@@ -158,9 +159,7 @@ def generate_pairs(
         StageError: no pair came out (the statistics say why).
         embed_assets.byod.DataValidationError: bad user data (file, line, field).
     """
-    import dataclasses
     import time
-    from pathlib import Path
 
     from embed_assets.storage import jsonl_writer, write_parquet
 
@@ -198,18 +197,19 @@ def generate_pairs(
 
         generator = make_generator(settings, model, endpoint, log=ctx.log)
         inputs = fingerprint(file_digest(chunks.path), generator.fingerprint)
-        if (
-            previous is not None
-            and previous.inputs_fingerprint == inputs
-            and not previous.stats.get("chunks_failed")
-            and Path(previous.path).is_file()
-        ):
+        reused = reuse_unchanged(
+            previous,
+            lambda p: p.inputs_fingerprint == inputs and not p.stats.get("chunks_failed"),
+            lambda p: [p.path],
+            ctx,
+            "synthetic_qa: chunks and generator unchanged, the last run's pairs reused",
+            start,
+            output_reused=True,
+        )
+        if reused is not None:
             if hasattr(generator, "close"):
                 generator.close()
-            ctx.log.info("synthetic_qa: chunks and generator unchanged, the last run's pairs reused")
-            return dataclasses.replace(
-                previous, output_reused=True, seconds=round(time.monotonic() - start, 2)
-            )
+            return reused
         cache = SDGCache(ctx.cache_dir("sdg"))
         try:
             # One batch of chunks and its pairs in memory at a time; the pairs file appears when all are written.

@@ -10,7 +10,6 @@ passages and test queries; what changed since the last evaluation of this corpus
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -19,7 +18,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from embed_assets.stages.common import Gate, Manifest, PathRef, StageContext, file_digest, fingerprint
+from embed_assets.stages.common import (
+    Gate,
+    Manifest,
+    PathRef,
+    StageContext,
+    file_digest,
+    fingerprint,
+    reuse_unchanged,
+)
 from embed_assets.stages.ingest import ChunksManifest
 from embed_assets.stages.sdg import PairsManifest, iter_passage_pool, passage_pool
 
@@ -214,13 +221,17 @@ def split_pairs(
     start = time.monotonic()
     record_file = frozen_record_path(ctx.root, chunks.corpus_root)
     inputs = _split_inputs(chunks, pairs, settings, record_file)
-    if (
-        previous is not None
-        and previous.inputs_fingerprint == inputs
-        and all(Path(p).exists() for p in (previous.train, previous.val, previous.test, previous.eval_beir))
-    ):
-        ctx.log.info("split_sets: chunks, pairs and settings unchanged, the last run's split reused")
-        return dataclasses.replace(previous, output_reused=True, seconds=round(time.monotonic() - start, 2))
+    reused = reuse_unchanged(
+        previous,
+        lambda p: p.inputs_fingerprint == inputs,
+        lambda p: [p.train, p.val, p.test, p.eval_beir],
+        ctx,
+        "split_sets: chunks, pairs and settings unchanged, the last run's split reused",
+        start,
+        output_reused=True,
+    )
+    if reused is not None:
+        return reused
     # Pass 1: which documents have pairs (no record is kept).
     doc_ids, n_records = set(), 0
     for row in iter_jsonl(pairs.path):
