@@ -83,7 +83,9 @@ def test_shards_are_stable_and_equal_the_unsharded_run(tmp_path: Path) -> None:
 
     # a removed and an added document: still the passages a fresh run cuts, in corpus order
     (folder / "power.txt").unlink()
-    (folder / "zz-new.txt").write_text("A new page about the walrus operator. It binds a name in an expression.\n")
+    (folder / "zz-new.txt").write_text(
+        "A new page about the walrus operator. It binds a name in an expression.\n"
+    )
     moved, _ = _chunk(folder, tmp_path / "many", again, documents_per_shard=DOCS_PER_SHARD)
     fresh, _ = _chunk(folder, tmp_path / "fresh-2", documents_per_shard=DOCS_PER_SHARD)
     assert pq.read_table(moved.path).to_pylist() == pq.read_table(fresh.path).to_pylist()
