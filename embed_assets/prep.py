@@ -21,8 +21,13 @@ class SplitResult:
 
     def leakage(self) -> int:
         """Number of test (or val) documents that also appear in train: must be 0."""
-        train_docs = set(self.docs["train"])
-        return len(train_docs & set(self.docs["test"])) + len(train_docs & set(self.docs["val"]))
+        return leakage(self.docs)
+
+
+def leakage(docs: dict[str, list[str]]) -> int:
+    """Number of test (or val) documents of ``{split name: doc ids}`` that also appear in train: must be 0."""
+    train_docs = set(docs["train"])
+    return len(train_docs & set(docs["test"])) + len(train_docs & set(docs["val"]))
 
 
 def check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:

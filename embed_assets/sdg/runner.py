@@ -231,6 +231,7 @@ def stream_generation(
     meter = ProgressMeter(total_chunks or 0, progress, label=f"sdg[{generator.name}]")
     workers = max(1, int(getattr(generator, "max_parallel_units", 1) or 1))
     live_keys: list[str] = []
+    prepare = getattr(generator, "prepare", None)
     prepared = False
     lock = threading.Lock()
 
@@ -255,7 +256,6 @@ def stream_generation(
             meter.advance(len(unit), cached=True)
         del hits
 
-        prepare = getattr(generator, "prepare", None)
         if pending and not prepared and callable(prepare):
             prepared = True
             checked = prepare()  # e.g. the LLM endpoint check; a fatal problem raises before any unit runs

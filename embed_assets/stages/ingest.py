@@ -343,7 +343,7 @@ class ShardManifest(Manifest):
     n_chunks: int
     documents_chunked: int = 0
     documents_reused: int = 0
-    documents_from_last_output: int = 0  # unchanged documents whose rows came from the shard's last output
+    documents_from_shard_output: int = 0  # unchanged documents whose rows came from the shard's last output
     output_reused: bool = False  # the shard was unchanged: its file from an earlier run was used as it is
     seconds: float = 0.0
 
@@ -442,7 +442,7 @@ def chunk_shard(
 
         return ShardManifest(
             shard.index, shard.fingerprint, str(out), len(shard.doc_ids), pq.read_metadata(out).num_rows,
-            documents_reused=len(shard.doc_ids), documents_from_last_output=len(shard.doc_ids), output_reused=True,
+            documents_reused=len(shard.doc_ids), documents_from_shard_output=len(shard.doc_ids), output_reused=True,
             seconds=round(time.monotonic() - start, 2),
         )  # fmt: skip
     namespace = _chunk_namespace(settings, model)
@@ -493,7 +493,7 @@ def chunk_shard(
     return ShardManifest(
         shard.index, shard.fingerprint, str(out), len(shard.doc_ids), n_rows,
         documents_chunked=len(todo), documents_reused=len(shard.doc_ids) - len(todo),
-        documents_from_last_output=len(kept), seconds=round(time.monotonic() - start, 2),
+        documents_from_shard_output=len(kept), seconds=round(time.monotonic() - start, 2),
     )  # fmt: skip
 
 
@@ -504,29 +504,35 @@ def _last_output(slot: Path, shard: ShardPlan) -> tuple[Path | None, set[str]]:
     hashes of the last output written for it, so a shard with a few edited documents re-reads and re-builds only
     those.
     """
-    from embed_assets.storage import read_json
+    import pyarrow.parquet as pq
 
-    if not shard.hashes or not slot.is_file():
-        return None, set()
-    try:
-        record = read_json(slot)
-        path = slot.with_name(f"{record['fingerprint']}.parquet")
-        last: dict[str, str] = record["docs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, set()
     from embed_assets.records import Chunk
 
-    if not path.is_file() or set(pq_schema_names(path)) != set(Chunk.__dataclass_fields__):
+    record = _slot_record(slot) if shard.hashes else None
+    if record is None:
+        return None, set()
+    path = slot.with_name(f"{record['fingerprint']}.parquet")
+    if not path.is_file() or set(pq.read_schema(path).names) != set(Chunk.__dataclass_fields__):
         return None, set()  # gone, or written by a version with other columns
+    last: dict[str, str] = record["docs"]
     kept = {d for d, h in zip(shard.doc_ids, shard.hashes, strict=True) if last.get(d) == h}
     return (path, kept) if kept else (None, set())
 
 
-def pq_schema_names(path: Path) -> list[str]:
-    """Column names of a Parquet file (its footer only)."""
-    import pyarrow.parquet as pq
+def _slot_record(slot: Path) -> dict[str, Any] | None:
+    """A shard slot's record (``fingerprint`` and ``docs``), or ``None`` when absent or unreadable."""
+    from embed_assets.storage import read_json
 
-    return pq.read_schema(path).names
+    try:
+        record = read_json(slot)
+    except (OSError, ValueError):
+        return None
+    ok = (
+        isinstance(record, dict)
+        and isinstance(record.get("fingerprint"), str)
+        and isinstance(record.get("docs"), dict)
+    )
+    return record if ok else None
 
 
 def _write_shard_file(
@@ -653,7 +659,8 @@ def merge_shards(
         if stale.stem not in live:
             stale.unlink(missing_ok=True)
     for slot in ctx.cache_dir("chunk_shards").glob("slot-*.json"):
-        if not slot.with_name(f"{_slot_fingerprint(slot)}.parquet").is_file():
+        record = _slot_record(slot)
+        if record is None or not slot.with_name(f"{record['fingerprint']}.parquet").is_file():
             slot.unlink(missing_ok=True)  # its output was evicted (another shard count or settings)
     chunked = sum(s.documents_chunked for s in shards)
     ctx.log.info(
@@ -675,7 +682,7 @@ def merge_shards(
         else 0,
         documents_chunked=chunked,
         documents_reused=corpus.n_docs - chunked,
-        documents_from_shard_output=sum(s.documents_from_last_output for s in shards),
+        documents_from_shard_output=sum(s.documents_from_shard_output for s in shards),
         cache_evicted=evicted,
         shards=len(shards),
         shards_unchanged=sum(s.output_reused for s in shards),
@@ -723,8 +730,9 @@ def _merge_shard_files(paths: list[str], doc_order: list[str], out: Path) -> _Me
 
     from embed_assets.storage import atomic_path
 
-    paths = [p for p in paths if pq.ParquetFile(p).metadata.num_rows]
-    files = [pq.ParquetFile(p) for p in paths]
+    opened = [(p, pq.ParquetFile(p)) for p in paths]
+    paths = [p for p, f in opened if f.metadata.num_rows]
+    files = [f for _, f in opened if f.metadata.num_rows]
     corpus_ids = pa.array(doc_order, type=pa.string())
     # Only the id columns of the whole corpus are in memory: the document position and chunk id of every row.
     ids = [f.read(columns=["doc_id", "chunk_id", "n_tokens"]) for f in files]
@@ -786,16 +794,6 @@ def _merge_shard_files(paths: list[str], doc_order: list[str], out: Path) -> _Me
         n_docs=len(pc.unique(doc_all.take(pa.array(kept_order)))) if doc_all is not None else 0,
         preview=preview,
     )
-
-
-def _slot_fingerprint(slot: Path) -> str:
-    """The fingerprint a shard slot record names (``""`` when unreadable)."""
-    import json
-
-    try:
-        return str(json.loads(slot.read_text(encoding="utf-8"))["fingerprint"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
 
 
 def _corpus_positions(doc_ids: Any, corpus_ids: Any, path: str) -> Any:

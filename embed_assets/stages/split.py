@@ -214,7 +214,7 @@ def split_pairs(
         A :class:`SplitManifest` (its ``eval_set`` says whether the test set is new or reused, and why).
     """
     from embed_assets.golden import load_golden
-    from embed_assets.prep import assign_documents, documents_by_split, write_eval_beir
+    from embed_assets.prep import assign_documents, documents_by_split, leakage, write_eval_beir
     from embed_assets.records import QARecord
     from embed_assets.storage import iter_jsonl, jsonl_writer, write_json
 
@@ -303,7 +303,6 @@ def split_pairs(
         f"{counts.corpus} passages in {eval_dir}"
     )
     ctx.publish(*paths.values(), *sorted(p for p in eval_dir.rglob("*") if p.is_file()))
-    train_docs = set(docs["train"])
     return SplitManifest(
         **paths,
         eval_beir=str(eval_dir),
@@ -314,7 +313,7 @@ def split_pairs(
         n_val=sizes["val"],
         n_test=sizes["test"],
         ratios=list(used),
-        leakage_documents=len(train_docs & set(docs["test"])) + len(train_docs & set(docs["val"])),
+        leakage_documents=leakage(docs),
         eval_set=info,
         golden=golden_info,
         data_version=file_digest(
