@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +59,18 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
 # ------------------------------------------------------------------------------------------ the text pool
-def _docstrings() -> list[str]:
-    """Docstrings of the standard library's modules, classes and functions (parsed, never imported)."""
+def _docstrings(library: str = "stdlib") -> list[str]:
+    """Docstrings of the modules, classes and functions of the standard library (``"stdlib"``) or of the
+    installed packages (``"purelib"``: this environment's site-packages), parsed, never imported."""
     import sysconfig
 
     out = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        if "test" in path.parts or "site-packages" in path.parts:
+    for path in sorted(Path(sysconfig.get_paths()[library]).rglob("*.py")):
+        if (
+            "test" in path.parts
+            or "tests" in path.parts
+            or (library == "stdlib" and "site-packages" in path.parts)
+        ):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -86,10 +93,12 @@ def _debian_texts() -> list[str]:
     return texts
 
 
-def sentence_pool() -> list[str]:
-    """Distinct prose sentences of 6-60 words from the texts above."""
+def sentence_pool(with_packages: bool = False) -> list[str]:
+    """Distinct prose sentences of 6-60 words from the texts above (~19,000); ``with_packages`` adds the
+    docstrings of the installed packages (~300,000 in all with the locked dependencies)."""
     seen: dict[str, None] = {}
-    for text in _docstrings() + _debian_texts():
+    texts = _docstrings() + _debian_texts() + (_docstrings("purelib") if with_packages else [])
+    for text in texts:
         for paragraph in re.split(r"\n\s*\n", text):
             flat = " ".join(paragraph.split())
             for sentence in _SENTENCE.split(flat):
@@ -351,66 +360,96 @@ def stage_table(results: list[dict[str, Any]]) -> str:
 
 # ------------------------------------------------------------------------------------------- part 2
 def search_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
+    """Exact search against each index of ``--search-indexes``, alternating which goes first per round."""
     from embed_assets.search import ann_search, exact_topk, recall_at_k
 
-    folder = Path(args.work_dir) / f"search-{args.search_passages}-{args.search_max_tokens}"
+    tag = ("" if args.search_encoder == "torch" else f"-{args.search_encoder}") + (
+        "" if args.search_text == "stdlib-debian" else f"-{args.search_text}"
+    )
+    folder = Path(args.work_dir) / f"search-{args.search_passages}-{args.search_max_tokens}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     corpus_emb, query_emb = _search_embeddings(folder, args)
     k = 10
+    indexes = [i for i in args.search_indexes.split(",") if i]
     rows = []
     for round_ in range(args.repeats):
-        order = ("exact", "ivf") if round_ % 2 == 0 else ("ivf", "exact")
-        for which in order:
+        methods = ["exact", *indexes]
+        for which in methods if round_ % 2 == 0 else methods[::-1]:
             t0 = time.perf_counter()
             if which == "exact":
-                exact = exact_topk(query_emb, corpus_emb, k)
+                exact_topk(query_emb, corpus_emb, k)
                 rows.append({"round": round_, "method": "exact", "search_s": time.perf_counter() - t0})
-            else:
-                _, found, report = ann_search(query_emb, corpus_emb, k, "ivf", seed=round_)
-                rows.append(
-                    {
-                        "round": round_,
-                        "method": "ivf",
-                        "build_s": report.build_seconds,
-                        "calibration_s": report.calibration_seconds,
-                        "search_s": report.search_seconds,
-                        "knob": report.knob,
-                        "cells": report.cells,
-                        "sample_recall": report.recall_at_k,
-                        "found": found,
-                    }
-                )
+                continue
+            _, found, report = ann_search(query_emb, corpus_emb, k, which, seed=round_)
+            rows.append(
+                {
+                    "round": round_,
+                    "method": which,
+                    "build_s": report.build_seconds,
+                    "calibration_s": report.calibration_seconds,
+                    "search_s": report.search_seconds,
+                    "knob": report.knob,
+                    "cells": report.cells,
+                    "sample_recall": report.recall_at_k,
+                    "found": found,
+                }
+            )
+            print(f"[round {round_}] {which}: {report.as_metadata()}", file=sys.stderr, flush=True)
     exact = exact_topk(query_emb, corpus_emb, k)
     for row in rows:
-        if row["method"] == "ivf":
+        if "found" in row:
             row["recall"] = recall_at_k(row.pop("found"), exact, query_emb, corpus_emb)
     ex = statistics.median(r["search_s"] for r in rows if r["method"] == "exact")
-    ivf = [r for r in rows if r["method"] == "ivf"]
-    return {
+    out: dict[str, Any] = {
         "passages": len(corpus_emb),
         "queries": len(query_emb),
+        "encoder": args.search_encoder,
+        "text": args.search_text,
         "exact_search_s": ex,
-        "ivf_search_s": statistics.median(r["search_s"] for r in ivf),
-        "ivf_build_s": statistics.median(r["build_s"] for r in ivf),
-        "ivf_calibration_s": statistics.median(r["calibration_s"] for r in ivf),
-        "recall@10": min(r["recall"] for r in ivf),
-        "sample_recall@10": min(r["sample_recall"] for r in ivf),
-        "nprobe/cells": f"{ivf[0]['knob']}/{ivf[0]['cells']}",
-        "speedup_search": ex / statistics.median(r["search_s"] for r in ivf),
-        "speedup_all_in": ex
-        / statistics.median(r["search_s"] + r["build_s"] + r["calibration_s"] for r in ivf),
+        "indexes": {},
         "load": os.getloadavg(),
-        "dtype": str(np.float32),
     }
+    for index in indexes:
+        mine = [r for r in rows if r["method"] == index]
+        search_s = statistics.median(r["search_s"] for r in mine)
+        build_s = statistics.median(r["build_s"] for r in mine)
+        calibration_s = statistics.median(r["calibration_s"] for r in mine)
+        out["indexes"][index] = {
+            "search_s": search_s,
+            "build_s": build_s,
+            "calibration_s": calibration_s,
+            "recall@10": min(r["recall"] for r in mine),
+            "sample_recall@10": min(r["sample_recall"] for r in mine),
+            "knob": "/".join(
+                sorted({f"{r['knob']}" + (f" of {r['cells']}" if r["cells"] else "") for r in mine})
+            ),
+            "speedup_search": ex / search_s,
+            "speedup_all_in": ex / (search_s + build_s + calibration_s),
+        }
+    return out
+
+
+def search_table(s: dict[str, Any]) -> str:
+    """One row per index: exact search time, the index's build / calibration / search, recall, ratios."""
+    lines = [
+        "| passages | queries | index | exact search (s) | build / calibration / search (s) | knob (nprobe of "
+        "cells, efSearch) | recall@10 (all queries, ties count) | search speed-up | all-in speed-up | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in s["indexes"].items():
+        lines.append(
+            f"| {s['passages']:,} | {s['queries']:,} | {name} | {s['exact_search_s']:.2f} | {r['build_s']:.1f} / "
+            f"{r['calibration_s']:.1f} / {r['search_s']:.2f} | {r['knob']} | {r['recall@10']:.4f} | "
+            f"{r['speedup_search']:.1f}× | {r['speedup_all_in']:.1f}× | {'/'.join(f'{x:.1f}' for x in s['load'])} |"
+        )
+    return "\n".join(lines)
 
 
 def _search_embeddings(folder: Path, args: argparse.Namespace):
     """Passage and query embeddings of real text, encoded in resumable blocks."""
     import numpy as np
 
-    pool = sentence_pool()
+    pool = sentence_pool(with_packages=args.search_text == "with-packages")
     rng = random.Random(7)
     queries = rng.sample(pool, args.search_queries)
     taken = set(queries)
@@ -420,33 +459,55 @@ def _search_embeddings(folder: Path, args: argparse.Namespace):
         i = rng.randrange(len(rest) - 1)
         passages.setdefault(f"{rest[i]} {rest[rng.randrange(len(rest))]}", None)
     texts = list(passages)
+    # The cached blocks are only valid for the same texts (the pool follows the installed packages).
+    digest = hashlib.sha256("\n".join(queries + texts).encode()).hexdigest()
+    stamp = folder / "texts.sha256"
+    if stamp.exists() and stamp.read_text().strip() != digest:
+        raise SystemExit(f"{folder} holds embeddings of other texts (other installed packages?): delete it")
+    stamp.write_text(digest + "\n")
+    print(
+        f"search: {len(texts):,} passages from {len(pool):,} distinct sentences", file=sys.stderr, flush=True
+    )
     model = None
     block = 50_000
     parts = []
     for start in range(0, len(texts), block):
         path = folder / f"passages-{start:08d}.npy"
         if not path.exists():
-            model = model or _model(args.search_max_tokens)
-            emb = model.encode(texts[start : start + block], batch_size=256, normalize_embeddings=True)
+            model = model or _encoder(folder, args)
+            emb = model(texts[start : start + block])
             np.save(path, emb.astype(np.float32))
             print(f"embedded {min(start + block, len(texts))}/{len(texts)} passages", flush=True)
         parts.append(np.load(path))
     qpath = folder / "queries.npy"
     if not qpath.exists():
-        model = model or _model(args.search_max_tokens)
-        np.save(qpath, model.encode(queries, batch_size=256, normalize_embeddings=True).astype(np.float32))
+        model = model or _encoder(folder, args)
+        np.save(qpath, model(queries).astype(np.float32))
     return np.ascontiguousarray(np.concatenate(parts)), np.load(qpath)
 
 
-def _model(max_tokens: int):
-    from sentence_transformers import SentenceTransformer
-
+def _encoder(folder: Path, args: argparse.Namespace) -> Callable[[list[str]], Any]:
+    """The bundled model as a texts → normalized vectors function: sentence-transformers on torch, or the
+    product's own ONNX export (``onnx-int8``: the int8 variant the server runs, ~2× torch's texts/s here, so a
+    million passages embed in under an hour; the export checks parity with torch)."""
     from embed_assets.models import resolve_model_path
     from embed_assets.stages.common import ModelSpec
 
-    model = SentenceTransformer(resolve_model_path(ModelSpec().base_model), device="cpu")
-    model.max_seq_length = max_tokens
-    return model
+    path = resolve_model_path(ModelSpec().base_model)
+    if args.search_encoder == "torch":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(path, device="cpu")
+        model.max_seq_length = args.search_max_tokens
+        return lambda texts: model.encode(texts, batch_size=256, normalize_embeddings=True)
+    from embed_assets.export import export_onnx
+    from embed_assets.serving.embedder import OnnxEmbedder
+
+    onnx_dir = folder / "onnx"
+    if not (onnx_dir / "model_int8.onnx").exists():
+        export_onnx(path, str(onnx_dir), max_seq_length=args.search_max_tokens)
+    embedder = OnnxEmbedder(str(onnx_dir), "int8", max_seq_length=args.search_max_tokens)
+    return lambda texts: embedder.encode(texts, "passage", batch_size=64)
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -471,6 +532,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-queries", type=int, default=2000)
     p.add_argument("--search-max-tokens", type=int, default=32)
     p.add_argument(
+        "--search-encoder",
+        choices=["torch", "onnx-int8"],
+        default="onnx-int8",
+        help="how the passages are embedded (onnx-int8: the served int8 export, ~2x faster here)",
+    )
+    p.add_argument(
+        "--search-text",
+        choices=["stdlib-debian", "with-packages"],
+        default="with-packages",
+        help="the sentences passages are drawn from: those of part 1 (~19,000, so each recurs in ~100 of a "
+        "million passages) or with the installed packages' docstrings too (~300,000)",
+    )
+    p.add_argument("--search-indexes", default="ivf,hnsw", help="FAISS indexes to compare with exact search")
+    p.add_argument(
         "--repeats", type=int, default=3, help="search rounds (alternating which method goes first)"
     )
     p.add_argument("--json", default="", help="also write the results here")
@@ -489,14 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if "search" in parts:
         s = search_bench(args)
         report["search"] = s
-        print(
-            "\n| passages | queries | exact search (s) | IVF build / calibration / search (s) | nprobe/cells | "
-            "recall@10 (all queries, ties count) | search speed-up | all-in speed-up | load |\n"
-            "|---|---|---|---|---|---|---|---|---|\n"
-            f"| {s['passages']:,} | {s['queries']:,} | {s['exact_search_s']:.2f} | {s['ivf_build_s']:.1f} / "
-            f"{s['ivf_calibration_s']:.1f} / {s['ivf_search_s']:.2f} | {s['nprobe/cells']} | {s['recall@10']:.4f} | "
-            f"{s['speedup_search']:.1f}× | {s['speedup_all_in']:.1f}× | {'/'.join(f'{x:.1f}' for x in s['load'])} |"
-        )
+        print("\n" + search_table(s))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     return 0
