@@ -54,6 +54,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 STAGES = ("corpus", "corpus_chunks", "synthetic_qa", "split_sets")
+#: ``--stages`` reaches the worker and its step processes (which rebuild the job) through the environment.
+STAGES_ENV = "EMBED_ASSETS_SCALE_STAGES"
+
+
+def selected_stages() -> tuple[str, ...]:
+    """The stages this run materializes (``--stages``; all four by default), in pipeline order."""
+    chosen = set(filter(None, os.environ.get(STAGES_ENV, ",".join(STAGES)).split(",")))
+    if unknown := chosen - set(STAGES):
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    return tuple(s for s in STAGES if s in chosen)
+
+
 EDIT_SHARE = 0.01
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -159,7 +171,9 @@ def scale_job():
     from embed_assets.defs.jobs import build_executor
     from embed_assets.defs.resources import ArtifactStore
 
-    job = dg.define_asset_job("scale", selection=list(STAGES), executor_def=build_executor("multiprocess"))
+    job = dg.define_asset_job(
+        "scale", selection=list(selected_stages()), executor_def=build_executor("multiprocess")
+    )
     return dg.Definitions(
         assets=ALL_ASSETS, jobs=[job], resources=pipeline_resources(ArtifactStore())
     ).resolve_job_def("scale")
@@ -229,7 +243,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                     dg.AssetKey(stage)
                 ).asset_materialization.metadata.items()
             }
-            for stage in STAGES
+            for stage in selected_stages()
         }
         out["runs"][label] = {
             "total_seconds": end - begin,
@@ -237,8 +251,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             "disk_added_mib": (disk_bytes(artifacts) - before) / 2**20,
             "chunks": meta["corpus_chunks"]["chunks"],
             "documents": meta["corpus"]["documents"],
-            "pairs": meta["synthetic_qa"]["pairs"],
-            "shards": f"{meta['corpus_chunks']['shards_unchanged']}/{meta['corpus_chunks']['shards']} unchanged",
+            "pairs": meta.get("synthetic_qa", {}).get("pairs"),
+            "shards": f"{meta['corpus_chunks']['shards_unchanged']}/{meta['corpus_chunks']['shards']} unchanged, "
+            f"{meta['corpus_chunks'].get('shards_cut_in_merge_step', 0)} cut in the merge step",
         }
         print(f"[{label}] {json.dumps(out['runs'][label])}", file=sys.stderr, flush=True)
         if not args.edit and label == "unchanged":
@@ -269,12 +284,13 @@ def _stage_numbers(instance: Any, run_id: str, peaks: dict[int, int]) -> dict[st
             "peak_mib": max((peaks.get(pid, 0) for pid in pids[stage]), default=0) / 1024,
             "steps": len(pids[stage]),
         }
-        for stage in STAGES
+        for stage in selected_stages()
     }
 
 
 def run_size(n_docs: int, args: argparse.Namespace) -> dict[str, Any]:
-    size_dir = Path(args.work_dir) / f"docs-{n_docs}"
+    stages = selected_stages()
+    size_dir = Path(args.work_dir) / (f"docs-{n_docs}" + ("" if stages == STAGES else "-" + "-".join(stages)))
     if (size_dir / "result.json").exists() and not args.fresh:
         return json.loads((size_dir / "result.json").read_text())
     pool = sentence_pool()
@@ -290,7 +306,7 @@ def run_size(n_docs: int, args: argparse.Namespace) -> dict[str, Any]:
     if proc.returncode:
         raise RuntimeError(f"worker for {n_docs} documents failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result.update(docs=n_docs, wall_seconds=time.time() - started, load=os.getloadavg())
+    result.update(docs=n_docs, stages=list(stages), wall_seconds=time.time() - started, load=os.getloadavg())
     # the edit was made in the worker: put the documents back for the next run of this benchmark
     subprocess.run(["rm", "-rf", str(size_dir / "docs")], check=True)
     (size_dir / "result.json").write_text(json.dumps(result, indent=2))
@@ -307,10 +323,16 @@ def growth_exponent(points: list[tuple[int, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
 
 
+def _common_stages(results: list[dict[str, Any]]) -> list[str]:
+    """The stages every result measured."""
+    return [s for s in STAGES if all(s in r["runs"]["first"]["stages"] for r in results)]
+
+
 def pipeline_table(results: list[dict[str, Any]]) -> str:
+    stages = _common_stages(results)
     lines = [
         "| docs | chunks | "
-        + " / ".join(STAGES)
+        + " / ".join(stages)
         + " (s) | peak RSS (MiB) | unchanged re-run: chunks (s, % of first)"
         " / total (s) / disk (MiB) | 1 %-edit re-run: chunks (s, %) / total (s) / shards | load |",
         "|---|---|---|---|---|---|---|",
@@ -327,14 +349,14 @@ def pipeline_table(results: list[dict[str, Any]]) -> str:
         edited = f"{pct(edit)} / {edit['total_seconds']:.1f} / {edit['shards']}" if edit else "—"
         lines.append(
             f"| {r['docs']:,} | {first['chunks']:,} | "
-            + " / ".join(f"{first['stages'][s]['seconds']:.1f}" for s in STAGES)
+            + " / ".join(f"{first['stages'][s]['seconds']:.1f}" for s in stages)
             + f" | {peak:.0f} | {pct(same)} / {same['total_seconds']:.1f} / {same['disk_added_mib']:.2f} | {edited}"
             f" | {'/'.join(f'{x:.1f}' for x in r['load'])} |"
         )
     if len(results) >= 2:
         exps = {
             s: growth_exponent([(r["docs"], r["runs"]["first"]["stages"][s]["seconds"]) for r in results])
-            for s in STAGES
+            for s in stages
         }
         lines.append("")
         lines.append("growth exponent (time ∝ docs^k): " + ", ".join(f"{s} {k:.2f}" for s, k in exps.items()))
@@ -344,15 +366,16 @@ def pipeline_table(results: list[dict[str, Any]]) -> str:
 
 def stage_table(results: list[dict[str, Any]]) -> str:
     """Per run and stage: wall seconds, peak RSS of its step processes and the number of steps."""
+    stages = _common_stages(results)
     lines = [
-        "| docs | run | " + " | ".join(f"{s}: s / peak MiB / steps" for s in STAGES) + " |",
-        "|---|---|" + "---|" * len(STAGES),
+        "| docs | run | " + " | ".join(f"{s}: s / peak MiB / steps" for s in stages) + " |",
+        "|---|---|" + "---|" * len(stages),
     ]
     for r in results:
         for label, run in r["runs"].items():
             cells = [
                 f"{run['stages'][s]['seconds']:.1f} / {run['stages'][s]['peak_mib']:.0f} / {run['stages'][s]['steps']}"
-                for s in STAGES
+                for s in stages
             ]
             lines.append(f"| {r['docs']:,} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -548,10 +571,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeats", type=int, default=3, help="search rounds (alternating which method goes first)"
     )
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="the cheap stages to materialize (a prefix of the pipeline, e.g. corpus,corpus_chunks)",
+    )
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size-dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.worker:
+        os.environ[STAGES_ENV] = args.stages  # the worker and its step processes inherit it
+    selected_stages()  # an unknown name fails here, before any work
     if args.worker:
         print(json.dumps(worker(args)))
         return 0

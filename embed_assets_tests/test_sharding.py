@@ -22,6 +22,9 @@ from embed_assets.stages.ingest import (
     ChunkSettings,
     CorpusSettings,
     chunk_documents,
+    finish_shards,
+    merge_shards,
+    pending_shards,
     plan_shards,
     read_documents,
     shard_of,
@@ -92,6 +95,33 @@ def test_shards_are_stable_and_equal_the_unsharded_run(tmp_path: Path) -> None:
     assert moved.documents_chunked == 1 and moved.n_docs == again.n_docs
 
 
+def test_a_shard_with_few_changes_is_cut_in_the_merge_step(tmp_path: Path) -> None:
+    folder = _corpus(tmp_path)
+    root = tmp_path / "many"
+    ctx, model = StageContext.local(root), ModelSpec()
+    first, _ = _chunk(folder, root, documents_per_shard=DOCS_PER_SHARD)
+    edited = folder / "power.txt"
+    edited.write_text(edited.read_text() + "\nChained power operators group from the right.\n")
+    scanned = read_documents(CorpusSettings(path=str(folder)), ctx)
+    for min_changed, stepped in ((0, 1), (1, 0)):  # one edited document: more than 0, not more than 1
+        settings = ChunkSettings(documents_per_shard=DOCS_PER_SHARD, step_min_changed_documents=min_changed)
+        plans = plan_shards(scanned, settings, model)
+        pending = pending_shards(plans, settings, model, ctx)
+        assert [p.index for p in pending] == [shard_of("power.txt", 4)][:stepped]
+    # a first run: every document of every shard is new, so each shard is a step
+    fresh_ctx = StageContext.local(tmp_path / "fresh")
+    assert len(pending_shards(plans, settings, model, fresh_ctx)) == len(plans) == 4
+
+    # the merge step cuts the shard no step did, and says so
+    shards = finish_shards(scanned, plans, [], settings, model, ctx)
+    assert [s.cut_in_merge for s in shards] == [s.index == shard_of("power.txt", 4) for s in shards]
+    merged = merge_shards(scanned, shards, settings, model, ctx, first)
+    assert (merged.shards_cut_in_merge, merged.shards_unchanged, merged.documents_chunked) == (1, 3, 1)
+    fresh, _ = _chunk(folder, tmp_path / "fresh", documents_per_shard=DOCS_PER_SHARD)
+    assert pq.read_table(merged.path).to_pylist() == pq.read_table(fresh.path).to_pylist()
+    assert fresh.shards_cut_in_merge == 0
+
+
 def test_the_merge_streams_windows_and_keeps_each_text_once(tmp_path: Path, monkeypatch) -> None:
     import embed_assets.stages.ingest as ingest
 
@@ -147,7 +177,10 @@ def test_shards_run_as_parallel_steps_under_the_multiprocess_executor(tmp_path: 
     run_config = {
         "ops": {
             "corpus": {"config": {"path": str(folder)}},
-            "corpus_chunks": {"config": {"documents_per_shard": DOCS_PER_SHARD * COPIES}},
+            # every shard a step (the hash gives some shards fewer documents than the default's minimum)
+            "corpus_chunks": {
+                "config": {"documents_per_shard": DOCS_PER_SHARD * COPIES, "step_min_changed_documents": 0}
+            },
         }
     }
     result = dg.execute_job(dg.reconstructable(sharded_chunks_job), instance=instance, run_config=run_config)
@@ -174,18 +207,26 @@ def test_shards_run_as_parallel_steps_under_the_multiprocess_executor(tmp_path: 
     assert meta["chunks"] == whole.n_chunks
     assert pq.read_table(meta["artifact_path"]).to_pylist() == pq.read_table(whole.path).to_pylist()
 
-    # a change in one document runs one shard step; nothing changed, none
+    # a change in one document re-cuts only its shard: in the merge step by default (one document does not
+    # pay for a step's start), in a step of its own when every change gets one; nothing changed: neither
     edited = folder / "power.txt"
-    edited.write_text(edited.read_text() + "\nChained power operators group from the right.\n")
-    for expected_steps, unchanged in ((1, 3), (0, 4)):
-        again = dg.execute_job(
-            dg.reconstructable(sharded_chunks_job), instance=instance, run_config=run_config
-        )
+    chunking = {"documents_per_shard": DOCS_PER_SHARD * COPIES}
+    for min_changed, sentence, expected_steps, unchanged, in_merge in (
+        (None, "Chained power operators group from the right.", 0, 3, 1),
+        (0, "A negative exponent gives a float.", 1, 3, 0),
+        (0, None, 0, 4, 0),
+    ):
+        if sentence:
+            edited.write_text(edited.read_text() + f"\n{sentence}\n")
+        extra = {} if min_changed is None else {"step_min_changed_documents": min_changed}
+        config = {"ops": {**run_config["ops"], "corpus_chunks": {"config": {**chunking, **extra}}}}
+        again = dg.execute_job(dg.reconstructable(sharded_chunks_job), instance=instance, run_config=config)
         assert again.success
         steps = {e.step_key for e in instance.all_logs(again.run_id) if e.step_key}
         shard_steps = [k for k in steps if k.startswith("corpus_chunks.chunk_corpus_shard[")]
         assert len(shard_steps) == expected_steps and "corpus_chunks.merge_chunk_shards" in steps
-        assert _chunk_meta(instance)["shards_unchanged"] == unchanged
+        meta = _chunk_meta(instance)
+        assert (meta["shards_unchanged"], meta["shards_cut_in_merge_step"]) == (unchanged, in_merge)
     assert _chunk_meta(instance)["chunks"] >= whole.n_chunks
 
 

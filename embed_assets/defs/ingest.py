@@ -17,6 +17,7 @@ from embed_assets.stages.ingest import (
     ShardPlan,
     ShardPlanSet,
     chunk_shard,
+    finish_shards,
     merge_shards,
     pending_shards,
     plan_shards,
@@ -50,10 +51,14 @@ def plan_chunk_shards(
     corpus: CorpusManifest,
 ):
     """The corpus cut into shards by a stable hash of each document id (``documents_per_shard`` each); a step
-    per shard whose documents changed (an unchanged shard's output exists already)."""
+    per shard with more than ``step_min_changed_documents`` changed documents (an unchanged shard's output
+    exists already; one with fewer changes is cut in the merge step)."""
     plans = plan_shards(corpus, config, model.spec())
-    pending = pending_shards(plans, store.stage_context(context))
-    context.log.info(f"{len(plans)} shards, {len(pending)} with changed documents")
+    pending = pending_shards(plans, config, model.spec(), store.stage_context(context))
+    context.log.info(
+        f"{len(plans)} shards, {len(pending)} with more than {config.step_min_changed_documents} changed "
+        "documents (a step each; the merge step cuts smaller changes)"
+    )
     for plan in pending:
         yield dg.DynamicOutput(plan, output_name="pending", mapping_key=plan.mapping_key)
     yield dg.Output(ShardPlanSet(plans), output_name="plan")
@@ -89,11 +94,11 @@ def merge_chunk_shards(
     plan: ShardPlanSet,
     shards: list[ShardManifest],
 ):
-    """Every shard's passages in corpus order, each text once: the ``corpus_chunks`` asset's value."""
+    """Every shard's passages in corpus order, each text once: the ``corpus_chunks`` asset's value (the shards
+    without a step of their own are looked up, or cut here when they changed a little)."""
     previous = latest_manifest(store, "corpus_chunks")
     ctx = store.stage_context(context)
-    cut = {s.index: s for s in shards}  # the unchanged shards' outputs are looked up (instantly)
-    every = [cut.get(p.index) or chunk_shard(corpus, p, config, model.spec(), ctx) for p in plan.shards]
+    every = finish_shards(corpus, plan.shards, shards, config, model.spec(), ctx)
     manifest = merge_shards(
         corpus, every, config, model.spec(), ctx, previous if isinstance(previous, ChunksManifest) else None
     )
