@@ -128,7 +128,8 @@ def encode_and_search(
         show_progress_bar: Forwarded to ``model.encode``.
         index: ``"exact"``; ``"ivf"`` / ``"hnsw"``: an approximate FAISS index calibrated to recall@``top_k``
             ≥ 0.99 against exact search (:func:`embed_assets.search.ann_search`); ``"auto"``: exact below
-            :data:`embed_assets.search.AUTO_ANN_MIN_CORPUS` documents (or without faiss), IVF from there on.
+            :data:`embed_assets.search.AUTO_ANN_MIN_CORPUS` documents (or without faiss), then as
+            :func:`embed_assets.search.auto_index` decides (HNSW on a CPU for many queries, IVF on a GPU).
         reports: Receives the :class:`~embed_assets.search.SearchReport` of an approximate search (its recall).
 
     Returns:
@@ -147,7 +148,7 @@ def encode_and_search(
     query_embeddings = _encode(
         model, [queries[q] for q in query_ids], query_prompt, batch_size, show_progress_bar
     )
-    chosen = _choose_index(index, len(corpus_ids))
+    chosen = _choose_index(index, len(corpus_ids), len(query_ids))
     if chosen != "exact":
         run, report = ann_run(
             query_embeddings, corpus_embeddings, query_ids, corpus_ids, top_k, chosen, score_function,
@@ -168,10 +169,10 @@ def encode_and_search(
     return run, np.asarray(corpus_embeddings, dtype=np.float32)
 
 
-def _choose_index(index: str, n_corpus: int) -> str:
+def _choose_index(index: str, n_corpus: int, n_queries: int) -> str:
     from embed_assets.search import auto_index
 
-    return auto_index(n_corpus) if index == "auto" else index
+    return auto_index(n_corpus, n_queries) if index == "auto" else index
 
 
 def ann_run(

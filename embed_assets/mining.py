@@ -320,14 +320,15 @@ _USE_FAISS = {
 }
 
 
-def _choose_backend(use_faiss: bool | str, n_corpus: int, k: int, similarity: str) -> str:
+def _choose_backend(use_faiss: bool | str, n_corpus: int, n_queries: int, k: int, similarity: str) -> str:
     """Pick ``"exact"``, ``"faiss"`` (exhaustive ``IndexFlatIP``), ``"faiss-ivf"`` or ``"faiss-hnsw"``.
 
     Args:
         use_faiss: ``True``/``"yes"``, ``False``/``"no"``, ``"ivf"``, ``"hnsw"`` or ``"auto"`` (exhaustive
-            FAISS on GPU; on CPU exact below :data:`~embed_assets.search.AUTO_ANN_MIN_CORPUS` passages, IVF
-            from there on).
+            FAISS on GPU; on CPU :func:`~embed_assets.search.auto_index`: exact below
+            :data:`~embed_assets.search.AUTO_ANN_MIN_CORPUS` passages or for few queries, else HNSW).
         n_corpus: Distinct passages.
+        n_queries: Distinct query texts.
         k: Neighbours per query.
         similarity: The model's ``similarity_fn_name``.
 
@@ -364,7 +365,8 @@ def _choose_backend(use_faiss: bool | str, n_corpus: int, k: int, similarity: st
         return "exact"
     if gpus and k <= FAISS_GPU_MAX_K:
         return "faiss"
-    return "faiss-ivf" if auto_index(n_corpus) == "ivf" else "exact"
+    chosen_index = auto_index(n_corpus, n_queries)
+    return "exact" if chosen_index == "exact" else f"faiss-{chosen_index}"
 
 
 def _search_exact(model: Any, query_emb: np.ndarray, corpus_emb: np.ndarray, k: int, device: str, progress):
@@ -727,7 +729,8 @@ def mine_hard_negatives(
         use_faiss: ``True``/``"yes"`` (FAISS ``IndexFlatIP``, GPU when FAISS has one), ``False``/``"no"``
             (exact batched matmul), ``"ivf"`` / ``"hnsw"`` (an approximate FAISS index whose recall against
             exact search is calibrated and reported, :mod:`embed_assets.search`), ``"auto"`` (exhaustive FAISS
-            on GPU; on CPU exact up to :data:`~embed_assets.search.AUTO_ANN_MIN_CORPUS` passages, then IVF).
+            on GPU; on CPU :func:`~embed_assets.search.auto_index`: HNSW past
+            :data:`~embed_assets.search.AUTO_ANN_MIN_CORPUS` passages with enough queries to pay for it).
         batch_size: Encoding batch size.
         query_prompt: Raw prompt for queries (``None`` = the model's ``query`` prompt, as ST does).
         corpus_prompt: Raw prompt for passages (``None`` = the model's document prompt).
@@ -764,7 +767,7 @@ def mine_hard_negatives(
     )
     k = range_max + groups.max_pairs
     similarity = getattr(model, "similarity_fn_name", "cosine")
-    backend = _choose_backend(use_faiss, len(corpus.texts), k, similarity)
+    backend = _choose_backend(use_faiss, len(corpus.texts), len(groups.texts), k, similarity)
     device = _device(model)
     stats = MiningStats(
         n_queries=len(queries),

@@ -356,9 +356,11 @@ def test_approximate_index_is_calibrated_and_reported(model, data, index, monkey
     assert approx.stats.search_backend == f"faiss-{index}" and approx.stats.search_recall_at_k >= 0.99
     assert approx.as_metadata()["search_knob"] > 0
     assert [(r.query, r.negative_ids) for r in approx.rows] == [(r.query, r.negative_ids) for r in exact.rows]
-    # 'auto' switches to IVF past the size limit
+    # 'auto' past the size limit: exact for few queries (building the index costs more), HNSW for many
     monkeypatch.setattr(embed_assets.search, "AUTO_ANN_MIN_CORPUS", 10)
-    assert _ours(data, model, use_faiss="auto").stats.search_backend == "faiss-ivf"
+    assert _ours(data, model, use_faiss="auto").stats.search_backend == "exact"
+    monkeypatch.setattr(embed_assets.search, "HNSW_BREAK_EVEN_QUERIES", 2)
+    assert _ours(data, model, use_faiss="auto").stats.search_backend == "faiss-hnsw"
 
 
 def test_precomputed_embeddings_skip_encoding(model, data):

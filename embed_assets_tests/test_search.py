@@ -51,6 +51,18 @@ def test_ann_reaches_the_target_and_reports_the_recall_it_measured(index: str) -
     assert set(report.as_metadata()) >= {"index", "recall_at_k", "knob", "build_seconds", "search_seconds"}
 
 
+def test_auto_index_weighs_the_index_build_against_exact_search(monkeypatch) -> None:
+    import embed_assets.search as search
+
+    big, many = search.AUTO_ANN_MIN_CORPUS, search.HNSW_BREAK_EVEN_QUERIES
+    assert search.auto_index(big - 1, many) == "exact"  # small corpus: exact is as fast
+    assert search.auto_index(big, many - 1) == "exact"  # few queries: the graph costs more than it saves
+    assert search.auto_index(big, many) == "hnsw"
+    # a GPU (which this machine has not): IVF builds there in seconds, whatever the query count
+    monkeypatch.setattr(search, "faiss_gpus", lambda: 1)
+    assert search.auto_index(big, 10) == "ivf" and search.auto_index(big - 1, 10) == "exact"
+
+
 def test_evaluation_search_past_the_size_limit_is_approximate_and_reported(monkeypatch) -> None:
     import embed_assets.search
     from embed_assets.metrics import encode_and_search, evaluate
@@ -68,11 +80,12 @@ def test_evaluation_search_past_the_size_limit_is_approximate_and_reported(monke
     qrels = {q: {list(exact[q])[2]: 1} for q in queries}  # judged: exact search's third hit
     reports: list = []
     monkeypatch.setattr(embed_assets.search, "AUTO_ANN_MIN_CORPUS", 1_000)
+    monkeypatch.setattr(embed_assets.search, "HNSW_BREAK_EVEN_QUERIES", 100)
     approx, _ = encode_and_search(
         Model(), queries, corpus, top_k=10, corpus_embeddings=corpus_emb, reports=reports
     )
     (report,) = reports
-    assert report.index == "ivf" and report.recall_at_k >= 0.99 and report.k == 11  # one spare: own id
+    assert report.index == "hnsw" and report.recall_at_k >= 0.99 and report.k == 11  # one spare: own id
     overlap = sum(len(set(exact[q]) & set(approx[q])) for q in queries) / (10 * len(queries))
     assert overlap >= 0.97 and all(
         list(approx[q]) == sorted(approx[q], key=approx[q].get, reverse=True) for q in queries

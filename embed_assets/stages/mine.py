@@ -55,7 +55,8 @@ class MiningSettings(BaseModel):
         default="auto",
         description="'no': exact matmul search; 'yes': FAISS exhaustive search; 'ivf' / 'hnsw': an approximate "
         "FAISS index whose recall@k against exact search is calibrated on a sample of the queries and shown in "
-        "the metadata; 'auto': exact up to 100,000 passages on CPU, IVF past that (exhaustive FAISS on a GPU).",
+        "the metadata; 'auto' on a CPU: exact up to 100,000 passages, or for fewer than 15,000 queries (building "
+        "the index would cost more), HNSW past both; exhaustive FAISS on a GPU.",
     )
     batch_size: int = Field(default=64, ge=1, description="Encoding batch size.")
     cross_encoder: str = Field(
