@@ -442,18 +442,22 @@ def finish_shards(
 ) -> list[ShardManifest]:
     """Every shard's output, for :func:`merge_shards`: those of the shard steps (``stepped``), the unchanged
     shards' earlier outputs (looked up), and the shards :func:`pending_shards` left to the merge step, cut here
-    (``cut_in_merge``)."""
+    (``cut_in_merge``), on as many threads as the step has cores (the tokenizer and Parquet release the GIL)."""
     import dataclasses
+    import os
+    from concurrent.futures import ThreadPoolExecutor
 
     ran = {s.index: s for s in stepped}
-    out = []
-    for p in plan:
-        if p.index in ran:
-            out.append(ran[p.index])
-            continue
+    left = [p for p in plan if p.index not in ran]
+
+    def cut(p: ShardPlan) -> ShardManifest:
         manifest = chunk_shard(corpus, p, settings, model, ctx)
-        out.append(manifest if manifest.output_reused else dataclasses.replace(manifest, cut_in_merge=True))
-    return out
+        return manifest if manifest.output_reused else dataclasses.replace(manifest, cut_in_merge=True)
+
+    workers = max(1, min(len(left), len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(workers, thread_name_prefix="chunk-shard") as pool:
+        ran.update((m.index, m) for m in pool.map(cut, left))
+    return [ran[p.index] for p in plan]
 
 
 def _slot_name(namespace: str, shard: ShardPlan) -> str:
