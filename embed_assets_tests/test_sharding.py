@@ -233,3 +233,23 @@ def test_shards_run_as_parallel_steps_under_the_multiprocess_executor(tmp_path: 
 def _chunk_meta(instance: dg.DagsterInstance) -> dict:
     event = instance.get_latest_materialization_event(dg.AssetKey("corpus_chunks"))
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_an_unchanged_step_output_is_stored_once(tmp_path: Path) -> None:
+    from embed_assets.defs.common import ManifestIOManager
+    from embed_assets.stages.ingest import ShardPlan, ShardPlanSet
+
+    io = ManifestIOManager(store=ArtifactStore(root=str(tmp_path)))
+    plan = ShardPlanSet([ShardPlan(0, 1, "f0", ["a.txt", "b.txt"], [0, 1], [0, 10], ["h1", "h2"])])
+    paths = []
+    for run_id, value in (("run-1", plan), ("run-2", plan), ("run-3", ShardPlanSet([]))):
+        context = dg.build_output_context(
+            step_key="corpus_chunks.plan_chunk_shards", name="plan", run_id=run_id
+        )
+        io.handle_output(context, value)
+        paths.append(tmp_path / "steps" / run_id / "corpus_chunks.plan_chunk_shards.plan.json")
+    first, same, other = (p.stat() for p in paths)
+    assert (first.st_ino, first.st_nlink) == (same.st_ino, 3)  # two runs' files and the object: one copy
+    assert other.st_ino != first.st_ino
+    loaded = io.load_input(dg.build_input_context(upstream_output=context))
+    assert loaded == ShardPlanSet([])

@@ -13,6 +13,7 @@ import dagster as dg
 
 from embed_assets.defs.resources import ArtifactStore
 from embed_assets.stages.common import (
+    OBJECTS_DIR,
     STEPS_DIR,
     Gate,
     JsonValue,
@@ -27,6 +28,7 @@ from embed_assets.stages.common import (
     read_manifest,
     write_manifest,
 )
+from embed_assets.storage import dedupe_file
 
 GROUP = "embed_pipeline"
 
@@ -65,7 +67,8 @@ class ManifestIOManager(dg.ConfigurableIOManager):
     downstream steps read) and a copy in the run's folder of the asset (``<asset>/<run_id>/manifest.json``).
 
     The outputs of a graph-backed asset's inner ops (e.g. one manifest per chunking shard) are JSON files under
-    ``<root>/steps/<run_id>/``, so steps in other processes or pods read them from the shared artifact root.
+    ``<root>/steps/<run_id>/``, so steps in other processes or pods read them from the shared artifact root;
+    one with the bytes of an earlier run's is a hard link to it (``<root>/objects``).
     """
 
     store: ArtifactStore
@@ -74,7 +77,10 @@ class ManifestIOManager(dg.ConfigurableIOManager):
         if obj is None:  # an asset that yielded no output (e.g. a skipped TensorRT build)
             return
         if not context.has_asset_key:
-            write_manifest(obj, self._step_file(context))
+            path = self._step_file(context)
+            write_manifest(obj, path)
+            # content-addressed: an unchanged corpus's shard plan (~100 bytes a document) costs no disk again
+            dedupe_file(path, self.store.root_path() / OBJECTS_DIR)
             return
         asset = context.asset_key.to_python_identifier()
         copy = self.store.run_dir(asset, context.run_id) / "manifest.json"
