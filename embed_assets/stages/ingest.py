@@ -454,7 +454,8 @@ def finish_shards(
         manifest = chunk_shard(corpus, p, settings, model, ctx)
         return manifest if manifest.output_reused else dataclasses.replace(manifest, cut_in_merge=True)
 
-    workers = max(1, min(len(left), len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(len(left), cores))  # sched_getaffinity: the cores a pod or taskset grants (Linux)
     with ThreadPoolExecutor(workers, thread_name_prefix="chunk-shard") as pool:
         ran.update((m.index, m) for m in pool.map(cut, left))
     return [ran[p.index] for p in plan]
