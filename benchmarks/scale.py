@@ -21,8 +21,8 @@ Two parts, all through the product's own code:
    ``--search-max-tokens`` tokens, by the product's int8 ONNX export by default (so a million passages embed in
    under an hour on a CPU; the vectors are still the model's vectors of real text), cached in the work folder
    (a resumable run). Exact search (:func:`embed_assets.search.exact_topk`) against each FAISS index of
-   ``--search-indexes`` (IVF, what mining and evaluation use past 100,000 passages, and HNSW;
-   :func:`embed_assets.search.ann_search`, calibrated to recall@10 ≥ 0.99 on a query sample), alternating
+   ``--search-indexes`` (IVF and HNSW, what ``use_faiss: auto`` chooses from past 100,000 passages, see
+   :func:`embed_assets.search.auto_index`; :func:`embed_assets.search.ann_search`, calibrated to recall@10 ≥ 0.99 on a query sample), alternating
    which goes first over ``--repeats`` rounds: recall@10 over every query and the search-time ratios.
 
 Usage::
