@@ -73,6 +73,7 @@ ABLATIONS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
     "sdg_titles": ({"sdg": {"offline_queries": ["inverse_cloze", "titles"]}}, ("corpus-only",)),
     "sdg_mixture": ({"sdg": {"offline_queries": ["inverse_cloze", "keywords", "titles"]}}, ("corpus-only",)),
     "sdg_cloze_only": ({"sdg": {"offline_queries": ["inverse_cloze"]}}, ("corpus-only",)),
+    "sdg_cloze_mask": ({"sdg": {"cloze_mask_rate": 0.9}}, ("corpus-only",)),
     # The default's chosen learning rate halved and doubled (no knife-edge setting): filled in per dataset.
     "lr_half": ({}, ("supervised",)),
     "lr_double": ({}, ("supervised",)),
@@ -149,6 +150,7 @@ class Result:
     guard_base: float = float("nan")
     guard_finetuned: float = float("nan")
     guard_merged: float = float("nan")
+    matryoshka: dict[str, float] = field(default_factory=dict)  # trained dimension -> served test nDCG@10
 
 
 def settings_for(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -264,7 +266,8 @@ def run_product(
         recall_base=golden.base["Recall@10"],
         recall_tuned=golden.served["Recall@10"],
         seconds=round(time.monotonic() - start, 1),
-        notes=notes,
+        notes="; ".join(filter(None, [notes, _matryoshka_note(golden.matryoshka, golden.served["NDCG@10"])])),
+        matryoshka=dict(golden.matryoshka),
         chosen={
             "learning_rate": checkpoint.selection.learning_rate if checkpoint.selection else None,
             "steps": checkpoint.report.get("steps"),
@@ -276,6 +279,15 @@ def run_product(
         **merge,
     )
     return result, (split, checkpoint, metrics, settings["train"])
+
+
+def _matryoshka_note(per_dim: dict[str, float], full: float) -> str:
+    """``nDCG@10 at 96 dims 0.7012 (97 % of full)`` for each trained truncation, largest first."""
+    return ", ".join(
+        f"nDCG@10 at {d} dims {v:.4f} ({100 * v / full:.0f} % of full)"
+        for d, v in sorted(per_dim.items(), key=lambda kv: -int(kv[0]))
+        if full
+    )
 
 
 def merge_scores(

@@ -71,6 +71,8 @@ class QARecord:
     generator: str = ""
     model: str = ""
     negative_chunk_ids: list[str] = field(default_factory=list)  # user-provided negatives (BYOD)
+    # Inverse cloze: train on the positive with ``answer`` (the query's source sentence) cut out of it.
+    mask_answer: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

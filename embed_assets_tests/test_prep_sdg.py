@@ -64,6 +64,44 @@ def test_inverse_cloze_is_deterministic_and_points_at_its_chunk(tiny_corpus) -> 
     assert InverseClozeGenerator(InverseClozeSettings(queries_per_chunk=1)).fingerprint != gen.fingerprint
 
 
+def test_masked_cloze_queries_train_on_their_passage_without_the_sentence(tiny_corpus) -> None:
+    from embed_assets.stages.mine import cut_cloze_sentences
+
+    chunks, _ = chunk_corpus(read_corpus(tiny_corpus).documents)
+    by_id = {c.chunk_id: c for c in chunks}
+    kept = InverseClozeGenerator(InverseClozeSettings(mask_rate=0.0)).generate(chunks).records
+    masked = InverseClozeGenerator(InverseClozeSettings(mask_rate=1.0)).generate(chunks).records
+    half = InverseClozeGenerator(InverseClozeSettings(mask_rate=0.5)).generate(chunks).records
+    assert [r.query for r in kept] == [r.query for r in masked]  # same queries, only the flag differs
+    assert not any(r.mask_answer for r in kept)
+    # every cloze query whose passage has enough words besides the sentence is masked at rate 1
+    assert sum(r.mask_answer for r in masked) > 0.5 * len(masked)
+    assert 0 < sum(r.mask_answer for r in half) < sum(r.mask_answer for r in masked)
+    for r in masked:
+        rest = by_id[r.positive_chunk_ids[0]].text.replace(r.answer, "")
+        assert r.mask_answer == (len(rest.split()) >= 6), r  # too little left: the sentence stays
+
+    rows = [
+        {
+            "query": r.query,
+            "positive_id": r.positive_chunk_ids[0],
+            "positive_text": by_id[r.positive_chunk_ids[0]].text,
+        }
+        for r in masked
+    ]
+    n = cut_cloze_sentences(rows, masked)
+    assert n == sum(r.mask_answer for r in masked)
+    for r, row in zip(masked, rows, strict=True):
+        assert (r.answer not in row["positive_text"]) == r.mask_answer
+        assert (
+            row["positive_text"] if r.mask_answer else row["positive_text"] == by_id[row["positive_id"]].text
+        )
+    assert (
+        InverseClozeGenerator(InverseClozeSettings(mask_rate=0.5)).fingerprint
+        != InverseClozeGenerator().fingerprint
+    )
+
+
 # ------------------------------------------------------------------ offline query mixture and passage titles
 _MARKDOWN = """# Tide tables
 

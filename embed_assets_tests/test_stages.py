@@ -182,6 +182,27 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
     assert metrics.metadata()["matryoshka"].rows[0]["dimensions"] == 96
 
 
+def test_cloze_mask_rate_cuts_the_sentence_from_the_trained_positive(tmp_path: Path, prepared) -> None:
+    from embed_assets.stages.mine import MiningSettings, mine_negatives
+
+    _, chunks, pairs = prepared
+    runs = {}
+    for rate in (0.0, 1.0):
+        ctx = StageContext.local(tmp_path / "artifacts", run_id=f"mask-{rate:g}")  # a folder per run
+        p = pairs if rate == 0.0 else generate_pairs(chunks, SDGSettings(cloze_mask_rate=rate), MODEL, ctx)
+        split = split_pairs(chunks, p, SplitSettings(), ctx)
+        runs[rate] = (split, mine_negatives(chunks, p, split, MiningSettings(), MODEL, ctx))
+    (_, kept), (split, masked) = runs[0.0], runs[1.0]
+    assert kept.metadata()["positives_with_cloze_sentence_cut"] == 0  # the default keeps every sentence in
+    whole = {(r["query"], r["positive_id"]): r["positive_text"] for r in kept.rows()}
+    sentence = {r.query: r.answer for r in split.train_records() if r.mask_answer}
+    cut = [r for r in masked.rows() if r["positive_text"] != whole[(r["query"], r["positive_id"])]]
+    assert masked.metadata()["positives_with_cloze_sentence_cut"] == len(cut) > 0.5 * masked.n_rows
+    for r in cut:
+        assert sentence[r["query"]] not in r["positive_text"]
+        assert sentence[r["query"]] in " ".join(whole[(r["query"], r["positive_id"])].split())
+
+
 @pytest.mark.slow  # evaluates two models on the bundled guard set
 def test_the_forgetting_guard_stops_a_model_that_forgot(tmp_path: Path, prepared) -> None:
     """A model made to forget (its weights perturbed) loses on the general-domain guard set: a blocking gate."""

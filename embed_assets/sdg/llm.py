@@ -129,6 +129,7 @@ _NOT_OUTPUT_FIELDS: tuple[str, ...] = (
     "seed",
     "offline_queries",  # the offline generator's options: not the LLM's output
     "keyword_terms",
+    "cloze_mask_rate",
     "dedup_model",  # resolved (with embed_model) and fingerprinted as such
     "extraction_model",  # resolved per step and fingerprinted as such
     "qa_model",

@@ -4,7 +4,12 @@ Three kinds of query, mixed by ``InverseClozeSettings.kinds`` and deduplicated p
 
 * ``inverse_cloze`` (Lee et al., 2019, "Latent Retrieval for Weakly Supervised Open Domain QA"): a sentence of a
   passage, cropped to a query-like span, whose positive is the passage it came from. It teaches the domain's
-  vocabulary and which passages belong together.
+  vocabulary and which passages belong together. As in the paper, a share ``mask_rate`` of these queries can
+  train on the positive with the sentence cut out (``QARecord.mask_answer``, applied when the training rows are
+  mined), so the model has to match a query to the context it belongs to instead of finding it verbatim. The
+  paper pre-trains with 0.9; fine-tuning a pre-trained model on a few hundred queries, 0.9 measured worse on
+  real test questions than keeping the sentence (the model loses the exact-match signal it is scored on), so
+  the default is 0.
 * ``keywords``: the passage's most salient terms against the corpus (TF-IDF over the passages; terms in more
   than half of them are treated as function words, so no stop-word list per language is needed), in passage
   order: the short keyword queries users type into a search box.
@@ -47,6 +52,7 @@ class InverseClozeSettings:
     seed: int = 42
     kinds: tuple[str, ...] = ("inverse_cloze",)  # inverse_cloze, keywords, titles
     keyword_terms: int = 4
+    mask_rate: float = 0.0  # share of cloze queries trained with their sentence cut out of the positive
 
 
 class InverseClozeGenerator:
@@ -76,7 +82,7 @@ class InverseClozeGenerator:
 
     @property
     def fingerprint(self) -> str:
-        payload = json.dumps({"name": self.name, "v": 2, **asdict(self.settings)}, sort_keys=True)
+        payload = json.dumps({"name": self.name, "v": 3, **asdict(self.settings)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def observe(self, batches: Iterable[Sequence[Chunk]]) -> None:
@@ -124,7 +130,7 @@ class InverseClozeGenerator:
         seen: set[tuple[str, str]] = set()
         start = time.monotonic()
 
-        def add(chunk: Chunk, query: str, kind: str, answer: str) -> None:
+        def add(chunk: Chunk, query: str, kind: str, answer: str, mask: bool = False) -> None:
             key = (chunk.doc_id, " ".join(query.casefold().split()))
             if key in seen:
                 stats.drop("duplicate", f"{kind}: {query}")
@@ -142,6 +148,7 @@ class InverseClozeGenerator:
                     complexity=1,
                     generator=self.name,
                     model=self.model,
+                    mask_answer=mask,
                 )
             )
 
@@ -162,7 +169,8 @@ class InverseClozeGenerator:
                         f"no prose sentence of ≥ {self.settings.min_query_words} words in: {chunk.text}",
                     )
                 for sentence in rng.sample(candidates, min(self.settings.queries_per_chunk, len(candidates))):
-                    add(chunk, self._crop(sentence, rng), "inverse_cloze", sentence)
+                    query = self._crop(sentence, rng)
+                    add(chunk, query, "inverse_cloze", sentence, self._mask(chunk, sentence, query))
             if "keywords" in kinds:
                 query = self._keywords(chunk.text)
                 if query:
@@ -194,6 +202,18 @@ class InverseClozeGenerator:
             return ""
         return " ".join(first[t][1] for _, _, t in sorted(top, key=lambda x: -x[1]))
 
+    def _mask(self, chunk: Chunk, sentence: str, query: str) -> bool:
+        """Whether this cloze query trains on its passage without the sentence (see the module docstring).
+
+        Decided per query (seeded, stable per content); never when the rest of the passage would be shorter than
+        a query, since then nothing is left to match.
+        """
+        rest = cut_sentence(chunk.text, sentence)
+        if rest is None or len(rest.split()) < self.settings.min_query_words:
+            return False
+        draw = random.Random(f"{self.settings.seed}:mask:{chunk.chunk_id}:{query}").random()
+        return draw < self.settings.mask_rate
+
     def _usable(self, sentence: str) -> bool:
         words = sentence.split()
         if len(words) < self.settings.min_query_words or "::=" in sentence:
@@ -208,6 +228,20 @@ class InverseClozeGenerator:
             return sentence
         start = rng.randrange(0, len(words) - n + 1)
         return " ".join(words[start : start + n])
+
+
+def cut_sentence(text: str, sentence: str) -> str | None:
+    """``text`` without the first occurrence of ``sentence`` (``None`` if it is not there).
+
+    Sentences are whitespace-normalized (:func:`embed_assets.chunking.split_sentences`), so a passage with
+    soft-wrapped lines is matched, and then returned, with its whitespace normalized.
+    """
+    if sentence not in text:
+        text = " ".join(text.split())
+        if sentence not in text:
+            return None
+    before, _, after = text.partition(sentence)
+    return f"{before.rstrip()} {after.lstrip()}".strip()
 
 
 def _terms(text: str) -> list[str]:

@@ -56,6 +56,14 @@ class SDGSettings(BaseModel):
         "titles -> the section's first passage); deduplicated per document.",
     )
     keyword_terms: int = Field(default=4, ge=2, le=16, description="inverse_cloze: terms per keyword query.")
+    cloze_mask_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="inverse_cloze: share of cloze queries trained with their sentence cut out of the positive "
+        "passage (Lee et al. 2019 pre-train with 0.9). Off by default: fine-tuning a pre-trained model on a few "
+        "hundred pseudo-queries, 0.9 cost 1.0-1.4 nDCG@10 points on real test questions (benchmarks/RESULTS.md).",
+    )
 
     # ------------------------------------------------------------------ LLM: what is generated
     num_pairs: int = Field(default=7, ge=1, description="llm: QA pairs asked per bundle.")

@@ -108,6 +108,37 @@ class MinedManifest(Manifest):
         return read_jsonl(self.path)
 
 
+def cut_cloze_sentences(rows: list[dict[str, Any]], records: list[Any]) -> int:
+    """Cut each masked inverse-cloze query's sentence out of its row's positive text, in place.
+
+    Done after mining, so the negatives are mined against the passage as the corpus has it; only the text the
+    model trains on loses the sentence (see :mod:`embed_assets.sdg.offline`).
+
+    Args:
+        rows: Mined rows (``query``, ``positive_id``, ``positive_text``).
+        records: The training split's pairs; those with ``mask_answer`` name the sentence in ``answer``.
+
+    Returns:
+        How many rows were cut.
+    """
+    from embed_assets.sdg.offline import cut_sentence
+
+    cuts = {
+        (r.query, pid): r.answer
+        for r in records
+        if r.mask_answer and r.answer
+        for pid in r.positive_chunk_ids
+    }
+    n = 0
+    for row in rows:
+        sentence = cuts.get((row["query"], row["positive_id"]))
+        rest = cut_sentence(row["positive_text"], sentence) if sentence else None
+        if rest:
+            row["positive_text"] = rest
+            n += 1
+    return n
+
+
 def mine_negatives(
     chunks: ChunksManifest,
     pairs: PairsManifest,
@@ -147,9 +178,10 @@ def mine_negatives(
 
         cross_encoder = CrossEncoder(resolve_model_path(settings.cross_encoder), device=device)
         ctx.log.info(f"rescoring mined candidates with the cross-encoder {settings.cross_encoder}")
+    records = split.train_records()
     result = mine_pool(
         st_model,
-        split.train_records(),
+        records,
         pool,
         ctx.cache_dir("embeddings"),
         model_fingerprint=fingerprint(model.base_model, model.passage_prompt),
@@ -168,6 +200,9 @@ def mine_negatives(
         cross_encoder=cross_encoder,
     )
     rows = [asdict(r) for r in result.rows]
+    n_cut = cut_cloze_sentences(rows, records)
+    if n_cut:
+        ctx.log.info(f"{n_cut} of {len(rows)} positives train without their cloze sentence (cloze_mask_rate)")
     out = ctx.out_dir("mined_negatives") / "mined.jsonl"
     write_jsonl(out, rows)
     ctx.publish(out)
@@ -176,7 +211,7 @@ def mine_negatives(
         n_rows=len(rows),
         candidate_passages=len(pool),
         device=device,
-        stats=result.as_metadata(),
+        stats={**result.as_metadata(), "positives_with_cloze_sentence_cut": n_cut},
         preview=[
             {
                 "query": r["query"],

@@ -121,6 +121,7 @@ def make_generator(settings: SDGSettings, model: ModelSpec, endpoint: Any | None
                 settings.seed,
                 kinds=tuple(dict.fromkeys(settings.offline_queries)),
                 keyword_terms=settings.keyword_terms,
+                mask_rate=settings.cloze_mask_rate,
             )
         )
     from embed_assets.sdg.llm import LLMQAGenerator
