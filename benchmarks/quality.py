@@ -68,6 +68,8 @@ ABLATIONS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
     "mnrl_hardness": ({"train": {"loss": "mnrl", "hardness_strength": 5.0}}, MODES),
     "matryoshka": ({"train": {"matryoshka_dims": [192, 96]}}, MODES),
     "no_hard_negatives": ({"train": {"negatives_per_row": 0}}, MODES),
+    # Offline pseudo-queries of the corpus beside the user's pairs (they only train).
+    "corpus_queries": ({"sdg": {"corpus_queries_per_pair": 1.0}}, ("supervised",)),
     # The offline SDG mixture (corpus-only): the default is whichever the validation split favours across datasets.
     "sdg_keywords": ({"sdg": {"offline_queries": ["inverse_cloze", "keywords"]}}, ("corpus-only",)),
     "sdg_titles": ({"sdg": {"offline_queries": ["inverse_cloze", "titles"]}}, ("corpus-only",)),
@@ -92,6 +94,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: supervised,corpus-only")
     p.add_argument("--ablations", default="", help=f"comma-separated ablation rows: {', '.join(ABLATIONS)}")
     p.add_argument("--no-peer", action="store_true", help="skip the plain sentence-transformers script")
+    p.add_argument(
+        "--no-defaults",
+        action="store_true",
+        help="only the ablation rows (their default rows measured before; implies --no-peer)",
+    )
     p.add_argument("--model", default=BUNDLED_MODEL, help="base_model (bundled, folder or hub id)")
     p.add_argument("--max-train-pairs", type=int, default=2000, help="pairs per dataset and mode (0 = all)")
     p.add_argument("--budget", choices=("full", "quick"), default="full", help="quick: a fast smoke run")
@@ -103,6 +110,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.budget == "quick":
         args.max_train_pairs = min(args.max_train_pairs or QUICK_PAIRS, QUICK_PAIRS)
         args.no_peer = True
+    if args.no_defaults:
+        args.no_peer = True
+        if set(_names(args.ablations)) & set(LR_FACTORS):
+            p.error(f"{sorted(LR_FACTORS)} scale the default row's learning rate: drop --no-defaults")
     unknown = [a for a in _names(args.ablations) if a not in ABLATIONS]
     if unknown:
         p.error(f"unknown ablation(s) {unknown}; known: {sorted(ABLATIONS)}")
@@ -172,9 +183,13 @@ def settings_for(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def supervised_pairs_file(
-    folder: Path, chunks: Any, out: Path, log: Callable[[str], None]
+    folder: Path, chunks: Any, out: Path, log: Callable[[str], None], limit: int = 0, seed: int = 42
 ) -> tuple[Path, int]:
-    """The train qrels as a bring-your-own JSONL; pairs touching a test document are dropped (with a notice)."""
+    """The train qrels as a bring-your-own JSONL; pairs touching a test document are dropped (with a notice).
+
+    At most ``limit`` queries (seeded sample; 0: all) are written, so the cap applies to the user's pairs and
+    whatever the product adds to them (``corpus_queries_per_pair``) comes on top, as it would for a user.
+    """
     from embed_assets.beir_io import load_beir_folder
     from embed_assets.metrics import document_text
     from embed_assets.storage import write_jsonl
@@ -201,6 +216,8 @@ def supervised_pairs_file(
             f"notice: {dropped} of {len(train_qrels)} train queries judge a passage of a test document "
             "(the published splits share documents); those pairs are dropped so no test document is trained on"
         )
+    if limit and len(rows) > limit:
+        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
     write_jsonl(out, rows)
     return out, dropped
 
@@ -242,10 +259,14 @@ def run_product(
     settings = settings_for(overrides)
     sdg = settings["sdg"]
     if mode == "supervised":
-        path, dropped = supervised_pairs_file(folder, chunks, root / "train-pairs.jsonl", log)
+        path, dropped = supervised_pairs_file(
+            folder, chunks, root / "train-pairs.jsonl", log, args.max_train_pairs, args.seed
+        )
         sdg = sdg.model_copy(update={"generator": "user_data", "user_data_path": str(path)})
         notes = f"{dropped} train queries on test documents dropped" if dropped else ""
-    pairs = sample_pairs(generate_pairs(chunks, sdg, model, ctx), args.max_train_pairs, args.seed, ctx)
+    pairs = generate_pairs(chunks, sdg, model, ctx)
+    if mode != "supervised":  # the user's pairs were capped above
+        pairs = sample_pairs(pairs, args.max_train_pairs, args.seed, ctx)
     split_settings = settings["split"].model_copy(update={"eval_path": str(folder), "eval_split": "test"})
     split = split_pairs(chunks, pairs, split_settings, ctx)
     mined = mine_negatives(chunks, pairs, split, settings["mine"], model, ctx)
@@ -469,6 +490,8 @@ def run_dataset(folder: Path, args: argparse.Namespace, work: Path, log, on_resu
     for mode in _names(args.modes):  # the product's defaults first, then the peer, then the ablations
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+        if args.no_defaults:
+            continue
         result, outputs = run_product(folder, chunks, mode, {}, args, root / mode, log)
         on_result(result)
         defaults[mode] = result

@@ -13,7 +13,7 @@ from embed_assets.models import BUNDLED_MODEL
 from embed_assets.stages.common import ModelSpec, StageContext
 from embed_assets.stages.evaluate import EvalSettings, evaluate_checkpoint
 from embed_assets.stages.ingest import ChunkSettings, CorpusSettings, chunk_documents, read_documents
-from embed_assets.stages.sdg import SDGSettings, generate_pairs
+from embed_assets.stages.sdg import SDGSettings, generate_pairs, load_pairs
 from embed_assets.stages.split import SplitSettings, split_pairs
 from embed_assets.storage import write_parquet
 from embed_assets_tests.conftest import model_checkpoint, perturbed_model
@@ -180,6 +180,46 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
     dims = metrics.primary.matryoshka
     assert set(dims) == {"96"} and 0.0 <= dims["96"] <= 1.0
     assert metrics.metadata()["matryoshka"].rows[0]["dimensions"] == 96
+
+
+def test_corpus_queries_train_beside_user_pairs_and_never_validate(tmp_path: Path, prepared) -> None:
+    from embed_assets.storage import write_jsonl
+
+    ctx, chunks, _ = prepared
+    passages = chunks.load()
+    user = [
+        {
+            "query": f"which passage starts with {' '.join(c.text.split()[:5])}?",
+            "positives": [c.text],
+            "doc_id": c.doc_id,
+        }
+        for c in passages
+    ]
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, user)
+    plain = SDGSettings(generator="user_data", user_data_path=str(path))
+    mixed = plain.model_copy(update={"corpus_queries_per_pair": 0.5})
+    only_user = generate_pairs(chunks, plain, MODEL, ctx)
+    both = generate_pairs(chunks, mixed, MODEL, StageContext.local(tmp_path / "b", run_id="b"))
+    assert only_user.stats["corpus_queries"] == 0 and only_user.n_pairs == len(user)
+    assert both.stats["corpus_queries"] == int(0.5 * len(user)) > 0  # capped per user pair
+    assert both.n_pairs == len(user) + both.stats["corpus_queries"]
+
+    split_user = split_pairs(chunks, only_user, SplitSettings(), ctx)
+    split_both = split_pairs(chunks, both, SplitSettings(), StageContext.local(tmp_path / "b", run_id="b"))
+    # the user's pairs are placed exactly as without the pseudo-queries; those only ever train
+    assert (split_both.train_docs, split_both.val_docs, split_both.test_docs) == (
+        split_user.train_docs,
+        split_user.val_docs,
+        split_user.test_docs,
+    )
+    assert split_both.n_val and {r.generator for r in split_both.val_records()} == {"byod"}
+    assert {r.generator for r in load_pairs(split_both.test)} == {"byod"}
+    train = split_both.train_records()
+    assert {r.generator for r in train} == {"byod", "inverse_cloze"}
+    held_out = set(split_both.val_docs) | set(split_both.test_docs)
+    assert not {r.doc_id for r in train if r.generator == "inverse_cloze"} & held_out
+    assert split_both.n_val == split_user.n_val and split_both.n_test == split_user.n_test
 
 
 def test_cloze_mask_rate_cuts_the_sentence_from_the_trained_positive(tmp_path: Path, prepared) -> None:

@@ -123,6 +123,7 @@ _OUTPUT_FIELDS: tuple[str, ...] = (
 _NOT_OUTPUT_FIELDS: tuple[str, ...] = (
     "generator",
     "user_data_path",
+    "corpus_queries_per_pair",
     "queries_per_chunk",
     "min_query_words",
     "max_query_words",

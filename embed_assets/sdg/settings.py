@@ -41,6 +41,13 @@ class SDGSettings(BaseModel):
     user_data_path: str = Field(
         default="", description="For generator='user_data': Question,Answer CSV, pairs JSONL or triplets."
     )
+    corpus_queries_per_pair: float = Field(
+        default=0.0,
+        ge=0,
+        description="user_data: also train on offline pseudo-queries (offline_queries) of the corpus, up to this "
+        "many per pair of yours (0: off), so passages your pairs do not cover train too. They only train: "
+        "validation, test and every choice made on them use your pairs alone.",
+    )
 
     # ------------------------------------------------------------------ inverse cloze (offline)
     queries_per_chunk: int = Field(default=2, ge=1, description="inverse_cloze: pseudo-queries per passage.")

@@ -132,6 +132,35 @@ def make_generator(settings: SDGSettings, model: ModelSpec, endpoint: Any | None
     return LLMQAGenerator(settings, endpoint, embed_model=model.base_model, log=log)
 
 
+def corpus_queries(
+    chunks: ChunksManifest, user: list[Any], settings: SDGSettings, model: ModelSpec, ctx: StageContext
+) -> list[Any]:
+    """Offline pseudo-queries of the corpus to train on beside the user's pairs (``corpus_queries_per_pair``).
+
+    The user's pairs cover some passages; the rest of the corpus still carries the domain's vocabulary, which
+    the offline generator turns into training pairs at no cost. A seeded sample of at most
+    ``corpus_queries_per_pair`` per user pair is kept (so they support the user's pairs instead of outnumbering
+    them), never one whose query is also a user query. The split keeps them out of validation and test.
+
+    Returns:
+        The sampled records (their ``generator`` is the offline generator's, which is how the split knows them).
+    """
+    import random
+
+    from embed_assets.sdg.runner import run_generation
+
+    generator = make_generator(settings.model_copy(update={"generator": "inverse_cloze"}), model, None)
+    records = run_generation(generator, chunks.load(), None).records
+    taken = {" ".join(r.query.casefold().split()) for r in user}
+    records = [r for r in records if " ".join(r.query.casefold().split()) not in taken]
+    limit = int(settings.corpus_queries_per_pair * len(user))
+    if len(records) > limit:
+        keep = set(random.Random(settings.seed).sample(range(len(records)), limit))
+        records = [r for i, r in enumerate(records) if i in keep]
+    ctx.log.info(f"synthetic_qa: {len(records)} corpus pseudo-queries train beside your {len(user)} pairs")
+    return records
+
+
 def generate_pairs(
     chunks: ChunksManifest,
     settings: SDGSettings,
@@ -187,10 +216,15 @@ def generate_pairs(
         records, extra = load_user_pairs(settings.user_data_path, corpus=chunks.load())
         extra_path = str(out_dir / "user_passages.parquet")
         write_parquet(extra_path, [c.to_dict() for c in extra])
+        corpus = (
+            corpus_queries(chunks, records, settings, model, ctx) if settings.corpus_queries_per_pair else []
+        )
         with jsonl_writer(path) as write:
             sink(write)(records)
-        del records
-        generator_name, model_name, stats = "user_data", "none", {"user_passages": len(extra)}
+            sink(write)(corpus)
+        generator_name, model_name = "user_data", "none"
+        stats = {"user_passages": len(extra), "user_pairs": len(records), "corpus_queries": len(corpus)}
+        del records, corpus
         drops = []
     else:
         from embed_assets.sdg.cache import SDGCache

@@ -213,6 +213,7 @@ def split_pairs(
     Returns:
         A :class:`SplitManifest` (its ``eval_set`` says whether the test set is new or reused, and why).
     """
+    from embed_assets.byod import GENERATOR_NAME as USER_GENERATOR
     from embed_assets.golden import load_golden
     from embed_assets.prep import assign_documents, documents_by_split, leakage, write_eval_beir
     from embed_assets.records import QARecord
@@ -232,15 +233,22 @@ def split_pairs(
     )
     if reused is not None:
         return reused
-    # Pass 1: which documents have pairs (no record is kept).
+
+    # Pass 1: which documents have pairs (no record is kept). Corpus pseudo-queries beside user pairs
+    # (SDGSettings.corpus_queries_per_pair) only train: the documents are placed by the user's pairs alone.
+    def train_only(row: dict[str, Any]) -> bool:
+        return pairs.generator == "user_data" and row.get("generator") != USER_GENERATOR
+
     doc_ids, n_records = set(), 0
     for row in iter_jsonl(pairs.path):
-        doc_ids.add(row["doc_id"])
-        n_records += 1
+        if not train_only(row):
+            doc_ids.add(row["doc_id"])
+            n_records += 1
     # A golden set is matched against every passage's text, so it needs the pool in memory.
     pool = passage_pool(chunks, pairs) if settings.eval_path else None
     golden = load_golden(settings.eval_path, pool, settings.eval_split) if pool is not None else None
     frozen, reason = _usable_freeze(record_file, doc_ids, settings, chunks.corpus_root)
+    held_out = set(frozen["test_docs"] if frozen else ()) | (golden.docs if golden else set())
     assignment, used = assign_documents(
         doc_ids,
         n_records,
@@ -251,7 +259,7 @@ def split_pairs(
         small_data_threshold=settings.small_data_threshold,
         seed=settings.seed,
         # The golden set's documents are test documents too: none of their passages may be trained on.
-        frozen_test_docs=set(frozen["test_docs"] if frozen else ()) | (golden.docs if golden else set()),
+        frozen_test_docs=held_out,
     )
     docs = documents_by_split(assignment)
     del doc_ids
@@ -260,6 +268,7 @@ def split_pairs(
     paths = {name: str(out / f"{name}.jsonl") for name in ("train", "val", "test")}
     sizes = dict.fromkeys(paths, 0)
     test: list[Any] = []
+    dropped_train_only = 0
     with (
         jsonl_writer(paths["train"]) as train_file,
         jsonl_writer(paths["val"]) as val_file,
@@ -268,10 +277,22 @@ def split_pairs(
         files = {"train": train_file, "val": val_file, "test": test_file}
         for row in iter_jsonl(pairs.path):
             record = QARecord.from_dict(row)
-            name = assignment[record.doc_id]
+            if train_only(row):
+                # A pseudo-query trains unless its document is a validation or test (or golden) one.
+                name = assignment.get(record.doc_id, "test" if record.doc_id in held_out else "train")
+                if name != "train":
+                    dropped_train_only += 1
+                    continue
+            else:
+                name = assignment[record.doc_id]
             sizes[name] += files[name]([record.to_dict()])
             if name == "test":
                 test.append(record)
+    if dropped_train_only:
+        ctx.log.info(
+            f"split_sets: {dropped_train_only} corpus pseudo-queries on validation or test documents dropped "
+            "(they only train)"
+        )
     eval_dir = out / "eval_beir"
     counts = write_eval_beir(eval_dir, test, iter_passage_pool(chunks, pairs))
     del test
