@@ -175,6 +175,10 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
     assert checkpoint.eval_curve and "best validation" in meta["kept_checkpoint"]
     recorded = json.loads((Path(checkpoint.model_dir) / "embed_assets_training.json").read_text())
     assert recorded["settings"]["learning_rate"] == selection.learning_rate
+    # the kept model is the best on validation of the winning probe and the final training's checkpoints
+    probe_won = best["val_ndcg@10"] > max(v for _, v in checkpoint.eval_curve)
+    assert bool(selection.kept) == probe_won
+    assert recorded["settings"]["max_steps"] == (selection.probe_steps if probe_won else -1)
 
     metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(), MODEL, ctx)
     dims = metrics.primary.matryoshka
@@ -220,6 +224,30 @@ def test_corpus_queries_train_beside_user_pairs_and_never_validate(tmp_path: Pat
     held_out = set(split_both.val_docs) | set(split_both.test_docs)
     assert not {r.doc_id for r in train if r.generator == "inverse_cloze"} & held_out
     assert split_both.n_val == split_user.n_val and split_both.n_test == split_user.n_test
+
+
+@pytest.mark.parametrize("probe_score, kept", [(0.6, "probe"), (0.4, "final")])
+def test_the_winning_probe_is_kept_when_it_validates_better(tmp_path: Path, probe_score, kept) -> None:
+    from types import SimpleNamespace
+
+    from embed_assets.stages.train import LRSelection, keep_best_probe
+
+    work, out = tmp_path / "work", tmp_path / "out" / "model"
+    (work / "probe-lr-5e-05" / "model").mkdir(parents=True)
+    (work / "probe-lr-5e-05" / "model" / "which.txt").write_text("probe")
+    out.mkdir(parents=True)
+    (out / "which.txt").write_text("final")
+    probes = [
+        {"learning_rate": 2e-05, "val_ndcg@10": 0.9},
+        {"learning_rate": 5e-05, "val_ndcg@10": probe_score},
+    ]
+    selection = LRSelection(5e-05, "best", probes, probe_steps=25)
+    report = SimpleNamespace(eval_curve=[(50, 0.45), (100, 0.5)])
+    keep_best_probe(selection, report, work, out, StageContext.local(tmp_path / "a", run_id="r"), None, "")
+    assert (out / "which.txt").read_text() == kept
+    assert bool(selection.kept) == (kept == "probe")
+    if selection.kept:
+        assert "probe 5e-05 after 25 steps" in selection.kept and "0.5000" in selection.kept
 
 
 def test_cloze_mask_rate_cuts_the_sentence_from_the_trained_positive(tmp_path: Path, prepared) -> None:

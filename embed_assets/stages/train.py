@@ -212,7 +212,9 @@ class CheckpointManifest(Manifest):
         }
         if self.selection.probes:
             meta["learning_rate_probes"] = Table(["learning_rate", "val_ndcg@10"], self.selection.probes)
-        if self.eval_curve:
+        if self.selection.kept:
+            meta["kept_checkpoint"] = self.selection.kept
+        elif self.eval_curve:
             best = max(self.eval_curve, key=lambda p: p[1])
             meta["kept_checkpoint"] = f"step {int(best[0])} (best validation nDCG@10 {best[1]:.4f})"
         return meta
@@ -332,6 +334,7 @@ def train_checkpoint(
         settings = settings.model_copy(update={"learning_rate": selection.learning_rate})
         final_work = work / f"lr-{selection.learning_rate:g}" if selection.probes else work
         report = _train(rows, final_work, out, settings, model, device, nproc, val, ctx, tracker, run_id)
+        keep_best_probe(selection, report, work, out, ctx, tracker, run_id)
     except BaseException:
         if tracker is not None:
             _quietly(ctx, "marking the MLflow run failed", tracker.finish, run_id, "FAILED")
@@ -384,6 +387,7 @@ class LRSelection:
     reason: str
     probes: list[dict[str, float]] = field(default_factory=list)  # learning_rate, val_ndcg@10
     probe_steps: int = 0
+    kept: str = ""  # set when the winning probe, not the final training, is the model kept (and why)
 
 
 def choose_learning_rate(
@@ -481,6 +485,38 @@ def choose_learning_rate(
         )
     ctx.log.info(f"learning rate {selection.learning_rate:g}: {selection.reason}")
     return selection
+
+
+def keep_best_probe(
+    selection: LRSelection, report: Any, work: Path, out: Path, ctx: StageContext, tracker: Any, run_id: str
+) -> None:
+    """Keep the winning learning-rate probe instead of the final training when it validates better.
+
+    The probe is a complete short training (its schedule decays to zero) scored on the same validation queries
+    as the final training's checkpoints, so all are candidates of one model selection: the best validation
+    nDCG@10 is the model kept. A longer run can forget more of the base model than it learns (measured on
+    covidqa: the 25-step probe beat every checkpoint of the 150-step run on validation, and on the test set,
+    +6.9 against +4.9 nDCG@10 points). Costs nothing: the probe was trained and scored anyway.
+    """
+    import shutil
+
+    from embed_assets.storage import atomic_path
+
+    if not selection.probes or not report.eval_curve:
+        return
+    probe = next(p for p in selection.probes if p["learning_rate"] == selection.learning_rate)
+    final_best = max(v for _, v in report.eval_curve)
+    if not probe["val_ndcg@10"] > final_best:
+        return
+    with atomic_path(out) as tmp:
+        shutil.copytree(work / f"probe-lr-{selection.learning_rate:g}" / "model", tmp, dirs_exist_ok=True)
+    selection.kept = (
+        f"learning-rate probe {selection.learning_rate:g} after {selection.probe_steps} steps (best validation "
+        f"nDCG@10 {probe['val_ndcg@10']:.4f}; the final training's best was {final_best:.4f})"
+    )
+    ctx.log.info(f"kept model: the {selection.kept}")
+    if tracker is not None:
+        _quietly(ctx, "logging the kept model", tracker.set_tags, run_id, {"selected/kept": selection.kept})
 
 
 def card_facts(
