@@ -179,6 +179,8 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
     probe_won = best["val_ndcg@10"] > max(v for _, v in checkpoint.eval_curve)
     assert bool(selection.kept) == probe_won
     assert recorded["settings"]["max_steps"] == (selection.probe_steps if probe_won else -1)
+    card = (Path(checkpoint.model_dir) / "README.md").read_text()
+    assert ("learning-rate probe" in card) == probe_won
 
     metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(), MODEL, ctx)
     dims = metrics.primary.matryoshka

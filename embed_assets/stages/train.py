@@ -345,7 +345,7 @@ def train_checkpoint(
         run_dir / "training_curves.png",
         title=f"checkpoint {ctx.run_id[:8]}",
     )
-    write_card(out, card_facts(chunks, pairs, rows, val, settings, model, report))
+    write_card(out, card_facts(chunks, pairs, rows, val, settings, model, report, selection))
     val_beir = write_validation_beir(val, run_dir / "val_beir")
     summary = {k: v for k, v in report.as_metadata().items() if k not in ("model_dir", "resumed_from")}
     return CheckpointManifest(
@@ -527,8 +527,12 @@ def card_facts(
     settings: TrainSettings,
     model: ModelSpec,
     report: Any,
+    selection: LRSelection | None = None,
 ) -> dict[str, Any]:
-    """What the model card states about the training: counts and hashes, never corpus text (unless opted in)."""
+    """What the model card states about the training: counts and hashes, never corpus text (unless opted in).
+
+    When the winning learning-rate probe is the model kept (:func:`keep_best_probe`), its steps are the card's.
+    """
     facts: dict[str, Any] = {
         "base_model": model.base_model,
         "data": {
@@ -554,6 +558,9 @@ def card_facts(
             "device": report.device,
         },
     }
+    if selection is not None and selection.kept:
+        facts["training"].update(steps=selection.probe_steps, kept=selection.kept)
+        facts["training"].pop("epochs")
     if settings.model_card_examples:
         facts["examples"] = [
             {"anchor": r["anchor"], "positive": r["positive"]} for r in rows[: settings.model_card_examples]
