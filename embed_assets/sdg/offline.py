@@ -131,7 +131,7 @@ class InverseClozeGenerator:
         start = time.monotonic()
 
         def add(chunk: Chunk, query: str, kind: str, answer: str, mask: bool = False) -> None:
-            key = (chunk.doc_id, " ".join(query.casefold().split()))
+            key = (chunk.doc_id, query_key(query))
             if key in seen:
                 stats.drop("duplicate", f"{kind}: {query}")
                 return
@@ -228,6 +228,11 @@ class InverseClozeGenerator:
             return sentence
         start = rng.randrange(0, len(words) - n + 1)
         return " ".join(words[start : start + n])
+
+
+def query_key(query: str) -> str:
+    """The form two queries are compared in for duplicates: case-folded, whitespace-normalized."""
+    return " ".join(query.casefold().split())
 
 
 def cut_sentence(text: str, sentence: str) -> str | None:

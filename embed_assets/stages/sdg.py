@@ -147,12 +147,13 @@ def corpus_queries(
     """
     import random
 
+    from embed_assets.sdg.offline import query_key
     from embed_assets.sdg.runner import run_generation
 
     generator = make_generator(settings.model_copy(update={"generator": "inverse_cloze"}), model, None)
     records = run_generation(generator, chunks.load(), None).records
-    taken = {" ".join(r.query.casefold().split()) for r in user}
-    records = [r for r in records if " ".join(r.query.casefold().split()) not in taken]
+    taken = {query_key(r.query) for r in user}
+    records = [r for r in records if query_key(r.query) not in taken]
     limit = int(settings.corpus_queries_per_pair * len(user))
     if len(records) > limit:
         keep = set(random.Random(settings.seed).sample(range(len(records)), limit))

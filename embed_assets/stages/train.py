@@ -446,8 +446,8 @@ def choose_learning_rate(
         ctx.log.info(f"learning-rate probe {lr:g}: {probe_steps} steps, then validation")
         report = _train(
             rows,
-            work / f"probe-lr-{lr:g}",
-            work / f"probe-lr-{lr:g}" / "model",
+            _probe_dir(work, lr),
+            _probe_dir(work, lr) / "model",
             probe,
             model,
             device,
@@ -487,6 +487,11 @@ def choose_learning_rate(
     return selection
 
 
+def _probe_dir(work: Path, learning_rate: float) -> Path:
+    """The trainer folder of one learning-rate probe (its model in ``model/``)."""
+    return work / f"probe-lr-{learning_rate:g}"
+
+
 def keep_best_probe(
     selection: LRSelection, report: Any, work: Path, out: Path, ctx: StageContext, tracker: Any, run_id: str
 ) -> None:
@@ -509,7 +514,7 @@ def keep_best_probe(
     if not probe["val_ndcg@10"] > final_best:
         return
     with atomic_path(out) as tmp:
-        shutil.copytree(work / f"probe-lr-{selection.learning_rate:g}" / "model", tmp, dirs_exist_ok=True)
+        shutil.copytree(_probe_dir(work, selection.learning_rate) / "model", tmp, dirs_exist_ok=True)
     selection.kept = (
         f"learning-rate probe {selection.learning_rate:g} after {selection.probe_steps} steps (best validation "
         f"nDCG@10 {probe['val_ndcg@10']:.4f}; the final training's best was {final_best:.4f})"
