@@ -1,7 +1,8 @@
 """Model merging: linear interpolation of base and fine-tuned weights (LM-Cocktail style).
 
-``merged = w * fine_tuned + (1 - w) * base`` for every floating-point tensor, everything else (tokenizer,
-pooling, config, buffers that are not floats) from the fine-tuned folder. Fine-tuning moves weights away from the
+``merged = w * fine_tuned + (1 - w) * base`` for every floating-point tensor the two share; everything else
+(tokenizer, pooling, config, buffers that are not floats, and a layer fine-tuning appended, such as the frozen
+Matryoshka rotation) from the fine-tuned folder. Fine-tuning moves weights away from the
 base; pulling part of the way back keeps most of the domain gain while restoring general-domain behaviour
 (Xiao et al., "LM-Cocktail", 2023). The mixing weight is chosen by :func:`embed_assets.stages.evaluate.choose_model`
 on the validation split and the forgetting guard, never on the test queries.
@@ -29,7 +30,8 @@ def interpolate(base_model: str, finetuned_dir: str | Path, weight: float, out_d
         ``out_dir`` as a ``Path``. The fine-tuned folder's model card comes along, stating the merge.
 
     Raises:
-        ValueError: ``weight`` outside [0, 1], or the two models' tensors do not match by name and shape.
+        ValueError: ``weight`` outside [0, 1], the base has a tensor the fine-tuned model lacks, or a shared tensor's
+            shape differs.
     """
     import torch
 
@@ -40,13 +42,16 @@ def interpolate(base_model: str, finetuned_dir: str | Path, weight: float, out_d
     tuned = load_sentence_transformer(str(finetuned_dir), device="cpu")
     base_state = load_sentence_transformer(base_model, device="cpu").state_dict()
     tuned_state = tuned.state_dict()
-    if set(tuned_state) != set(base_state):
-        only = sorted(set(tuned_state) ^ set(base_state))[:5]
+    if not set(base_state) <= set(tuned_state):
+        only = sorted(set(base_state) - set(tuned_state))[:5]
         raise ValueError(
-            f"cannot merge {finetuned_dir} with {base_model}: tensors differ by name, e.g. {only}"
+            f"cannot merge {finetuned_dir} with {base_model}: the base has tensors the fine-tuned model "
+            f"lacks, e.g. {only}"
         )
     with torch.no_grad():
         for name, tensor in tuned_state.items():
+            if name not in base_state:  # a layer fine-tuning appended (the Matryoshka rotation): kept as is
+                continue
             other = base_state[name]
             if tensor.shape != other.shape:
                 raise ValueError(

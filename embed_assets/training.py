@@ -32,10 +32,15 @@ class TrainReport:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     best_metric: float | None = None
+    # Matryoshka rotation: trained dimension -> share of the training texts' variance in that many coordinates.
+    rotation_variance: dict[str, float] = field(default_factory=dict)
 
     def as_metadata(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("loss_curve", "eval_curve")}
+        skip = ("loss_curve", "eval_curve", "rotation_variance")
+        out = {k: v for k, v in asdict(self).items() if k not in skip}
         out["final_loss"] = self.loss_curve[-1][1] if self.loss_curve else None
+        for dim, share in self.rotation_variance.items():
+            out[f"rotation_variance_at_{dim}"] = share
         return out
 
 
@@ -84,6 +89,78 @@ def _datasets(rows: Sequence[dict[str, str]]) -> Any:
 
 #: Validation evaluations per epoch when ``eval_steps`` is 0 (each is an early-stopping and best-model point).
 EVALS_PER_EPOCH = 1
+#: Most training texts the Matryoshka rotation is fitted on (a 384-1024-dim second moment needs a few thousand).
+ROTATION_FIT_TEXTS = 4096
+
+
+def add_variance_rotation(
+    model: Any,
+    rows: Sequence[dict[str, str]],
+    query_prompt: str = "",
+    passage_prompt: str = "",
+    batch_size: int = 64,
+    seed: int = 42,
+) -> list[float]:
+    """Append a frozen orthogonal layer that orders the embedding's coordinates by variance on the training texts.
+
+    The layer is the eigenbasis of the uncentered second moment of the embeddings of the rows' anchors and
+    positives (PCA without centering). A rotation keeps every dot product and norm, so the full-dimension model
+    is unchanged; a prefix of ``d`` coordinates is then the best ``d``-dimensional linear summary of the domain's
+    embeddings, and MatryoshkaLoss starts from that instead of from a base model whose leading coordinates were
+    never meant to stand alone (measured in benchmarks/RESULTS.md). Frozen, so the loss cannot shrink or skew it
+    (weight decay would).
+
+    Custom code because sentence-transformers ships no PCA module; it is an eigendecomposition written into its
+    own ``Dense`` layer, which saving, loading, ONNX export and serving already handle.
+
+    Args:
+        model: The ``SentenceTransformer`` to extend (in place).
+        rows: Training rows (``anchor``, ``positive``, ...); at most :data:`ROTATION_FIT_TEXTS` texts are used.
+        query_prompt: Prefix of anchors.
+        passage_prompt: Prefix of positives.
+        batch_size: Encoding batch.
+        seed: Seed of the text sample when there are more texts than the cap.
+
+    Returns:
+        The share of the variance in the first ``k`` coordinates, for ``k`` = 1 .. dimension.
+    """
+    import random
+
+    import numpy as np
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    texts = sorted(
+        {(query_prompt, r["anchor"]) for r in rows} | {(passage_prompt, r["positive"]) for r in rows}
+    )
+    if len(texts) > ROTATION_FIT_TEXTS:
+        texts = random.Random(seed).sample(texts, ROTATION_FIT_TEXTS)
+    emb = np.concatenate(
+        [
+            model.encode([t for p, t in texts if p == prompt], prompt=prompt or None, batch_size=batch_size)
+            for prompt in sorted({p for p, _ in texts})
+        ]
+    ).astype(np.float64)
+    eigenvalues, vectors = np.linalg.eigh(emb.T @ emb / len(emb))
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = np.clip(eigenvalues[order], 0.0, None), vectors[:, order]
+    # Eigenvectors are defined up to sign: fix it (largest component positive) so the layer is reproducible.
+    signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(vectors.shape[1])])
+    vectors = vectors * np.where(signs == 0, 1.0, signs)
+    dim = vectors.shape[0]
+    param = next(model.parameters())
+    layer = Dense(
+        dim,
+        dim,
+        bias=False,
+        activation_function=torch.nn.Identity(),
+        init_weight=torch.tensor(
+            vectors.T, dtype=param.dtype
+        ),  # y = V^T x: coordinate i is x's i-th component
+    ).to(param.device)
+    layer.requires_grad_(False)
+    model.append(layer)
+    return (np.cumsum(eigenvalues) / max(eigenvalues.sum(), 1e-12)).tolist()
 
 
 def _steps_per_epoch(rows: Sequence[dict[str, str]], batch_size: int) -> int:
@@ -140,10 +217,14 @@ def build_loss(model: Any, settings: TrainSettings, base_model: str, device: str
     else:
         raise ValueError(f"unknown loss {settings.loss!r}")
     if settings.matryoshka_dims:
-        dim = model.get_sentence_embedding_dimension()
-        dims = sorted({d for d in settings.matryoshka_dims if d <= dim} | {dim}, reverse=True)
-        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=dims)
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=matryoshka_sizes(model, settings))
     return loss
+
+
+def matryoshka_sizes(model: Any, settings: TrainSettings) -> list[int]:
+    """The embedding sizes MatryoshkaLoss trains: ``settings.matryoshka_dims`` that fit, plus the full one."""
+    dim = model.get_embedding_dimension()
+    return sorted({d for d in settings.matryoshka_dims if 0 < d <= dim} | {dim}, reverse=True)
 
 
 def _precision(setting: str, device: str) -> str:
@@ -204,6 +285,15 @@ def train(
     model = load_sentence_transformer(base_model, device=device)
     base_window = model.max_seq_length
     set_max_seq_length(model, settings.max_seq_length, base_model)
+    rotation_variance: dict[str, float] = {}
+    if settings.matryoshka_dims and settings.matryoshka_rotation:
+        shares = add_variance_rotation(
+            model, rows, query_prompt, passage_prompt, settings.batch_size, settings.seed
+        )
+        rotation_variance = {str(d): round(shares[d - 1], 4) for d in matryoshka_sizes(model, settings)}
+        if progress:
+            shown = ", ".join(f"{d} dims {s:.0%}" for d, s in rotation_variance.items())
+            progress(f"Matryoshka rotation fitted on the training texts; variance kept: {shown}")
     dataset = _datasets(rows)
     loss = build_loss(model, settings, base_model, device)
 
@@ -317,6 +407,7 @@ def train(
         loss_curve=recorder.loss,
         eval_curve=recorder.eval,
         best_metric=getattr(trainer.state, "best_metric", None),
+        rotation_variance=rotation_variance,
     )
 
 

@@ -181,6 +181,14 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
     assert recorded["settings"]["max_steps"] == (selection.probe_steps if probe_won else -1)
     card = (Path(checkpoint.model_dir) / "README.md").read_text()
     assert ("learning-rate probe" in card) == probe_won
+    # Matryoshka starts from the variance rotation, which training leaves an exact rotation (frozen).
+    assert 0.0 < meta["rotation_variance_at_96"] <= meta["rotation_variance_at_384"] == pytest.approx(1.0)
+    import torch
+
+    from embed_assets.models import load_sentence_transformer
+
+    rotation = load_sentence_transformer(checkpoint.model_dir)[-1].linear.weight.detach()
+    assert (rotation @ rotation.T - torch.eye(384)).abs().max().item() < 1e-5
 
     metrics = evaluate_checkpoint(split, checkpoint, EvalSettings(), MODEL, ctx)
     dims = metrics.primary.matryoshka

@@ -104,3 +104,39 @@ def test_train_updates_weights_saves_and_resumes(tmp_path: Path, tiny_corpus: Pa
     again = train(BUNDLED_MODEL, rows, tmp_path / "work", tmp_path / "model2", more)
     assert again.resumed_from is not None and again.resumed_from.endswith("checkpoint-4")
     assert again.steps == 6
+
+
+def test_matryoshka_rotation_orders_coordinates_by_variance_and_keeps_similarities(
+    tmp_path: Path, tiny_corpus: Path
+) -> None:
+    """The rotation is orthogonal (full-size similarities unchanged), frozen, saved, and puts variance first."""
+    from embed_assets.merging import interpolate
+    from embed_assets.models import load_sentence_transformer
+    from embed_assets.training import add_variance_rotation
+
+    rows = _rows(tiny_corpus)
+    texts = [r["anchor"] for r in rows] + [r["positive"] for r in rows]
+    model = load_sentence_transformer(BUNDLED_MODEL, max_seq_length=64)
+    before = model.encode(texts)
+    shares = add_variance_rotation(model, rows)
+    after = model.encode(texts)
+    np.testing.assert_allclose(after @ after.T, before @ before.T, atol=1e-5)  # a rotation: same similarities
+    assert type(model[-1]).__name__ == "Dense" and not any(p.requires_grad for p in model[-1].parameters())
+    assert len(shares) == 384 and shares[-1] == pytest.approx(1.0) and np.all(np.diff(shares) >= -1e-12)
+
+    # The leading coordinates hold more of the texts' energy than the base model's own first ones (the tiny
+    # corpus has fewer texts than 96 dimensions, so the check is at 8).
+    def energy(e: np.ndarray, d: int) -> float:
+        return float((e[:, :d] ** 2).sum() / (e**2).sum())
+
+    assert energy(after, 8) == pytest.approx(shares[7], abs=0.02)
+    assert energy(after, 8) > energy(before, 8) + 0.1, (energy(after, 8), energy(before, 8))
+
+    model.save(str(tmp_path / "rotated"))
+    loaded = load_sentence_transformer(str(tmp_path / "rotated"), max_seq_length=64)
+    np.testing.assert_allclose(loaded.encode(texts), after, atol=1e-5)
+    # Merging with the base keeps the appended layer: at weight 0 it is the base model, rotated.
+    merged = load_sentence_transformer(
+        str(interpolate(BUNDLED_MODEL, tmp_path / "rotated", 0.0, tmp_path / "m"))
+    )
+    np.testing.assert_allclose(merged.encode(texts), after, atol=1e-5)

@@ -88,6 +88,12 @@ class TrainSettings(BaseModel):
         description="Also train truncated embeddings of these sizes (MatryoshkaLoss over the chosen loss; the "
         "full size is always included); beir_metrics then reports nDCG@10 at each. Empty: off.",
     )
+    matryoshka_rotation: bool = Field(
+        default=True,
+        description="With matryoshka_dims: before training, rotate the embedding space (a frozen orthogonal "
+        "layer, PCA of the training texts) so the leading coordinates carry the most variance. Similarities at "
+        "the full size are unchanged; truncated sizes start from the best-ordered space.",
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         default="auto", description="'auto' (bf16/fp16 on CUDA), 'no', 'fp16', 'bf16'."
     )
