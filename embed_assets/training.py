@@ -32,7 +32,7 @@ class TrainReport:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     best_metric: float | None = None
-    # Matryoshka rotation: trained dimension -> share of the training texts' variance in that many coordinates.
+    # Matryoshka rotation: trained dimension -> share of the corpus passages' variance in that many coordinates.
     rotation_variance: dict[str, float] = field(default_factory=dict)
 
     def as_metadata(self) -> dict[str, Any]:
@@ -89,37 +89,31 @@ def _datasets(rows: Sequence[dict[str, str]]) -> Any:
 
 #: Validation evaluations per epoch when ``eval_steps`` is 0 (each is an early-stopping and best-model point).
 EVALS_PER_EPOCH = 1
-#: Most training texts the Matryoshka rotation is fitted on (a 384-1024-dim second moment needs a few thousand).
+#: Most passages the Matryoshka rotation is fitted on (a 384-1024-dim second moment needs a few thousand).
 ROTATION_FIT_TEXTS = 4096
 
 
 def add_variance_rotation(
-    model: Any,
-    rows: Sequence[dict[str, str]],
-    query_prompt: str = "",
-    passage_prompt: str = "",
-    batch_size: int = 64,
-    seed: int = 42,
+    model: Any, passages: Sequence[str], passage_prompt: str = "", batch_size: int = 64, seed: int = 42
 ) -> list[float]:
-    """Append a frozen orthogonal layer that orders the embedding's coordinates by variance on the training texts.
+    """Append a frozen orthogonal layer that orders the embedding's coordinates by variance on the passages.
 
-    The layer is the eigenbasis of the uncentered second moment of the embeddings of the rows' anchors and
-    positives (PCA without centering). A rotation keeps every dot product and norm, so the full-dimension model
-    is unchanged; a prefix of ``d`` coordinates is then the best ``d``-dimensional linear summary of the domain's
-    embeddings, and MatryoshkaLoss starts from that instead of from a base model whose leading coordinates were
-    never meant to stand alone (measured in benchmarks/RESULTS.md). Frozen, so the loss cannot shrink or skew it
-    (weight decay would).
+    The layer is the eigenbasis of the uncentered second moment of the passages' embeddings (PCA without
+    centering). A rotation keeps every dot product and norm, so the full-size model is unchanged; a prefix of
+    ``d`` coordinates is then the best ``d``-dimensional linear summary of the corpus's embeddings, which is what a
+    truncated (Matryoshka) embedding of that corpus should be. Fitted on the corpus the model will search, after
+    training, because measured that way it kept far more at a quarter of the dimension than a rotation fitted on
+    the training texts or before training (benchmarks/RESULTS.md).
 
     Custom code because sentence-transformers ships no PCA module; it is an eigendecomposition written into its
-    own ``Dense`` layer, which saving, loading, ONNX export and serving already handle.
+    own ``Dense`` layer, which saving, loading, merging, ONNX export and serving already handle.
 
     Args:
         model: The ``SentenceTransformer`` to extend (in place).
-        rows: Training rows (``anchor``, ``positive``, ...); at most :data:`ROTATION_FIT_TEXTS` texts are used.
-        query_prompt: Prefix of anchors.
-        passage_prompt: Prefix of positives.
+        passages: Corpus passages; at most :data:`ROTATION_FIT_TEXTS` of them are used (a seeded sample).
+        passage_prompt: Prefix of passages.
         batch_size: Encoding batch.
-        seed: Seed of the text sample when there are more texts than the cap.
+        seed: Seed of the sample when there are more passages than the cap.
 
     Returns:
         The share of the variance in the first ``k`` coordinates, for ``k`` = 1 .. dimension.
@@ -130,17 +124,10 @@ def add_variance_rotation(
     import torch
     from sentence_transformers.sentence_transformer.modules import Dense
 
-    texts = sorted(
-        {(query_prompt, r["anchor"]) for r in rows} | {(passage_prompt, r["positive"]) for r in rows}
-    )
+    texts = sorted(set(passages))
     if len(texts) > ROTATION_FIT_TEXTS:
         texts = random.Random(seed).sample(texts, ROTATION_FIT_TEXTS)
-    emb = np.concatenate(
-        [
-            model.encode([t for p, t in texts if p == prompt], prompt=prompt or None, batch_size=batch_size)
-            for prompt in sorted({p for p, _ in texts})
-        ]
-    ).astype(np.float64)
+    emb = model.encode(texts, prompt=passage_prompt or None, batch_size=batch_size).astype(np.float64)
     eigenvalues, vectors = np.linalg.eigh(emb.T @ emb / len(emb))
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, vectors = np.clip(eigenvalues[order], 0.0, None), vectors[:, order]
@@ -285,15 +272,6 @@ def train(
     model = load_sentence_transformer(base_model, device=device)
     base_window = model.max_seq_length
     set_max_seq_length(model, settings.max_seq_length, base_model)
-    rotation_variance: dict[str, float] = {}
-    if settings.matryoshka_dims and settings.matryoshka_rotation:
-        shares = add_variance_rotation(
-            model, rows, query_prompt, passage_prompt, settings.batch_size, settings.seed
-        )
-        rotation_variance = {str(d): round(shares[d - 1], 4) for d in matryoshka_sizes(model, settings)}
-        if progress:
-            shown = ", ".join(f"{d} dims {s:.0%}" for d, s in rotation_variance.items())
-            progress(f"Matryoshka rotation fitted on the training texts; variance kept: {shown}")
     dataset = _datasets(rows)
     loss = build_loss(model, settings, base_model, device)
 
@@ -407,7 +385,6 @@ def train(
         loss_curve=recorder.loss,
         eval_curve=recorder.eval,
         best_metric=getattr(trainer.state, "best_metric", None),
-        rotation_variance=rotation_variance,
     )
 
 

@@ -258,3 +258,24 @@ def test_dynamo_exporter(tmp_path: Path) -> None:
     assert report.fp32_cosine_min >= 0.999
     assert report.int8_cosine_mean > 0.98
     assert report.extra["int8_quantized_nodes"] == 33  # FFN outputs found by graph structure, not node names
+
+
+def test_matryoshka_rotation_is_in_the_graph(tmp_path: Path) -> None:
+    """A Matryoshka-trained model ends in its frozen rotation: the ONNX graph applies it, so truncation serves."""
+    from embed_assets.export import export_onnx
+    from embed_assets.models import BUNDLED_MODEL, load_sentence_transformer
+    from embed_assets.serving.embedder import OnnxEmbedder
+    from embed_assets.training import add_variance_rotation
+
+    model = load_sentence_transformer(BUNDLED_MODEL, max_seq_length=64)
+    add_variance_rotation(model, TEXTS)
+    model.save(str(tmp_path / "rotated"))
+    report = export_onnx(
+        str(tmp_path / "rotated"), str(tmp_path / "onnx"), quantize_int8=False, parity_texts=TEXTS
+    )
+    assert report.fp32_cosine_min >= 0.999
+    meta = json.loads((tmp_path / "onnx" / "embed_assets_onnx.json").read_text())
+    assert meta["modules"][-1] == "Dense" and meta["dimension"] == 384
+    ours = OnnxEmbedder(str(tmp_path / "onnx"), "fp32").encode(TEXTS, truncate="END")
+    ref = model.encode(TEXTS)
+    assert _cos(ours[:, :96], ref[:, :96]).min() >= 0.999  # the rotated coordinates, not the base model's

@@ -90,9 +90,9 @@ class TrainSettings(BaseModel):
     )
     matryoshka_rotation: bool = Field(
         default=True,
-        description="With matryoshka_dims: before training, rotate the embedding space (a frozen orthogonal "
-        "layer, PCA of the training texts) so the leading coordinates carry the most variance. Similarities at "
-        "the full size are unchanged; truncated sizes start from the best-ordered space.",
+        description="With matryoshka_dims: after training, rotate the embedding space (a frozen orthogonal "
+        "layer, the PCA of the corpus passages' embeddings) so the leading coordinates carry the most variance. "
+        "Similarities at the full size are unchanged; each truncated size keeps more of the full quality.",
     )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         default="auto", description="'auto' (bf16/fp16 on CUDA), 'no', 'fp16', 'bf16'."
@@ -341,6 +341,8 @@ def train_checkpoint(
         final_work = work / f"lr-{selection.learning_rate:g}" if selection.probes else work
         report = _train(rows, final_work, out, settings, model, device, nproc, val, ctx, tracker, run_id)
         keep_best_probe(selection, report, work, out, ctx, tracker, run_id)
+        if settings.matryoshka_dims and settings.matryoshka_rotation:
+            rotate_by_corpus_variance(out, chunks, pairs, settings, model, report, ctx)
     except BaseException:
         if tracker is not None:
             _quietly(ctx, "marking the MLflow run failed", tracker.finish, run_id, "FAILED")
@@ -528,6 +530,39 @@ def keep_best_probe(
     ctx.log.info(f"kept model: the {selection.kept}")
     if tracker is not None:
         _quietly(ctx, "logging the kept model", tracker.set_tags, run_id, {"selected/kept": selection.kept})
+
+
+def rotate_by_corpus_variance(
+    out: Path,
+    chunks: ChunksManifest,
+    pairs: PairsManifest,
+    settings: TrainSettings,
+    model: ModelSpec,
+    report: Any,
+    ctx: StageContext,
+) -> None:
+    """Append the variance rotation of the corpus passages to the kept model (see ``add_variance_rotation``).
+
+    Runs on the model that is kept (final training or probe), at its serving window, so every later stage --
+    merging, evaluation per Matryoshka size, export, serving's ``dimensions`` -- sees the rotated coordinates.
+    ``report.rotation_variance`` records the share of variance each trained size keeps.
+    """
+    import shutil
+
+    from embed_assets.models import load_sentence_transformer
+    from embed_assets.storage import atomic_path
+    from embed_assets.training import ROTATION_FIT_TEXTS, add_variance_rotation, matryoshka_sizes
+
+    st_model = load_sentence_transformer(str(out), device=model.torch_device())
+    passages = [c.text for c in passage_pool(chunks, pairs)]
+    shares = add_variance_rotation(st_model, passages, model.passage_prompt, seed=settings.seed)
+    report.rotation_variance = {str(d): round(shares[d - 1], 4) for d in matryoshka_sizes(st_model, settings)}
+    with atomic_path(out) as tmp:
+        shutil.copytree(out, tmp, dirs_exist_ok=True)  # the training record and any other file stay
+        st_model.save(str(tmp), create_model_card=False)
+    shown = ", ".join(f"{d} dims {s:.0%}" for d, s in report.rotation_variance.items())
+    fitted = min(len(set(passages)), ROTATION_FIT_TEXTS)
+    ctx.log.info(f"Matryoshka rotation fitted on {fitted} corpus passages; variance kept: {shown}")
 
 
 def card_facts(
