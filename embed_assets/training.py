@@ -136,15 +136,10 @@ def add_variance_rotation(
     vectors = vectors * np.where(signs == 0, 1.0, signs)
     dim = vectors.shape[0]
     param = next(model.parameters())
-    layer = Dense(
-        dim,
-        dim,
-        bias=False,
-        activation_function=torch.nn.Identity(),
-        init_weight=torch.tensor(
-            vectors.T, dtype=param.dtype
-        ),  # y = V^T x: coordinate i is x's i-th component
-    ).to(param.device)
+    weight = torch.tensor(vectors.T, dtype=param.dtype)  # y = V^T x: coordinate i is x's i-th component
+    layer = Dense(dim, dim, bias=False, activation_function=torch.nn.Identity(), init_weight=weight).to(
+        param.device
+    )
     layer.requires_grad_(False)
     model.append(layer)
     return (np.cumsum(eigenvalues) / max(eigenvalues.sum(), 1e-12)).tolist()
