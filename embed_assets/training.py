@@ -32,6 +32,7 @@ class TrainReport:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     best_metric: float | None = None
+    validation_window: int = 0  # tokens per text of the validation passes (0: no validation)
     # Matryoshka rotation: trained dimension -> share of the corpus passages' variance in that many coordinates.
     rotation_variance: dict[str, float] = field(default_factory=dict)
 
@@ -209,6 +210,49 @@ def matryoshka_sizes(model: Any, settings: TrainSettings) -> list[int]:
     return sorted({d for d in settings.matryoshka_dims if 0 < d <= dim} | {dim}, reverse=True)
 
 
+def windowed_evaluator(
+    val: dict[str, Any], window: int, query_prompt: str = "", passage_prompt: str = ""
+) -> Any:
+    """An ``InformationRetrievalEvaluator`` that scores the model at ``window`` tokens, whatever it trains at.
+
+    The trainer's evaluator sees the model at its training window (shorter than the serving window by default,
+    so training is cheaper), but the validation score picks the learning rate, the kept checkpoint and the
+    kept probe, and what is served reads passages at the saved window. Scoring at that window makes the choice
+    on what users get: a passage's second half, invisible at 128 tokens, counts.
+
+    Args:
+        val: ``{"queries", "corpus", "relevant_docs"}`` (see :func:`train`).
+        window: Tokens per text while scoring; the model's own window is restored afterwards.
+        query_prompt: Prefix for queries.
+        passage_prompt: Prefix for passages.
+
+    Returns:
+        The evaluator (its metrics are named ``val_cosine_ndcg@10`` etc.).
+    """
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    class WindowedEvaluator(InformationRetrievalEvaluator):
+        def __call__(self, model: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+            trained = model.max_seq_length
+            model.max_seq_length = self.window
+            try:
+                return super().__call__(model, *args, **kwargs)
+            finally:
+                model.max_seq_length = trained
+
+    evaluator = WindowedEvaluator(
+        queries=val["queries"],
+        corpus=val["corpus"],
+        relevant_docs=val["relevant_docs"],
+        name="val",
+        query_prompt=query_prompt or None,
+        corpus_prompt=passage_prompt or None,
+        write_csv=False,
+    )
+    evaluator.window = window
+    return evaluator
+
+
 def _precision(setting: str, device: str) -> str:
     if setting != "auto":
         return setting
@@ -272,17 +316,11 @@ def train(
 
     evaluator = None
     if val and val.get("queries"):
-        from sentence_transformers.evaluation import InformationRetrievalEvaluator
-
-        evaluator = InformationRetrievalEvaluator(
-            queries=val["queries"],
-            corpus=val["corpus"],
-            relevant_docs=val["relevant_docs"],
-            name="val",
-            query_prompt=query_prompt or None,
-            corpus_prompt=passage_prompt or None,
-            write_csv=False,
-        )
+        val_window = settings.validation_max_seq_length or base_window
+        # Refused now, not at the first validation after minutes of training, if beyond the model's positions.
+        set_max_seq_length(model, val_window, base_model)
+        set_max_seq_length(model, settings.max_seq_length, base_model)
+        evaluator = windowed_evaluator(val, val_window, query_prompt, passage_prompt)
     prompts = None
     if query_prompt or passage_prompt:
         prompts = {"anchor": query_prompt}
@@ -360,6 +398,7 @@ def train(
                         "epochs": epochs,
                         "train_max_seq_length": settings.max_seq_length,
                         "saved_max_seq_length": base_window,
+                        "validation_max_seq_length": evaluator.window if evaluator else None,
                     },
                     indent=2,
                 )
@@ -380,6 +419,7 @@ def train(
         loss_curve=recorder.loss,
         eval_curve=recorder.eval,
         best_metric=getattr(trainer.state, "best_metric", None),
+        validation_window=evaluator.window if evaluator else 0,
     )
 
 

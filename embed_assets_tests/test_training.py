@@ -66,6 +66,46 @@ def test_rows_with_different_negatives_train_as_one_dataset_per_count() -> None:
     assert _datasets(rows[:2]).num_rows == 2  # one layout: one plain dataset
 
 
+def test_validation_scores_at_the_serving_window_not_the_training_window() -> None:
+    """The answer sits past the training window: validation at the saved window sees it, then restores 16."""
+    from embed_assets.models import load_sentence_transformer
+    from embed_assets.training import windowed_evaluator
+
+    filler = " ".join(
+        ["Boil the pasta in salted water, stir it often and drain it when soft."] * 2
+    )  # ~34 tokens
+    val = {
+        "queries": {"q": "What is the capital city of Australia?"},
+        "corpus": {
+            "answer": f"{filler} Canberra is the capital city of Australia.",
+            "near": "Kangaroos hop across the dry outback of Australia.",
+            "far": "A guide to knitting warm wool socks for winter.",
+        },
+        "relevant_docs": {"q": {"answer"}},
+    }
+    model = load_sentence_transformer(BUNDLED_MODEL)
+    model.max_seq_length = 16  # the training window
+    at_serving = windowed_evaluator(val, 256)(model)["val_cosine_ndcg@10"]
+    assert model.max_seq_length == 16
+    at_training = windowed_evaluator(val, 16)(model)["val_cosine_ndcg@10"]
+    assert at_serving == pytest.approx(1.0) and at_training < 1.0
+
+
+def test_a_validation_window_beyond_the_model_is_refused_before_training(
+    tmp_path: Path, tiny_corpus: Path
+) -> None:
+    rows = _rows(tiny_corpus, n=4)
+    val = {
+        "queries": {"q": rows[0]["anchor"]},
+        "corpus": {"p": rows[0]["positive"]},
+        "relevant_docs": {"q": {"p"}},
+    }
+    settings = TrainSettings(max_steps=1, batch_size=2, validation_max_seq_length=4096)
+    with pytest.raises(ValueError, match="max_seq_length=4096 exceeds"):
+        train(BUNDLED_MODEL, rows, tmp_path / "work", tmp_path / "model", settings, val=val)
+    assert not (tmp_path / "model").exists()
+
+
 @pytest.mark.slow
 def test_train_updates_weights_saves_and_resumes(tmp_path: Path, tiny_corpus: Path, capfd) -> None:
     from sentence_transformers import SentenceTransformer

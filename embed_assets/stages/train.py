@@ -70,6 +70,12 @@ class TrainSettings(BaseModel):
         description="Training window in tokens (≤ the model's maximum); the saved model "
         "keeps the base model's window for evaluation and serving.",
     )
+    validation_max_seq_length: int = Field(
+        default=0,
+        ge=0,
+        description="Window in tokens of the validation passes that choose the learning rate and the kept "
+        "checkpoint. 0: the saved model's window, the one evaluation and serving use.",
+    )
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1 = by epochs).")
     loss: Literal["mnrl", "cached_mnrl", "gist", "cached_gist"] = Field(
         default="mnrl",
