@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from embed_assets.models import BUNDLED_MODEL
 from embed_assets.stages.common import ModelSpec, StageContext
+from embed_assets.stages.train import MNRL_DIRECTIONS
 
 # ../shared/datasets beside the checkout (as in CI), unless EMBED_ASSETS_SHARED points elsewhere.
 DATASETS_ROOT = (
@@ -66,6 +67,8 @@ ABLATIONS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
     "gist": ({"train": {"loss": "gist"}}, MODES),
     "cached_gist_b64": ({"train": {"loss": "cached_gist", "batch_size": 64}}, MODES),
     "mnrl_hardness": ({"train": {"loss": "mnrl", "hardness_strength": 5.0}}, MODES),
+    # GTE's improved contrastive loss: passages against queries, queries against queries, passages against passages.
+    "gte_loss": ({"train": {"mnrl_directions": list(MNRL_DIRECTIONS)}}, MODES),
     "matryoshka": ({"train": {"matryoshka_dims": [192, 96]}}, MODES),
     "no_hard_negatives": ({"train": {"negatives_per_row": 0}}, MODES),
     # Train at the evaluation window (the base model's 256 tokens) instead of the default 128.

@@ -164,7 +164,7 @@ def build_loss(model: Any, settings: TrainSettings, base_model: str, device: str
 
     Args:
         model: The model being trained.
-        settings: ``loss``, ``hardness_*``, ``cached_mini_batch_size``, ``matryoshka_dims``.
+        settings: ``loss``, ``hardness_*``, ``mnrl_directions``, ``cached_mini_batch_size``, ``matryoshka_dims``.
         base_model: The guide of the GIST losses.
         device: Where the guide runs.
 
@@ -178,16 +178,22 @@ def build_loss(model: Any, settings: TrainSettings, base_model: str, device: str
         if settings.hardness_strength > 0
         else {}
     )
+    mnrl = {**hardness, "directions": tuple(settings.mnrl_directions), "partition_mode": "joint"}
     if settings.loss == "mnrl":
-        loss = losses.MultipleNegativesRankingLoss(model, **hardness)
+        loss = losses.MultipleNegativesRankingLoss(model, **mnrl)
     elif settings.loss == "cached_mnrl":
         loss = losses.CachedMultipleNegativesRankingLoss(
-            model, mini_batch_size=settings.cached_mini_batch_size, **hardness
+            model, mini_batch_size=settings.cached_mini_batch_size, **mnrl
         )
     elif settings.loss in ("gist", "cached_gist"):
         if hardness:
             raise ValueError(
                 "hardness_strength applies to the MNRL losses; GISTEmbed has no hardness weighting"
+            )
+        if settings.mnrl_directions != ["query_to_doc"]:
+            raise ValueError(
+                "mnrl_directions applies to the MNRL losses; GISTEmbed already contrasts queries with queries "
+                "and passages with passages (its guide masks the false ones)"
             )
         from embed_assets.models import load_sentence_transformer
 

@@ -122,7 +122,7 @@ def test_each_loss_option_builds_the_loss_it_names() -> None:
     from sentence_transformers.sentence_transformer import losses
 
     from embed_assets.models import load_sentence_transformer
-    from embed_assets.stages.train import TrainSettings
+    from embed_assets.stages.train import MNRL_DIRECTIONS, TrainSettings
     from embed_assets.training import build_loss
 
     model = load_sentence_transformer(BUNDLED_MODEL, max_seq_length=32)
@@ -142,6 +142,18 @@ def test_each_loss_option_builds_the_loss_it_names() -> None:
     assert list(nested.matryoshka_dims) == [384, 192, 96]  # the full size always, sizes above it dropped
     with pytest.raises(ValueError, match="GISTEmbed has no hardness"):
         built(loss="gist", hardness_strength=1.0)
+
+    # GTE's improved contrastive loss: the same batch, more contrasts, another loss value.
+    gte = built(loss="cached_mnrl", mnrl_directions=list(MNRL_DIRECTIONS))
+    assert gte.directions == MNRL_DIRECTIONS and gte.partition_mode == "joint"
+    queries, passages = ["python lists", "python dicts"], ["A list is ordered.", "A dict maps keys."]
+    batch = [model.tokenize(queries), model.tokenize(passages)]
+    plain, full = built(loss="mnrl"), built(loss="mnrl", mnrl_directions=list(MNRL_DIRECTIONS))
+    assert float(full(batch, None)) != pytest.approx(float(plain(batch, None)))
+    with pytest.raises(ValueError, match="mnrl_directions applies to the MNRL losses"):
+        built(loss="gist", mnrl_directions=["query_to_doc", "doc_to_query"])
+    with pytest.raises(ValueError, match="must include 'query_to_doc'"):
+        TrainSettings(mnrl_directions=["doc_to_query"])
 
 
 @pytest.mark.slow  # trains: learning-rate probes, then GISTEmbed + Matryoshka with early stopping

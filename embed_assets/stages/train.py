@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from embed_assets.stages.common import (
     Manifest,
@@ -35,6 +35,8 @@ from embed_assets.stages.split import SplitManifest
 SMALL_DATA_ROWS = 10_000
 #: A learning-rate probe shorter than this says more about noise than about the learning rate.
 MIN_PROBE_STEPS = 8
+#: The in-batch contrasts of the MNRL losses (sentence-transformers' ``directions``).
+MNRL_DIRECTIONS = ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")
 
 
 class TrainSettings(BaseModel):
@@ -89,6 +91,12 @@ class TrainSettings(BaseModel):
     hardness_strength: float = Field(
         default=0.0, ge=0, description="MNRL losses: weight harder negatives more (0 = off)."
     )
+    mnrl_directions: list[str] = Field(
+        default=["query_to_doc"],
+        description="MNRL losses: the in-batch contrasts, in one softmax. 'query_to_doc' (always included) is "
+        "plain MNRL; adding 'doc_to_query', 'query_to_query' and 'doc_to_doc' gives GTE's improved contrastive "
+        "loss (each passage also against the batch's queries, each query against the other queries...).",
+    )
     matryoshka_dims: list[int] = Field(
         default=[],
         description="Also train truncated embeddings of these sizes (MatryoshkaLoss over the chosen loss; the "
@@ -140,6 +148,17 @@ class TrainSettings(BaseModel):
         description="Data-parallel GPUs: > 1 launches that many torchrun workers (DDP) when CUDA has them; "
         "batch_size is per GPU (see docs/multi-gpu.md).",
     )
+
+    @field_validator("mnrl_directions")
+    @classmethod
+    def _known_directions(cls, value: list[str]) -> list[str]:
+        unknown = [d for d in value if d not in MNRL_DIRECTIONS]
+        if unknown or "query_to_doc" not in value:
+            raise ValueError(
+                f"mnrl_directions must include 'query_to_doc' and name only {', '.join(MNRL_DIRECTIONS)}; "
+                f"got {value}"
+            )
+        return list(dict.fromkeys(value))
 
     def resolved_epochs(self, n_rows: int) -> int:
         """Epochs by data size unless set explicitly."""
