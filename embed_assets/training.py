@@ -33,11 +33,13 @@ class TrainReport:
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     best_metric: float | None = None
     validation_window: int = 0  # tokens per text of the validation passes (0: no validation)
+    # Per validation query, nDCG@10 at the last validation (what a paired comparison of two runs needs).
+    val_per_query: dict[str, float] = field(default_factory=dict)
     # Matryoshka rotation: trained dimension -> share of the corpus passages' variance in that many coordinates.
     rotation_variance: dict[str, float] = field(default_factory=dict)
 
     def as_metadata(self) -> dict[str, Any]:
-        skip = ("loss_curve", "eval_curve", "rotation_variance")
+        skip = ("loss_curve", "eval_curve", "rotation_variance", "val_per_query")
         out = {k: v for k, v in asdict(self).items() if k not in skip}
         out["final_loss"] = self.loss_curve[-1][1] if self.loss_curve else None
         for dim, share in self.rotation_variance.items():
@@ -233,9 +235,12 @@ def windowed_evaluator(
         passage_prompt: Prefix for passages.
 
     Returns:
-        The evaluator (its metrics are named ``val_cosine_ndcg@10`` etc.).
+        The evaluator (its metrics are named ``val_cosine_ndcg@10`` etc.; ``per_query`` holds the last call's
+        nDCG@10 of each query, for paired comparisons).
     """
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    from embed_assets.metrics import per_query_ndcg
 
     class WindowedEvaluator(InformationRetrievalEvaluator):
         def __call__(self, model: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -245,6 +250,17 @@ def windowed_evaluator(
                 return super().__call__(model, *args, **kwargs)
             finally:
                 model.max_seq_length = trained
+
+        def compute_metrics(self, queries_result_list: list[Any]) -> dict[str, Any]:
+            run = {
+                qid: {hit["corpus_id"]: float(hit["score"]) for hit in hits}
+                for qid, hits in zip(self.queries_ids, queries_result_list, strict=True)
+            }
+            qrels = {
+                q: dict.fromkeys(self.relevant_docs[q], 1) for q in self.queries_ids if self.relevant_docs[q]
+            }
+            self.per_query = per_query_ndcg(qrels, run, k=10, missing_queries="zero")
+            return super().compute_metrics(queries_result_list)
 
     evaluator = WindowedEvaluator(
         queries=val["queries"],
@@ -256,6 +272,7 @@ def windowed_evaluator(
         write_csv=False,
     )
     evaluator.window = window
+    evaluator.per_query = {}  # set by each call: nDCG@10 per validation query
     return evaluator
 
 
@@ -426,6 +443,7 @@ def train(
         eval_curve=recorder.eval,
         best_metric=getattr(trainer.state, "best_metric", None),
         validation_window=evaluator.window if evaluator else 0,
+        val_per_query=dict(evaluator.per_query) if evaluator else {},
     )
 
 

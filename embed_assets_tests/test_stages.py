@@ -250,6 +250,38 @@ def test_corpus_queries_train_beside_user_pairs_and_never_validate(tmp_path: Pat
     assert split_both.n_val == split_user.n_val and split_both.n_test == split_user.n_test
 
 
+@pytest.mark.parametrize("lifted, lift, chosen", [(1, 0.08, 5e-05), (40, 0.1, 1e-04)])
+def test_a_learning_rate_replaces_the_configured_one_only_beyond_noise(
+    tmp_path: Path, monkeypatch, lifted, lift, chosen
+) -> None:
+    """1e-4 validates higher either way; only a lift the paired bootstrap trusts moves the choice off 5e-05."""
+    from types import SimpleNamespace
+
+    from embed_assets.stages import train as stage
+
+    queries = [f"q{i}" for i in range(40)]
+    base = {q: 0.3 + 0.01 * i for i, q in enumerate(queries)}
+
+    def fake_train(rows, work, out, settings, *args):  # the probes' scores, without the trainer
+        up = settings.learning_rate == 1e-04
+        per_query = {q: v + (lift if up and i < lifted else 0.0) for i, (q, v) in enumerate(base.items())}
+        mean = sum(per_query.values()) / len(per_query)
+        return SimpleNamespace(eval_curve=[(settings.max_steps, mean)], val_per_query=per_query)
+
+    monkeypatch.setattr(stage, "_train", fake_train)
+    settings = stage.TrainSettings(lr_candidates=[5e-05, 1e-04], max_steps=100, learning_rate=5e-05)
+    val = {"queries": dict.fromkeys(queries, "q"), "corpus": {}, "relevant_docs": {}}
+    ctx = StageContext.local(tmp_path, run_id="lr")
+    selection = stage.choose_learning_rate([], val, settings, MODEL, "cpu", 1, tmp_path, ctx, None, "")
+    best = max(selection.probes, key=lambda p: p["val_ndcg@10"])
+    assert best["learning_rate"] == 1e-04  # the higher mean both times
+    assert selection.learning_rate == chosen and selection.probe_steps == 25
+    if chosen == 5e-05:
+        assert "not better beyond noise" in selection.reason and "40 validation queries" in selection.reason
+    else:
+        assert selection.reason.startswith("best validation nDCG@10")
+
+
 @pytest.mark.parametrize("probe_score, kept", [(0.6, "probe"), (0.4, "final")])
 def test_the_winning_probe_is_kept_when_it_validates_better(tmp_path: Path, probe_score, kept) -> None:
     from types import SimpleNamespace

@@ -87,7 +87,9 @@ def test_validation_scores_at_the_serving_window_not_the_training_window() -> No
     model.max_seq_length = 16  # the training window
     at_serving = windowed_evaluator(val, 256)(model)["val_cosine_ndcg@10"]
     assert model.max_seq_length == 16
-    at_training = windowed_evaluator(val, 16)(model)["val_cosine_ndcg@10"]
+    evaluator = windowed_evaluator(val, 16)
+    at_training = evaluator(model)["val_cosine_ndcg@10"]
+    assert evaluator.per_query == {"q": pytest.approx(at_training)}  # per query, for paired comparisons
     assert at_serving == pytest.approx(1.0) and at_training < 1.0
 
 
