@@ -73,8 +73,8 @@ ABLATIONS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
     "no_hard_negatives": ({"train": {"negatives_per_row": 0}}, MODES),
     # Train at the evaluation window (the base model's 256 tokens) instead of the default 128.
     "train_window_256": ({"train": {"max_seq_length": 256}}, MODES),
-    # Validation (which picks the learning rate and the kept checkpoint) at the training window, not the serving one.
-    "validate_at_train_window": ({"train": {"validation_max_seq_length": 128}}, MODES),
+    # Validation (which picks the learning rate and the kept checkpoint) at the serving window, not the training one.
+    "validate_at_serving_window": ({"train": {"validation_max_seq_length": 256}}, MODES),
     # Offline pseudo-queries of the corpus beside the user's pairs (they only train).
     "corpus_queries": ({"sdg": {"corpus_queries_per_pair": 1.0}}, ("supervised",)),
     # The offline SDG mixture (corpus-only): the default is whichever the validation split favours across datasets.

@@ -187,8 +187,8 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
     assert checkpoint.eval_curve and "best validation" in meta["kept_checkpoint"]
     recorded = json.loads((Path(checkpoint.model_dir) / "embed_assets_training.json").read_text())
     assert recorded["settings"]["learning_rate"] == selection.learning_rate
-    # trained at 48 tokens, validated (and so chosen) at the 256 the saved model serves at
-    assert meta["validation_window"] == recorded["validation_max_seq_length"] == 256
+    # validated (and so chosen) at the 48-token training window by default; saved at the base window
+    assert meta["validation_window"] == recorded["validation_max_seq_length"] == 48
     # the kept model is the best on validation of the winning probe and the final training's checkpoints
     probe_won = best["val_ndcg@10"] > max(v for _, v in checkpoint.eval_curve)
     assert bool(selection.kept) == probe_won

@@ -76,7 +76,8 @@ class TrainSettings(BaseModel):
         default=0,
         ge=0,
         description="Window in tokens of the validation passes that choose the learning rate and the kept "
-        "checkpoint. 0: the saved model's window, the one evaluation and serving use.",
+        "checkpoint. 0: the training window (max_seq_length); the saved model's window (the one evaluation and "
+        "serving use) costs more per validation and chose no better on the shared datasets.",
     )
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1 = by epochs).")
     loss: Literal["mnrl", "cached_mnrl", "gist", "cached_gist"] = Field(
@@ -443,8 +444,8 @@ def choose_learning_rate(
     validation queries; the final training then runs at the winner (and stops early on the same validation
     set). The winner must beat the configured ``learning_rate`` (when it is a candidate) beyond noise, a paired
     bootstrap over the validation queries: a validation split of a few dozen queries ranks near-equal
-    candidates by chance (xquad-de, full budget: 1e-4 won by 0.0006 and its training gained +5.4 nDCG@10
-    points on the test set, the one at 5e-05 +7.7). Without a validation split, or with too little
+    candidates by chance (xquad-de, full budget, validated at 256 tokens: 1e-4 won by 0.0006 and its
+    training gained +5.4 nDCG@10 points on the test set, the one at 5e-05 +7.2). Without a validation split, or with too little
     data for a probe, ``learning_rate`` is used.
 
     Returns:
