@@ -96,7 +96,8 @@ class TrainSettings(BaseModel):
         default=["query_to_doc"],
         description="MNRL losses: the in-batch contrasts, in one softmax. 'query_to_doc' (always included) is "
         "plain MNRL; adding 'doc_to_query', 'query_to_query' and 'doc_to_doc' gives GTE's improved contrastive "
-        "loss (each passage also against the batch's queries, each query against the other queries...).",
+        "loss (each passage also against the batch's queries, each query against the other queries, each "
+        "passage against the other passages).",
     )
     matryoshka_dims: list[int] = Field(
         default=[],
@@ -445,8 +446,8 @@ def choose_learning_rate(
     set). The winner must beat the configured ``learning_rate`` (when it is a candidate) beyond noise, a paired
     bootstrap over the validation queries: a validation split of a few dozen queries ranks near-equal
     candidates by chance (xquad-de, full budget, validated at 256 tokens: 1e-4 won by 0.0006 and its
-    training gained +5.4 nDCG@10 points on the test set, the one at 5e-05 +7.2). Without a validation split, or with too little
-    data for a probe, ``learning_rate`` is used.
+    training gained +5.4 nDCG@10 points on the test set, the one at 5e-05 +7.2). Without a validation split,
+    or with too little data for a probe, ``learning_rate`` is used.
 
     Returns:
         The :class:`LRSelection` (recorded in metadata and MLflow).
