@@ -79,8 +79,9 @@ def test_golden_set_is_kept_out_of_training_and_evaluated(tmp_path: Path, prepar
 
     ctx, chunks, pairs = prepared
     golden = _golden_csv(tmp_path, chunks, _spans(chunks, 3))
-    split = split_pairs(chunks, pairs, SplitSettings(eval_path=str(golden)), ctx)
+    split = split_pairs(chunks, pairs, SplitSettings(eval_path=str(golden), golden_holdout="all_pairs"), ctx)
     assert split.golden is not None and split.golden.queries == 3 and split.golden.documents == 3
+    assert split.golden.documents_trained_on == 0
     _, _, qrels = load_beir_folder(split.golden.beir, split="test")
     doc_of = {c.chunk_id: c.doc_id for c in chunks.load()}
     golden_docs = {doc_of[cid] for rels in qrels.values() for cid in rels}
@@ -208,6 +209,62 @@ def test_training_picks_its_learning_rate_on_validation_and_reports_matryoshka(
     dims = metrics.primary.matryoshka
     assert set(dims) == {"96"} and 0.0 <= dims["96"] <= 1.0
     assert metrics.metadata()["matryoshka"].rows[0]["dimensions"] == 96
+
+
+def test_generated_pairs_of_golden_documents_train_and_the_users_own_never_do(
+    tmp_path: Path, prepared
+) -> None:
+    from embed_assets.storage import write_jsonl
+
+    ctx, chunks, pairs = prepared
+    spans = _spans(chunks, 3)
+    golden = _golden_csv(tmp_path, chunks, spans)
+    passages = chunks.load()
+    golden_docs = {c.doc_id for c in passages for _, a in spans if a in c.text}
+    assert len(golden_docs) == 3
+    questions = {q for q, _ in spans}
+
+    # Generated pairs (the offline generator's): a golden passage trains as it would in use.
+    split = split_pairs(chunks, pairs, SplitSettings(eval_path=str(golden)), ctx)
+    trained = {r.doc_id for r in split.train_records()} & golden_docs
+    assert trained and split.golden.documents_trained_on == len(trained)
+    assert split.metadata()["golden_documents_with_generated_training_pairs"] == len(trained)
+    assert not questions & {r.query for r in split.train_records()}
+    # golden_holdout all_pairs: no golden document is trained on, or validated on.
+    strict = split_pairs(
+        chunks,
+        pairs,
+        SplitSettings(eval_path=str(golden), golden_holdout="all_pairs"),
+        StageContext.local(tmp_path / "strict", run_id="strict"),
+    )
+    assert golden_docs <= set(strict.test_docs) and strict.golden.documents_trained_on == 0
+    assert not golden_docs & {r.doc_id for r in [*strict.train_records(), *strict.val_records()]}
+
+    # The user's own pairs on golden documents never train; the corpus pseudo-queries beside them train on a
+    # golden document that has no user pair.
+    spared = sorted(golden_docs)[0]
+    user = [
+        {
+            "query": f"which passage starts with {' '.join(c.text.split()[:5])}?",
+            "positives": [c.text],
+            "doc_id": c.doc_id,
+        }
+        for c in passages
+        if c.doc_id != spared
+    ]
+    write_jsonl(tmp_path / "pairs.jsonl", user)
+    sdg = SDGSettings(
+        generator="user_data", user_data_path=str(tmp_path / "pairs.jsonl"), corpus_queries_per_pair=1.0
+    )
+    uctx = StageContext.local(tmp_path / "user", run_id="user")
+    user_split = split_pairs(
+        chunks, generate_pairs(chunks, sdg, MODEL, uctx), SplitSettings(eval_path=str(golden)), uctx
+    )
+    train = user_split.train_records()
+    assert not {r.doc_id for r in train if r.generator == "byod"} & golden_docs
+    assert golden_docs - {spared} <= set(user_split.test_docs)
+    assert spared in {r.doc_id for r in train if r.generator == "inverse_cloze"}
+    assert user_split.golden.documents_trained_on == 1
 
 
 def test_corpus_queries_train_beside_user_pairs_and_never_validate(tmp_path: Path, prepared) -> None:

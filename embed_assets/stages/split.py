@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -62,11 +62,19 @@ class SplitSettings(BaseModel):
     )
     eval_path: str = Field(
         default="",
-        description="Your own golden set: a BEIR folder or a query/passage CSV over the corpus. Its documents "
-        "stay out of training; beir_metrics reports it next to the generated test split and gates on it.",
+        description="Your own golden set: a BEIR folder or a query/passage CSV over the corpus. Its questions "
+        "never train (golden_holdout: what else of its documents stays out); beir_metrics reports it next to the "
+        "generated test split and gates on it.",
     )
     eval_split: str = Field(
         default="test", description="eval_path as a BEIR folder: which qrels file to read."
+    )
+    golden_holdout: Literal["user_pairs", "all_pairs"] = Field(
+        default="user_pairs",
+        description="Which pairs on the golden set's documents stay out of training. 'user_pairs': your own "
+        "(user_data) pairs, which may repeat golden questions; generated pseudo-queries of those passages carry "
+        "nothing of the golden questions and train, as they do in use, where the model is adapted to every "
+        "passage of the corpus (GPL's protocol). 'all_pairs': every pair, so training sees no golden passage.",
     )
 
     @model_validator(mode="after")
@@ -105,6 +113,7 @@ class GoldenInfo:
     queries: int
     qrels: int
     documents: int
+    documents_trained_on: int = 0  # golden documents whose generated pseudo-queries train
 
 
 @dataclass
@@ -166,6 +175,7 @@ class SplitManifest(Manifest):
                     "golden_source": PathRef(self.golden.source),
                     "golden_queries": self.golden.queries,
                     "golden_documents": self.golden.documents,
+                    "golden_documents_with_generated_training_pairs": self.golden.documents_trained_on,
                     "golden_beir": PathRef(self.golden.beir),
                 }
                 if self.golden
@@ -248,7 +258,13 @@ def split_pairs(
     pool = passage_pool(chunks, pairs) if settings.eval_path else None
     golden = load_golden(settings.eval_path, pool, settings.eval_split) if pool is not None else None
     frozen, reason = _usable_freeze(record_file, doc_ids, settings, chunks.corpus_root)
-    held_out = set(frozen["test_docs"] if frozen else ()) | (golden.docs if golden else set())
+    frozen_docs = set(frozen["test_docs"] if frozen else ())
+    golden_docs = golden.docs if golden else set()
+    # The user's pairs on golden documents may repeat golden questions, so they never train; a generated
+    # pseudo-query carries nothing of them and trains on a golden passage unless golden_holdout says otherwise.
+    hide_generated = golden_docs if settings.golden_holdout == "all_pairs" else set()
+    held_out_generated = frozen_docs | hide_generated
+    held_out = frozen_docs | (golden_docs if pairs.generator == "user_data" else hide_generated)
     assignment, used = assign_documents(
         doc_ids,
         n_records,
@@ -269,6 +285,7 @@ def split_pairs(
     sizes = dict.fromkeys(paths, 0)
     test: list[Any] = []
     dropped_train_only = 0
+    golden_trained: set[str] = set()
     with (
         jsonl_writer(paths["train"]) as train_file,
         jsonl_writer(paths["val"]) as val_file,
@@ -279,13 +296,17 @@ def split_pairs(
             record = QARecord.from_dict(row)
             if train_only(row):
                 # A pseudo-query trains unless its document is a validation or test (or golden) one.
-                name = assignment.get(record.doc_id, "test" if record.doc_id in held_out else "train")
+                name = assignment.get(
+                    record.doc_id, "test" if record.doc_id in held_out_generated else "train"
+                )
                 if name != "train":
                     dropped_train_only += 1
                     continue
             else:
                 name = assignment[record.doc_id]
             sizes[name] += files[name]([record.to_dict()])
+            if name == "train" and record.doc_id in golden_docs:
+                golden_trained.add(record.doc_id)
             if name == "test":
                 test.append(record)
     if dropped_train_only:
@@ -296,7 +317,11 @@ def split_pairs(
     eval_dir = out / "eval_beir"
     counts = write_eval_beir(eval_dir, test, iter_passage_pool(chunks, pairs))
     del test
-    golden_info = _write_golden(golden, pool, out / "golden_beir", ctx) if golden and pool else None
+    golden_info = (
+        _write_golden(golden, pool, out / "golden_beir", len(golden_trained), ctx)
+        if golden and pool
+        else None
+    )
     changes = _changes(frozen.get("last_eval_dir") if frozen else None, eval_dir, counts.passage_id_hashes)
     info = EvalSetInfo(
         status="reused" if frozen else "new",
@@ -362,15 +387,22 @@ def _split_inputs(chunks: ChunksManifest, pairs: PairsManifest, settings: SplitS
     )
 
 
-def _write_golden(golden: Any, pool: list[Any], folder: Path, ctx: StageContext) -> GoldenInfo:
-    """The golden set as a BEIR folder over every passage (ids = chunk ids)."""
+def _write_golden(
+    golden: Any, pool: list[Any], folder: Path, trained_on: int, ctx: StageContext
+) -> GoldenInfo:
+    """The golden set as a BEIR folder over every passage (ids = chunk ids); ``trained_on``: how many of its
+    documents have generated pseudo-queries in training."""
     from embed_assets.beir_io import write_beir_folder
 
     corpus = {c.chunk_id: {"title": "", "text": c.text} for c in pool}
     write_beir_folder(folder, corpus, golden.queries, golden.qrels, split="test")
     ctx.log.info(
         f"golden set {golden.source}: {len(golden.queries)} queries over {len(golden.docs)} documents "
-        "(kept out of training)"
+        + (
+            f"(its questions never train; generated pseudo-queries of {trained_on} of these documents do)"
+            if trained_on
+            else "(kept out of training)"
+        )
     )
     return GoldenInfo(
         source=golden.source,
@@ -378,6 +410,7 @@ def _write_golden(golden: Any, pool: list[Any], folder: Path, ctx: StageContext)
         queries=len(golden.queries),
         qrels=sum(len(r) for r in golden.qrels.values()),
         documents=len(golden.docs),
+        documents_trained_on=trained_on,
     )
 
 
