@@ -246,8 +246,10 @@ def split_pairs(
 
     # Pass 1: which documents have pairs (no record is kept). Corpus pseudo-queries beside user pairs
     # (SDGSettings.corpus_queries_per_pair) only train: the documents are placed by the user's pairs alone.
+    user_pairs = pairs.generator == "user_data"
+
     def train_only(row: dict[str, Any]) -> bool:
-        return pairs.generator == "user_data" and row.get("generator") != USER_GENERATOR
+        return user_pairs and row.get("generator") != USER_GENERATOR
 
     doc_ids, n_records = set(), 0
     for row in iter_jsonl(pairs.path):
@@ -264,7 +266,7 @@ def split_pairs(
     # pseudo-query carries nothing of them and trains on a golden passage unless golden_holdout says otherwise.
     hide_generated = golden_docs if settings.golden_holdout == "all_pairs" else set()
     held_out_generated = frozen_docs | hide_generated
-    held_out = frozen_docs | (golden_docs if pairs.generator == "user_data" else hide_generated)
+    held_out = frozen_docs | (golden_docs if user_pairs else hide_generated)
     assignment, used = assign_documents(
         doc_ids,
         n_records,
@@ -295,7 +297,8 @@ def split_pairs(
         for row in iter_jsonl(pairs.path):
             record = QARecord.from_dict(row)
             if train_only(row):
-                # A pseudo-query trains unless its document is a validation or test (or golden) one.
+                # A pseudo-query trains unless its document is a validation or test one (or, with
+                # golden_holdout all_pairs, a golden one).
                 name = assignment.get(
                     record.doc_id, "test" if record.doc_id in held_out_generated else "train"
                 )
