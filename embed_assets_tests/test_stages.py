@@ -240,8 +240,8 @@ def test_generated_pairs_of_golden_documents_train_and_the_users_own_never_do(
     assert golden_docs <= set(strict.test_docs) and strict.golden.documents_trained_on == 0
     assert not golden_docs & {r.doc_id for r in [*strict.train_records(), *strict.val_records()]}
 
-    # The user's own pairs on golden documents never train; the corpus pseudo-queries beside them train on a
-    # golden document that has no user pair.
+    # The user's own pairs on golden documents never train; the corpus pseudo-queries beside them train on
+    # every golden document, whether it has user pairs (test documents) or not.
     spared = sorted(golden_docs)[0]
     user = [
         {
@@ -263,11 +263,13 @@ def test_generated_pairs_of_golden_documents_train_and_the_users_own_never_do(
     train = user_split.train_records()
     assert not {r.doc_id for r in train if r.generator == "byod"} & golden_docs
     assert golden_docs - {spared} <= set(user_split.test_docs)
-    assert spared in {r.doc_id for r in train if r.generator == "inverse_cloze"}
-    assert user_split.golden.documents_trained_on == 1
+    generated = {r.doc_id for r in train if r.generator == "inverse_cloze"}
+    assert spared in generated and generated & (golden_docs - {spared})
+    assert user_split.golden.documents_trained_on == len(generated & golden_docs)
 
 
 def test_corpus_queries_train_beside_user_pairs_and_never_validate(tmp_path: Path, prepared) -> None:
+    """They never validate or test, and train on every document (all_pairs: not on held-out ones)."""
     from embed_assets.storage import write_jsonl
 
     ctx, chunks, _ = prepared
@@ -303,8 +305,19 @@ def test_corpus_queries_train_beside_user_pairs_and_never_validate(tmp_path: Pat
     train = split_both.train_records()
     assert {r.generator for r in train} == {"byod", "inverse_cloze"}
     held_out = set(split_both.val_docs) | set(split_both.test_docs)
-    assert not {r.doc_id for r in train if r.generator == "inverse_cloze"} & held_out
+    generated = {r.doc_id for r in train if r.generator == "inverse_cloze"}
+    # validation and test measure the model adapted to their passages too, as a golden set does
+    assert generated & set(split_both.val_docs) and generated & set(split_both.test_docs)
     assert split_both.n_val == split_user.n_val and split_both.n_test == split_user.n_test
+    strict = split_pairs(
+        chunks,
+        both,
+        SplitSettings(golden_holdout="all_pairs"),
+        StageContext.local(tmp_path / "s", run_id="s"),
+    )
+    assert strict.val_docs == split_both.val_docs and strict.n_val == split_both.n_val
+    strict_generated = {r.doc_id for r in strict.train_records() if r.generator == "inverse_cloze"}
+    assert strict_generated and not strict_generated & held_out
 
 
 @pytest.mark.parametrize("lifted, lift, chosen", [(1, 0.08, 5e-05), (40, 0.1, 1e-04)])

@@ -74,7 +74,9 @@ class SplitSettings(BaseModel):
         description="Which pairs on the golden set's documents stay out of training. 'user_pairs': your own "
         "(user_data) pairs, which may repeat golden questions; generated pseudo-queries of those passages carry "
         "nothing of the golden questions and train, as they do in use, where the model is adapted to every "
-        "passage of the corpus (GPL's protocol). 'all_pairs': every pair, so training sees no golden passage.",
+        "passage of the corpus (GPL's protocol); so do the corpus pseudo-queries (corpus_queries_per_pair) of "
+        "validation and test documents, so those splits measure the same adaptation. 'all_pairs': every pair, so "
+        "training sees no golden, validation or test passage.",
     )
 
     @model_validator(mode="after")
@@ -245,7 +247,9 @@ def split_pairs(
         return reused
 
     # Pass 1: which documents have pairs (no record is kept). Corpus pseudo-queries beside user pairs
-    # (SDGSettings.corpus_queries_per_pair) only train: the documents are placed by the user's pairs alone.
+    # (SDGSettings.corpus_queries_per_pair) only train: the documents are placed by the user's pairs alone, and
+    # (golden_holdout user_pairs) they train on validation and test documents too, so validation and test
+    # measure the model adapted to the whole corpus, as the golden set does.
     user_pairs = pairs.generator == "user_data"
 
     def train_only(row: dict[str, Any]) -> bool:
@@ -286,7 +290,7 @@ def split_pairs(
     paths = {name: str(out / f"{name}.jsonl") for name in ("train", "val", "test")}
     sizes = dict.fromkeys(paths, 0)
     test: list[Any] = []
-    dropped_train_only = 0
+    dropped_train_only = held_out_trained = 0
     golden_trained: set[str] = set()
     with (
         jsonl_writer(paths["train"]) as train_file,
@@ -297,14 +301,15 @@ def split_pairs(
         for row in iter_jsonl(pairs.path):
             record = QARecord.from_dict(row)
             if train_only(row):
-                # A pseudo-query trains unless its document is a validation or test one (or, with
-                # golden_holdout all_pairs, a golden one).
+                # With golden_holdout all_pairs a pseudo-query on a validation, test or golden document drops.
                 name = assignment.get(
                     record.doc_id, "test" if record.doc_id in held_out_generated else "train"
                 )
-                if name != "train":
+                if name != "train" and settings.golden_holdout == "all_pairs":
                     dropped_train_only += 1
                     continue
+                held_out_trained += name != "train"
+                name = "train"
             else:
                 name = assignment[record.doc_id]
             sizes[name] += files[name]([record.to_dict()])
@@ -315,7 +320,12 @@ def split_pairs(
     if dropped_train_only:
         ctx.log.info(
             f"split_sets: {dropped_train_only} corpus pseudo-queries on validation or test documents dropped "
-            "(they only train)"
+            "(golden_holdout all_pairs)"
+        )
+    if held_out_trained:
+        ctx.log.info(
+            f"split_sets: {held_out_trained} corpus pseudo-queries on validation or test documents train "
+            "(your pairs there never do)"
         )
     eval_dir = out / "eval_beir"
     counts = write_eval_beir(eval_dir, test, iter_passage_pool(chunks, pairs))
