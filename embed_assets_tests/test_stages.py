@@ -319,6 +319,16 @@ def test_corpus_queries_train_beside_user_pairs_and_never_validate(tmp_path: Pat
     strict_generated = {r.doc_id for r in strict.train_records() if r.generator == "inverse_cloze"}
     assert strict_generated and not strict_generated & held_out
 
+    # Mining takes the trained test passages as candidates, and no other test passage.
+    from embed_assets.stages.mine import MiningSettings, mine_negatives
+
+    rows = mine_negatives(chunks, both, split_both, MiningSettings(), MODEL, ctx).rows()
+    assert len(rows) == split_both.n_train
+    trained = {r.positive_chunk_ids[0] for r in train}
+    test_passages = {c.chunk_id for c in passages if c.doc_id in set(split_both.test_docs)}
+    assert trained & test_passages
+    assert not {n for row in rows for n in row["negative_ids"]} & (test_passages - trained)
+
 
 @pytest.mark.parametrize("lifted, lift, chosen", [(1, 0.08, 5e-05), (40, 0.1, 1e-04)])
 def test_a_learning_rate_replaces_the_configured_one_only_beyond_noise(

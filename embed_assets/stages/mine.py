@@ -167,8 +167,12 @@ def mine_negatives(
     start = time.monotonic()
     device = model.torch_device()
     st_model = load_sentence_transformer(model.base_model, device=device)
+    records = split.train_records()
     test_docs = set(split.test_docs)
-    pool = [c for c in passage_pool(chunks, pairs) if c.doc_id not in test_docs]
+    # Test passages are no candidates, except those a training row is about (corpus pseudo-queries of test
+    # documents train, SplitSettings.golden_holdout): they are trained on anyway.
+    trained = {pid for r in records for pid in r.positive_chunk_ids}
+    pool = [c for c in passage_pool(chunks, pairs) if c.doc_id not in test_docs or c.chunk_id in trained]
     query_prompt, passage_prompt = model.prompts()
     cross_encoder = None
     if settings.cross_encoder:
@@ -178,7 +182,6 @@ def mine_negatives(
 
         cross_encoder = CrossEncoder(resolve_model_path(settings.cross_encoder), device=device)
         ctx.log.info(f"rescoring mined candidates with the cross-encoder {settings.cross_encoder}")
-    records = split.train_records()
     result = mine_pool(
         st_model,
         records,
