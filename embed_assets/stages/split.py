@@ -268,7 +268,8 @@ def split_pairs(
     golden_docs = golden.docs if golden else set()
     # The user's pairs on golden documents may repeat golden questions, so they never train; a generated
     # pseudo-query carries nothing of them and trains on a golden passage unless golden_holdout says otherwise.
-    hide_generated = golden_docs if settings.golden_holdout == "all_pairs" else set()
+    hide_all = settings.golden_holdout == "all_pairs"
+    hide_generated = golden_docs if hide_all else set()
     held_out_generated = frozen_docs | hide_generated
     held_out = frozen_docs | (golden_docs if user_pairs else hide_generated)
     assignment, used = assign_documents(
@@ -301,14 +302,14 @@ def split_pairs(
         for row in iter_jsonl(pairs.path):
             record = QARecord.from_dict(row)
             if train_only(row):
-                # With golden_holdout all_pairs a pseudo-query on a validation, test or golden document drops.
-                name = assignment.get(
-                    record.doc_id, "test" if record.doc_id in held_out_generated else "train"
-                )
-                if name != "train" and settings.golden_holdout == "all_pairs":
+                # A pseudo-query always trains; with golden_holdout all_pairs, one on a validation, test or
+                # golden document drops instead.
+                fallback = "test" if record.doc_id in held_out_generated else "train"
+                held = assignment.get(record.doc_id, fallback) != "train"
+                if held and hide_all:
                     dropped_train_only += 1
                     continue
-                held_out_trained += name != "train"
+                held_out_trained += held
                 name = "train"
             else:
                 name = assignment[record.doc_id]
