@@ -71,10 +71,8 @@ ABLATIONS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
     "gte_loss": ({"train": {"mnrl_directions": list(MNRL_DIRECTIONS)}}, MODES),
     "matryoshka": ({"train": {"matryoshka_dims": [192, 96]}}, MODES),
     "no_hard_negatives": ({"train": {"negatives_per_row": 0}}, MODES),
-    # Train at the evaluation window (the base model's 256 tokens) instead of the default 128.
-    "train_window_256": ({"train": {"max_seq_length": 256}}, MODES),
-    # Validation (which picks the learning rate and the kept checkpoint) at the serving window, not the training one.
-    "validate_at_serving_window": ({"train": {"validation_max_seq_length": 256}}, MODES),
+    # Train at 128 tokens (the default before 2026-12-06) instead of the base model's window (256 for MiniLM).
+    "train_window_128": ({"train": {"max_seq_length": 128}}, MODES),
     # Offline pseudo-queries of the corpus beside the user's pairs (they only train).
     "corpus_queries": ({"sdg": {"corpus_queries_per_pair": 1.0}}, ("supervised",)),
     # The offline SDG mixture (corpus-only): the default is whichever the validation split favours across datasets.
@@ -401,7 +399,7 @@ def run_peer(folder: Path, chunks: Any, product: tuple, args: argparse.Namespace
         pairs = random.Random(args.seed).sample(pairs, args.max_train_pairs)
     model = SentenceTransformer(resolve_model_path(args.model), device="cpu")
     window = model.max_seq_length
-    model.max_seq_length = train.max_seq_length
+    model.max_seq_length = train.max_seq_length or window
     # The product run's training budget: its epochs (the most it may train) and its chosen learning rate.
     epochs = int(checkpoint.report.get("epochs") or train.resolved_epochs(len(pairs)))
     lr = checkpoint.selection.learning_rate if checkpoint.selection else train.learning_rate

@@ -108,6 +108,26 @@ def test_a_validation_window_beyond_the_model_is_refused_before_training(
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize(("configured", "trained"), [(0, 256), (48, 48)])
+def test_training_runs_at_the_base_models_window_unless_set(
+    tmp_path: Path, tiny_corpus: Path, configured: int, trained: int
+) -> None:
+    from transformers import TrainerCallback
+
+    seen: list[int] = []
+
+    class Window(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model.max_seq_length)
+
+    settings = TrainSettings(max_steps=1, batch_size=2, max_seq_length=configured)
+    rows = _rows(tiny_corpus, n=4)
+    report = train(BUNDLED_MODEL, rows, tmp_path / "work", tmp_path / "model", settings, callbacks=[Window()])
+    assert seen == [trained] and report.train_window == trained
+    recorded = json.loads((tmp_path / "model" / "embed_assets_training.json").read_text())
+    assert recorded["train_max_seq_length"] == trained and recorded["saved_max_seq_length"] == 256
+
+
 @pytest.mark.slow
 def test_train_updates_weights_saves_and_resumes(tmp_path: Path, tiny_corpus: Path, capfd) -> None:
     from sentence_transformers import SentenceTransformer

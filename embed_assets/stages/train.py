@@ -67,17 +67,18 @@ class TrainSettings(BaseModel):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps for linear warmup.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
     max_seq_length: int = Field(
-        default=128,
-        ge=8,
-        description="Training window in tokens (≤ the model's maximum); the saved model "
-        "keeps the base model's window for evaluation and serving.",
+        default=0,
+        ge=0,
+        description="Training window in tokens (≤ the model's maximum). 0: the base model's own window, the "
+        "one evaluation and serving use, so a passage trains on the text it is searched by (a shorter window "
+        "cuts the tail of long passages off the positives: cheaper steps, and queries about the tail then "
+        "teach the wrong match). The saved model keeps the base model's window either way.",
     )
     validation_max_seq_length: int = Field(
         default=0,
         ge=0,
         description="Window in tokens of the validation passes that choose the learning rate and the kept "
-        "checkpoint. 0: the training window (max_seq_length); the saved model's window (the one evaluation and "
-        "serving use) costs more per validation and chose no better on the shared datasets.",
+        "checkpoint. 0: the training window (max_seq_length).",
     )
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1 = by epochs).")
     loss: Literal["mnrl", "cached_mnrl", "gist", "cached_gist"] = Field(
@@ -643,7 +644,7 @@ def card_facts(
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
             "negatives_per_row": settings.negatives_per_row,
-            "train_max_seq_length": settings.max_seq_length,
+            "train_max_seq_length": report.train_window,
             "query_prompt": model.query_prompt,
             "passage_prompt": model.passage_prompt,
             "device": report.device,
