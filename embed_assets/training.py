@@ -200,7 +200,9 @@ def build_loss(model: Any, settings: TrainSettings, base_model: str, device: str
             )
         from embed_assets.models import load_sentence_transformer
 
-        guide = load_sentence_transformer(base_model, device=device, max_seq_length=settings.max_seq_length or None)
+        guide = load_sentence_transformer(
+            base_model, device=device, max_seq_length=settings.max_seq_length or None
+        )
         loss = (
             losses.GISTEmbedLoss(model, guide)
             if settings.loss == "gist"
