@@ -399,7 +399,7 @@ def run_peer(folder: Path, chunks: Any, product: tuple, args: argparse.Namespace
         pairs = random.Random(args.seed).sample(pairs, args.max_train_pairs)
     model = SentenceTransformer(resolve_model_path(args.model), device="cpu")
     window = model.max_seq_length
-    model.max_seq_length = train.max_seq_length or window
+    model.max_seq_length = train.training_window(window)
     # The product run's training budget: its epochs (the most it may train) and its chosen learning rate.
     epochs = int(checkpoint.report.get("epochs") or train.resolved_epochs(len(pairs)))
     lr = checkpoint.selection.learning_rate if checkpoint.selection else train.learning_rate

@@ -32,7 +32,7 @@ class TrainReport:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     best_metric: float | None = None
-    train_window: int = 0  # tokens per text while training (settings.max_seq_length or the base model's)
+    train_window: int = 0  # tokens per text while training (TrainSettings.training_window)
     validation_window: int = 0  # tokens per text of the validation passes (0: no validation)
     # Per validation query, nDCG@10 at the last validation (what a paired comparison of two runs needs).
     val_per_query: dict[str, float] = field(default_factory=dict)
@@ -200,9 +200,7 @@ def build_loss(model: Any, settings: TrainSettings, base_model: str, device: str
             )
         from embed_assets.models import load_sentence_transformer
 
-        guide = load_sentence_transformer(
-            base_model, device=device, max_seq_length=settings.max_seq_length or None
-        )
+        guide = load_sentence_transformer(base_model, device=device, max_seq_length=model.max_seq_length)
         loss = (
             losses.GISTEmbedLoss(model, guide)
             if settings.loss == "gist"
@@ -306,8 +304,8 @@ def train(
     """Fine-tune ``base_model`` on ``rows`` and save the (best) model to ``out_dir``.
 
     Trainer checkpoints go to ``work_dir``; a run killed mid-way resumes from the last one when called again
-    with the same ``work_dir``. The model trains at ``settings.max_seq_length`` tokens (0: the base model's
-    own window) and is saved with the base model's own window, so evaluation, export and serving see passages as the base model does.
+    with the same ``work_dir``. The model trains at ``settings.training_window`` tokens and is saved with the
+    base model's own window, so evaluation, export and serving see passages as the base model does.
 
     Args:
         base_model: Model path or hub id (see :func:`embed_assets.models.resolve_model_path`).
@@ -337,7 +335,7 @@ def train(
         raise ValueError("no training rows: the mined_negatives stage produced nothing to train on")
     model = load_sentence_transformer(base_model, device=device)
     base_window = model.max_seq_length
-    train_window = settings.max_seq_length or base_window
+    train_window = settings.training_window(base_window)
     set_max_seq_length(model, train_window, base_model)
     dataset = _datasets(rows)
     loss = build_loss(model, settings, base_model, device)

@@ -39,6 +39,9 @@ MIN_PROBE_STEPS = 8
 MNRL_DIRECTIONS = ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")
 
 
+MIN_TRAIN_WINDOW = 8  # tokens: below it a passage is hardly more than its first word or two
+
+
 class TrainSettings(BaseModel):
     """Training hyper-parameters (the training sequence length has its one owner here)."""
 
@@ -152,6 +155,20 @@ class TrainSettings(BaseModel):
         description="Data-parallel GPUs: > 1 launches that many torchrun workers (DDP) when CUDA has them; "
         "batch_size is per GPU (see docs/multi-gpu.md).",
     )
+
+    @field_validator("max_seq_length")
+    @classmethod
+    def _usable_window(cls, value: int) -> int:
+        if 0 < value < MIN_TRAIN_WINDOW:
+            raise ValueError(
+                f"max_seq_length must be 0 (the base model's window) or at least {MIN_TRAIN_WINDOW} tokens; "
+                f"got {value}"
+            )
+        return value
+
+    def training_window(self, base_window: int) -> int:
+        """Tokens per text while training: ``max_seq_length``, or the base model's own window when it is 0."""
+        return self.max_seq_length or base_window
 
     @field_validator("mnrl_directions")
     @classmethod

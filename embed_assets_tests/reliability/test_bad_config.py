@@ -125,6 +125,10 @@ def test_training_config_ranges() -> None:
     assert fields == {"batch_size", "warmup_ratio", "loss"}
     # a Literal option lists every choice
     assert "Input should be 'mnrl', 'cached_mnrl', 'gist' or 'cached_gist'" in str(info.value)
+    # 0 is the base model's window; a window of a few tokens stays refused (the bound before 0 meant that)
+    with pytest.raises(ValidationError, match=r"max_seq_length must be 0 .* or at least 8 tokens; got 4"):
+        TrainingConfig(max_seq_length=4)
+    assert TrainingConfig(max_seq_length=0).max_seq_length == 0
 
 
 @pytest.mark.slow  # loads torch and the model
