@@ -37,9 +37,8 @@ SMALL_DATA_ROWS = 10_000
 MIN_PROBE_STEPS = 8
 #: The in-batch contrasts of the MNRL losses (sentence-transformers' ``directions``).
 MNRL_DIRECTIONS = ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")
-
-
-MIN_TRAIN_WINDOW = 8  # tokens: below it a passage is hardly more than its first word or two
+#: Smallest training window in tokens (besides 0 = the base model's): below it a passage is a word or two.
+MIN_TRAIN_WINDOW = 8
 
 
 class TrainSettings(BaseModel):
