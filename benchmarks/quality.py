@@ -71,6 +71,8 @@ ABLATIONS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
     "gte_loss": ({"train": {"mnrl_directions": list(MNRL_DIRECTIONS)}}, MODES),
     "matryoshka": ({"train": {"matryoshka_dims": [192, 96]}}, MODES),
     "no_hard_negatives": ({"train": {"negatives_per_row": 0}}, MODES),
+    # After the choices on validation, retrain on the training and validation pairs together.
+    "refit": ({"train": {"refit_on_validation": True}}, MODES),
     # Train at 128 tokens (the default before 2026-12-06) instead of the base model's window (256 for MiniLM).
     "train_window_128": ({"train": {"max_seq_length": 128}}, MODES),
     # Offline pseudo-queries of the corpus beside the user's pairs (they only train).
@@ -300,6 +302,11 @@ def run_product(
             "learning_rate": checkpoint.selection.learning_rate if checkpoint.selection else None,
             "steps": checkpoint.report.get("steps"),
             "kept": checkpoint.selection_metadata().get("kept_checkpoint", ""),
+            **(
+                {"refit": checkpoint.selection.refit}
+                if checkpoint.selection and checkpoint.selection.refit
+                else {}
+            ),
             "val_ndcg@10": max((v for _, v in checkpoint.eval_curve), default=float("nan")),
         },
         served=metrics.served_label,

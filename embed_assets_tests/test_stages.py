@@ -534,3 +534,96 @@ def test_split_streams_the_pairs_and_states_what_the_eval_passages_gained_and_lo
     e = second.eval_set
     assert e.status == "reused" and (e.passages_added, e.passages_removed) == (1, 2)
     assert (e.queries_added, e.queries_removed) == (0, 0) and e.passages == len(passages)
+
+
+@pytest.mark.parametrize("probe_kept", [False, True])
+def test_the_refit_trains_train_and_validation_rows_as_many_epochs_as_the_kept_model(
+    tmp_path: Path, monkeypatch, probe_kept: bool
+) -> None:
+    """The refit's steps are the kept model's epochs over the larger set, one schedule, no validation."""
+    from types import SimpleNamespace
+
+    from embed_assets.stages import train as stage
+
+    seen = {}
+
+    def fake_train(rows, work, out, settings, model, device, nproc, val, *args):
+        seen.update(rows=rows, work=work, out=out, settings=settings, val=val)
+        return SimpleNamespace(seconds=1.0)
+
+    monkeypatch.setattr(stage, "_train", fake_train)
+    train = [{"anchor": f"q{i}", "positive": f"p{i}", "negative_1": f"n{i}"} for i in range(40)]
+    val = [{"anchor": f"v{i}", "positive": f"w{i}"} for i in range(8)]  # no mined negative: in-batch only
+    selection = stage.LRSelection(
+        5e-05, "best", [{"learning_rate": 5e-05, "val_ndcg@10": 0.5}], probe_steps=3
+    )
+    if probe_kept:
+        selection.kept = "learning-rate probe 5e-05 after 3 steps"
+    report = SimpleNamespace(eval_curve=[(5, 0.6), (10, 0.7), (15, 0.65)])  # the best checkpoint: step 10
+    settings = stage.TrainSettings(batch_size=8, learning_rate=5e-05)
+    ctx = StageContext.local(tmp_path, run_id="refit")
+    out = tmp_path / "model"
+    refit = stage.refit_on_validation(
+        train, val, selection, report, settings, MODEL, "cpu", 1, tmp_path / "w", out, ctx
+    )
+    kept = 3 if probe_kept else 10
+    # 40 rows = 5 steps an epoch; with the 8 validation rows (their own batch) 6: the same epochs, 6/5 the steps
+    assert refit is not None and refit.steps == round(kept / 5 * 6) == selection.refit_steps
+    assert seen["rows"] == train + val and seen["out"] == out and seen["val"] is None
+    assert seen["settings"].max_steps == refit.steps and seen["settings"].learning_rate == 5e-05
+    assert seen["settings"].early_stopping_patience == 0
+    assert (
+        f"as the kept model's {kept} steps" in selection.refit
+        and "40 training + 8 validation" in selection.refit
+    )
+
+    # Nothing to refit on: the model stays, and the reason is recorded.
+    none = stage.LRSelection(5e-05, "as configured")
+    assert (
+        stage.refit_on_validation(train, [], none, report, settings, MODEL, "cpu", 1, tmp_path, out, ctx)
+        is None
+    )
+    assert none.refit == "not refit: no validation rows were mined" and none.refit_steps == 0
+
+
+def test_mining_mines_the_validation_rows_apart_from_the_training_rows(tmp_path: Path, prepared) -> None:
+    from embed_assets.stages.mine import MiningSettings, mine_negatives
+
+    ctx, chunks, pairs = prepared
+    split = split_pairs(chunks, pairs, SplitSettings(), ctx)
+    mined = mine_negatives(chunks, pairs, split, MiningSettings(), MODEL, ctx)
+    val_queries = {r.query for r in split.val_records()}
+    assert val_queries and mined.n_val_rows == len(mined.val_rows()) > 0
+    assert {r["query"] for r in mined.val_rows()} <= val_queries
+    assert not val_queries & {r["query"] for r in mined.rows()}  # validation never trains before a refit
+    assert mined.metadata()["validation_rows_mined"] == mined.n_val_rows
+    assert any(r["negative_texts"] for r in mined.val_rows())  # mined like the training rows
+
+
+@pytest.mark.slow  # trains twice: the validated run, then the refit on training + validation rows
+def test_refit_on_validation_serves_a_model_trained_on_the_validation_rows_too(
+    tmp_path: Path, prepared
+) -> None:
+    from embed_assets.stages.mine import MiningSettings, mine_negatives
+    from embed_assets.stages.train import TrainSettings, train_checkpoint
+
+    ctx, chunks, pairs = prepared
+    split = split_pairs(chunks, pairs, SplitSettings(), ctx)
+    mined = mine_negatives(chunks, pairs, split, MiningSettings(), MODEL, ctx)
+    settings = TrainSettings(
+        refit_on_validation=True, lr_candidates=[], batch_size=8, max_seq_length=48, epochs=1
+    )
+    checkpoint = train_checkpoint(chunks, pairs, split, mined, settings, MODEL, ctx)
+    selection = checkpoint.selection
+    assert selection is not None and selection.refit_steps > 0 and checkpoint.eval_curve
+    assert checkpoint.train_rows == mined.n_rows + mined.n_val_rows
+    assert checkpoint.metadata()["refit"] == selection.refit and "validation) for" in selection.refit
+    recorded = json.loads((Path(checkpoint.model_dir) / "embed_assets_training.json").read_text())
+    assert recorded["settings"]["max_steps"] == selection.refit_steps  # the served model is the refit
+    card = (Path(checkpoint.model_dir) / "README.md").read_text()
+    assert "refit from the base model" in card
+    # The choices before the refit keep their trainer folder: the refit is keyed apart from them.
+    plain = train_checkpoint(
+        chunks, pairs, split, mined, settings.model_copy(update={"refit_on_validation": False}), MODEL, ctx
+    )
+    assert plain.work_dir == checkpoint.work_dir and not plain.selection.refit

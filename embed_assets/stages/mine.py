@@ -81,7 +81,11 @@ class MiningSettings(BaseModel):
 
 @dataclass
 class MinedManifest(Manifest):
-    """Mined rows: ``path`` is JSON Lines of query, positive, negatives (hardest first) and scores."""
+    """Mined rows: ``path`` is JSON Lines of query, positive, negatives (hardest first) and scores.
+
+    ``val_path`` holds the validation split's rows, mined the same way: they never train while the settings are
+    chosen on validation, only in a refit (``TrainSettings.refit_on_validation``). ``""``: no validation split.
+    """
 
     path: str
     n_rows: int
@@ -91,12 +95,15 @@ class MinedManifest(Manifest):
     preview: list[dict[str, Any]] = field(default_factory=list)
     data_version: str = ""
     seconds: float = 0.0
+    val_path: str = ""
+    n_val_rows: int = 0
 
     def metadata(self) -> dict[str, Any]:
         return {
             **self.stats,
             "mining_seconds_total": self.seconds,
             "candidate_passages": self.candidate_passages,
+            "validation_rows_mined": self.n_val_rows,
             "device": self.device,
             "preview": Table(["query", "hardest_negative", "pos_score", "neg_score"], self.preview),
             "artifact_path": PathRef(self.path),
@@ -106,6 +113,12 @@ class MinedManifest(Manifest):
         from embed_assets.storage import read_jsonl
 
         return read_jsonl(self.path)
+
+    def val_rows(self) -> list[dict[str, Any]]:
+        """The validation split's mined rows (empty when there is none)."""
+        from embed_assets.storage import read_jsonl
+
+        return read_jsonl(self.val_path) if self.val_path else []
 
 
 def cut_cloze_sentences(rows: list[dict[str, Any]], records: list[Any]) -> int:
@@ -182,33 +195,40 @@ def mine_negatives(
 
         cross_encoder = CrossEncoder(resolve_model_path(settings.cross_encoder), device=device)
         ctx.log.info(f"rescoring mined candidates with the cross-encoder {settings.cross_encoder}")
-    result = mine_pool(
-        st_model,
-        records,
-        pool,
-        ctx.cache_dir("embeddings"),
-        model_fingerprint=fingerprint(model.base_model, model.passage_prompt),
-        query_prompt=query_prompt,
-        passage_prompt=passage_prompt,
-        batch_size=settings.batch_size,
-        progress=ctx.log.info,
-        num_negatives=settings.hard_negatives_to_mine,
-        min_negatives=min(settings.min_negatives, settings.hard_negatives_to_mine),
-        range_min=settings.range_min,
-        range_max=settings.range_max,
-        relative_margin=settings.relative_margin,
-        absolute_margin=settings.absolute_margin,
-        sampling_strategy=settings.sampling_strategy,
-        use_faiss=settings.use_faiss,
-        cross_encoder=cross_encoder,
-    )
+    mining = {
+        "model_fingerprint": fingerprint(model.base_model, model.passage_prompt),
+        "query_prompt": query_prompt,
+        "passage_prompt": passage_prompt,
+        "batch_size": settings.batch_size,
+        "progress": ctx.log.info,
+        "num_negatives": settings.hard_negatives_to_mine,
+        "min_negatives": min(settings.min_negatives, settings.hard_negatives_to_mine),
+        "range_min": settings.range_min,
+        "range_max": settings.range_max,
+        "relative_margin": settings.relative_margin,
+        "absolute_margin": settings.absolute_margin,
+        "sampling_strategy": settings.sampling_strategy,
+        "use_faiss": settings.use_faiss,
+        "cross_encoder": cross_encoder,
+    }
+    result = mine_pool(st_model, records, pool, ctx.cache_dir("embeddings"), **mining)
     rows = [asdict(r) for r in result.rows]
     n_cut = cut_cloze_sentences(rows, records)
     if n_cut:
         ctx.log.info(f"{n_cut} of {len(rows)} positives train without their cloze sentence (cloze_mask_rate)")
+    # The validation rows, mined alike (the pool holds their positives: only test documents are left out).
+    val_records = split.val_records()
+    val_rows = []
+    if val_records:
+        val_result = mine_pool(st_model, val_records, pool, ctx.cache_dir("embeddings"), **mining)
+        val_rows = [asdict(r) for r in val_result.rows]
+        cut_cloze_sentences(val_rows, val_records)
     out = ctx.out_dir("mined_negatives") / "mined.jsonl"
     write_jsonl(out, rows)
-    ctx.publish(out)
+    val_out = out.with_name("mined_val.jsonl")
+    if val_records:
+        write_jsonl(val_out, val_rows)
+    ctx.publish(out, val_out if val_records else None)
     return MinedManifest(
         path=str(out),
         n_rows=len(rows),
@@ -224,6 +244,9 @@ def mine_negatives(
             }
             for r in rows[:10]
         ],
-        data_version=file_digest(str(out)),
+        # A refit trains on the validation rows too, so they are part of what downstream depends on.
+        data_version=file_digest(str(out), str(val_out) if val_records else None),
         seconds=round(time.monotonic() - start, 2),
+        val_path=str(val_out) if val_records else "",
+        n_val_rows=len(val_rows),
     )

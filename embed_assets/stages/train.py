@@ -148,6 +148,14 @@ class TrainSettings(BaseModel):
         le=2,
         description="Compute budget of the learning-rate probes, as a share of the final training's steps.",
     )
+    refit_on_validation: bool = Field(
+        default=False,
+        description="After the learning rate and the kept checkpoint are chosen on the validation split, train "
+        "once more from the base model on the training and validation rows together (the chosen rate, as many "
+        "epochs as the kept model trained, one complete schedule) and keep that model, so the validation pairs "
+        "train too, as a plain script would use them. Costs one more training; the refit model has no "
+        "validation score of its own (validation is then training data).",
+    )
     num_gpus: int = Field(
         default=1,
         ge=1,
@@ -268,6 +276,8 @@ class CheckpointManifest(Manifest):
         elif self.eval_curve:
             best = max(self.eval_curve, key=lambda p: p[1])
             meta["kept_checkpoint"] = f"step {int(best[0])} (best validation nDCG@10 {best[1]:.4f})"
+        if self.selection.refit:
+            meta["refit"] = self.selection.refit
         return meta
 
     def metadata(self) -> dict[str, Any]:
@@ -349,7 +359,8 @@ def train_checkpoint(
         )
     # Stable per (data, model, settings, world size): a killed run resumes from its last trainer checkpoint.
     data_hash = hashlib.sha256(Path(mined.path).read_bytes()).hexdigest()[:16]
-    trained_on = settings.model_dump(exclude={"num_gpus"})
+    # The refit trains in its own sub-folder (see refit_on_validation), so the choices before it stay resumable.
+    trained_on = settings.model_dump(exclude={"num_gpus", "refit_on_validation"})
     work = ctx.cache_dir("train") / fingerprint(
         data_hash,
         model.base_model,
@@ -386,6 +397,14 @@ def train_checkpoint(
         final_work = work / f"lr-{selection.learning_rate:g}" if selection.probes else work
         report = _train(rows, final_work, out, settings, model, device, nproc, val, ctx, tracker, run_id)
         keep_best_probe(selection, report, work, out, ctx, tracker, run_id)
+        if settings.refit_on_validation:
+            val_rows = training_rows(mined.val_rows(), settings.negatives_per_row)
+            refit = refit_on_validation(
+                rows, val_rows, selection, report, settings, model, device, nproc, work, out, ctx
+            )
+            if refit is not None:
+                rows = rows + val_rows
+                _log_refit(selection, refit, ctx, tracker, run_id)
         if settings.matryoshka_dims and settings.matryoshka_rotation:
             rotate_by_corpus_variance(out, chunks, pairs, settings, model, report, ctx)
     except BaseException:
@@ -441,6 +460,8 @@ class LRSelection:
     probes: list[dict[str, float]] = field(default_factory=list)  # learning_rate, val_ndcg@10
     probe_steps: int = 0
     kept: str = ""  # set when the winning probe, not the final training, is the model kept (and why)
+    refit: str = ""  # set by refit_on_validation: what the kept model was retrained on (or why it was not)
+    refit_steps: int = 0  # the refit's steps (0: no refit)
 
 
 def choose_learning_rate(
@@ -594,6 +615,97 @@ def keep_best_probe(
         _quietly(ctx, "logging the kept model", tracker.set_tags, run_id, {"selected/kept": selection.kept})
 
 
+@dataclass
+class Refit:
+    """The refit of :func:`refit_on_validation`: its steps and rows, and the trainer's report."""
+
+    steps: int
+    train_rows: int
+    val_rows: int
+    report: Any
+
+
+def kept_steps(selection: LRSelection, report: Any) -> int:
+    """Optimizer steps the kept model trained: the winning probe's, or the best validated checkpoint's."""
+    if selection.kept:
+        return selection.probe_steps
+    return int(max(report.eval_curve, key=lambda p: p[1])[0]) if report.eval_curve else 0
+
+
+def refit_on_validation(
+    rows: list[dict[str, str]],
+    val_rows: list[dict[str, str]],
+    selection: LRSelection,
+    report: Any,
+    settings: TrainSettings,
+    model: ModelSpec,
+    device: str,
+    nproc: int,
+    work: Path,
+    out: Path,
+    ctx: StageContext,
+) -> Refit | None:
+    """Retrain the kept model's recipe from the base model on the training and validation rows together.
+
+    Model selection needs held-out pairs, the final model does not: once the learning rate and the number of
+    steps are chosen on validation, those pairs are more training data (the plain script a user writes trains
+    on all of them). The refit runs as many epochs as the kept model trained (its steps over the training rows'
+    epoch, times the larger set's epoch), as one complete schedule at the chosen learning rate, and replaces
+    the model in ``out``. Nothing validates the refit itself; the evaluation's test split and the golden set,
+    never trained on, still do. Without a validated choice (no validation split, or no validation rows
+    mined), ``selection.refit`` says why and ``out`` is left as it is.
+
+    Returns:
+        The :class:`Refit`, or ``None`` when there was nothing to refit on.
+    """
+    from embed_assets.training import _steps_per_epoch
+
+    steps = kept_steps(selection, report)
+    if not val_rows or not steps:
+        selection.refit = "not refit: " + (
+            "no validation rows were mined"
+            if not val_rows
+            else "no validated checkpoint to take the steps of"
+        )
+        ctx.log.info(selection.refit)
+        return None
+    all_rows = rows + val_rows
+    epochs = steps / _steps_per_epoch(rows, settings.batch_size)
+    refit_steps = max(1, round(epochs * _steps_per_epoch(all_rows, settings.batch_size)))
+    refit = settings.model_copy(
+        update={"max_steps": refit_steps, "eval_steps": 0, "early_stopping_patience": 0}
+    )
+    ctx.log.info(
+        f"refit on {len(rows)} training + {len(val_rows)} validation rows: {refit_steps} steps "
+        f"({epochs:.2f} epochs, as the kept model's {steps} steps) at learning rate {settings.learning_rate:g}"
+    )
+    # Its own folder per validation data: a killed refit resumes, a changed split starts over.
+    folder = work / f"refit-{fingerprint(val_rows)}"
+    trained = _train(all_rows, folder, out, refit, model, device, nproc, None, ctx, None, "")
+    selection.refit = (
+        f"refit from the base model on {len(all_rows)} rows ({len(rows)} training + {len(val_rows)} "
+        f"validation) for {refit_steps} steps ({epochs:.2f} epochs, as the kept model's {steps} steps) at "
+        f"learning rate {settings.learning_rate:g}; the validation scores above are of the model before it"
+    )
+    selection.refit_steps = refit_steps
+    return Refit(refit_steps, len(rows), len(val_rows), trained)
+
+
+def _log_refit(selection: LRSelection, refit: Refit, ctx: StageContext, tracker: Any, run_id: str) -> None:
+    """Say what the refit trained on, in the log and as MLflow tags and metrics."""
+    ctx.log.info(f"kept model: {selection.refit}")
+    if tracker is None:
+        return
+    _quietly(ctx, "logging the refit", tracker.set_tags, run_id, {"selected/refit": selection.refit})
+    _quietly(
+        ctx,
+        "logging the refit's size",
+        tracker.log_metrics,
+        run_id,
+        {"refit/steps": refit.steps, "refit/val_rows": refit.val_rows, "refit/seconds": refit.report.seconds},
+    )
+
+
 def rotate_by_corpus_variance(
     out: Path,
     chunks: ChunksManifest,
@@ -669,6 +781,9 @@ def card_facts(
     if selection is not None and selection.kept:
         facts["training"].update(steps=selection.probe_steps, kept=selection.kept)
         facts["training"].pop("epochs")
+    if selection is not None and selection.refit_steps:
+        facts["training"].update(steps=selection.refit_steps, refit=selection.refit)
+        facts["training"].pop("epochs", None)
     if settings.model_card_examples:
         facts["examples"] = [
             {"anchor": r["anchor"], "positive": r["positive"]} for r in rows[: settings.model_card_examples]
